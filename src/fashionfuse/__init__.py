@@ -1,0 +1,3 @@
+"""fashionfuse: multiple LoRA-adapter fusion fine-tuning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""The modified LLaMA-2 conversation template (paper Table 9) and assistant-only label masking.
+
+Rendered text, one conversation:
+
+    <s>{system}\\n
+    USER: {query 1}\\n
+    ASSISTANT: {response 1}</s>\\n
+    USER: {query 2}\\n
+    ASSISTANT: {response 2}</s>\\n
+
+Only the assistant spans `" {response}</s>"` are trained (eq. 5-8); the system message, user turns
+and the `ASSISTANT:` prefixes are masked with -100. The same text comes out of
+`tokenizer.apply_chat_template` once `install_chat_template` has put the Jinja version on a
+tokenizer, so prompts at inference match the training prompts exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+USER_PREFIX = "USER: "
+ASSISTANT_PREFIX = "ASSISTANT:"
+
+_JINJA = (
+    "{%- set system = {default_system} -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- endif -%}"
+    "{{- bos_token + system + '\\n' -}}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{{- 'USER: ' + m['content'] + '\\n' -}}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{{- 'ASSISTANT: ' + m['content'] + eos_token + '\\n' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+def jinja_template(default_system: str) -> str:
+    """The Table 9 template as a Jinja chat template with `default_system` built in."""
+    return _JINJA.replace("{default_system}", json.dumps(default_system))
+
+
+def install_chat_template(tokenizer, default_system: str) -> None:
+    """Attach the Table 9 Jinja template to `tokenizer` (saved with it by save_pretrained)."""
+    tokenizer.chat_template = jinja_template(default_system)
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    text: str
+    assistant_spans: list[tuple[int, int]]  # character [start, end) of each trained span
+
+
+def render(messages: list[dict], system: str, bos: str = "<s>", eos: str = "</s>") -> RenderedChat:
+    """Render user/assistant messages with the Table 9 template and locate assistant spans."""
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    parts = [bos + system + "\n"]
+    spans: list[tuple[int, int]] = []
+    pos = len(parts[0])
+    for m in messages:
+        if m["role"] == "user":
+            piece = USER_PREFIX + m["content"] + "\n"
+        elif m["role"] == "assistant":
+            head = ASSISTANT_PREFIX
+            trained = " " + m["content"] + eos
+            spans.append((pos + len(head), pos + len(head) + len(trained)))
+            piece = head + trained + "\n"
+        else:
+            raise ValueError(f"unexpected role {m['role']!r}")
+        parts.append(piece)
+        pos += len(piece)
+    return RenderedChat("".join(parts), spans)
+
+
+def tokenize_with_labels(
+    tokenizer, messages: list[dict], system: str, max_len: int | None = None
+) -> dict[str, list[int]]:
+    """Token ids and labels for one conversation; labels are -100 outside assistant spans.
+
+    A token is trained when its first character lies inside an assistant span, which works for
+    any fast tokenizer because it tokenises the whole text once (no boundary artefacts).
+    """
+    chat = render(messages, system, tokenizer.bos_token or "", tokenizer.eos_token or "")
+    enc = tokenizer(chat.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = []
+    span_i = 0
+    spans = chat.assistant_spans
+    for tok, (start, end) in zip(ids, offsets):
+        while span_i < len(spans) and start >= spans[span_i][1]:
+            span_i += 1
+        inside = span_i < len(spans) and spans[span_i][0] <= start < spans[span_i][1] and end > start
+        labels.append(tok if inside else IGNORE_INDEX)
+    if max_len is not None and len(ids) > max_len:
+        ids, labels = ids[:max_len], labels[:max_len]
+    return {"input_ids": ids, "labels": labels}

@@ -1,0 +1,124 @@
+"""The `fashionfuse` command line: thin commands that validate the config and call one stage."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+import yaml
+
+from .config import ConfigError, RunConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Multiple LoRA-adapter fusion fine-tuning (FashionGPT).")
+
+ConfigArg = typer.Argument(..., help="Run config YAML", show_default=False)
+SetOpt = typer.Option(None, "--set", help="Override a field: dotted.key=value (repeatable)")
+ForceOpt = typer.Option(False, "--force", help="Rebuild even if the artifacts are up to date")
+
+# Errors a user can act on: printed as one line each, exit code 2.
+_USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, ValueError,
+                                              RuntimeError)
+
+
+def _fail(lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _load(config: Path, overrides: Optional[list[str]]) -> RunConfig:
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as exc:
+        _fail(exc.problems)
+    return cfg
+
+
+def _save_resolved(cfg: RunConfig) -> None:
+    from .rundir import RunLayout, write_text
+
+    layout = RunLayout(cfg.run_dir)
+    write_text(layout.resolved_config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def _run_stage(config: Path, overrides: Optional[list[str]], stage: Callable[[RunConfig], object]):
+    cfg = _load(config, overrides)
+    _save_resolved(cfg)
+    try:
+        return stage(cfg)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished work is kept; run the same command to resume", err=True)
+        raise typer.Exit(code=130)
+    except _USER_ERRORS as exc:
+        _fail([str(exc).splitlines()[0] if str(exc) else type(exc).__name__])
+
+
+@app.command()
+def validate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
+    """Check a config and print every problem at once."""
+    cfg = _load(config, set_)
+    problems = []
+    for d in cfg.datasets:
+        if not Path(d.source.path).is_file():
+            problems.append(f"{config}: datasets.{d.name}.source.path: {d.source.path}: file not found")
+    for p in cfg.eval.include_paths:
+        if not Path(p).is_dir():
+            problems.append(f"{config}: eval.include_paths: {p}: folder not found")
+    if problems:
+        _fail(problems)
+    typer.echo(f"{config}: ok ({len(cfg.datasets)} datasets, run_dir {cfg.run_dir})")
+
+
+@app.command()
+def curate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
+    """Raw sources -> filtered, split datasets with Table 1 statistics."""
+    from .curate import curate as run
+
+    _run_stage(config, set_, lambda cfg: run(cfg, force=force))
+
+
+@app.command("train-adapter")
+def train_adapter(
+    config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Only these datasets"),
+) -> None:
+    """Train one QLoRA adapter per curated dataset."""
+    from .train import train_adapters
+
+    _run_stage(config, set_, lambda cfg: train_adapters(cfg, dataset, force=force))
+
+
+@app.command("search-weights")
+def search_weights(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
+                   force: bool = ForceOpt) -> None:
+    """Search fusion weights on the held-out objective; export the fused adapter."""
+    from .search import search_weights as run
+
+    _run_stage(config, set_, lambda cfg: run(cfg, force=force))
+
+
+@app.command("eval")
+def eval_(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
+    """Score base, adapters and fused model with lm-evaluation-harness, side by side."""
+    from .evaluate import evaluate
+
+    _run_stage(config, set_, lambda cfg: evaluate(cfg, force=force))
+
+
+@app.command()
+def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
+    """All stages in order, skipping those whose artifacts are up to date."""
+    from .pipeline import run_all
+
+    _run_stage(config, set_, lambda cfg: run_all(cfg, force=force))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(prog_name="fashionfuse")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Typed run configuration: one YAML file drives every stage.
+
+`load_config(path, overrides)` reads the YAML, applies `--set dotted.key=value` overrides, and
+validates strictly (unknown keys are errors). Every error names the file and the dotted field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem; `problems` holds one human-readable line per error."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- model
+class QuantizationConfig(_Strict):
+    """How the frozen base model is stored during training and search (QLoRA: 4-bit NF4)."""
+
+    bits: Literal[4, 16] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class ModelConfig(_Strict):
+    base: str = Field(description="Hub id (meta-llama/Llama-2-70b-hf) or local directory")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    quantization: QuantizationConfig = QuantizationConfig()
+    max_input_len: Annotated[int, Field(gt=8)] = 4096
+    system_message: str = "You are an AI assistant named FashionGPT."
+
+
+# --------------------------------------------------------------------------- curation
+class SourceConfig(_Strict):
+    format: Literal["sharegpt", "openorca", "alpaca"]
+    path: str
+
+
+class IdentityFilterConfig(_Strict):
+    action: Literal["replace", "drop", "off"] = "replace"
+    patterns: list[str] = ["ChatGPT", "OpenAI", "GPT-4", "GPT-3.5"]
+    replacement: str = "FashionGPT"
+
+
+class FilterConfig(_Strict):
+    keep_models: list[str] | None = Field(
+        default=None, description="Keep only records answered by one of these models (Appendix B)"
+    )
+    drop_blank: bool = True
+    drop_refusals: bool = True
+    refusal_patterns: list[str] = [
+        "as an ai language model",
+        "i'm sorry, but i cannot",
+        "i am sorry, but i cannot",
+        "i cannot fulfill",
+        "i can't assist with",
+    ]
+    identity: IdentityFilterConfig = IdentityFilterConfig()
+    min_response_chars: Annotated[int, Field(ge=0)] = 1
+    max_response_chars: Annotated[int, Field(gt=0)] = 20000
+    dedup: bool = True
+
+
+class DatasetConfig(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    kind: Literal["qa", "chat"]
+    source: SourceConfig
+    filters: FilterConfig = FilterConfig()
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    max_records: Annotated[int, Field(gt=0)] | None = None
+
+
+class CurateConfig(_Strict):
+    strict: bool = Field(default=False, description="Fail on the first malformed row")
+
+
+# --------------------------------------------------------------------------- training
+class LoraConfig(_Strict):
+    r: Annotated[int, Field(gt=0)] = 64
+    alpha: Annotated[float, Field(gt=0)] = 16
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    target_modules: list[str] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ]
+
+
+class TrainingConfig(_Strict):
+    batch_size: Annotated[int, Field(gt=0)] = Field(128, description="Effective batch (sequences)")
+    micro_batch_size: Annotated[int, Field(gt=0)] = 4
+    epochs: Annotated[float, Field(gt=0)] = 3
+    max_steps: Annotated[int, Field(gt=0)] | None = None
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-4
+    lr_scheduler: Literal["constant_with_warmup", "cosine", "linear", "constant"] = (
+        "constant_with_warmup"
+    )
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 0.3
+    optimizer: Literal["paged_adamw_32bit", "adamw"] = "paged_adamw_32bit"
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = LoraConfig()
+    logging_steps: Annotated[int, Field(gt=0)] = 1
+    checkpoint_steps: Annotated[int, Field(gt=0)] = 50
+
+
+# --------------------------------------------------------------------------- search
+class ObjectiveConfig(_Strict):
+    type: Literal["val_loss"] = "val_loss"
+    datasets: list[str] | None = Field(
+        default=None, description="Validation splits to score on (default: every searched adapter)"
+    )
+    dataset_weights: dict[str, float] | None = None
+    max_samples_per_dataset: Annotated[int, Field(gt=0)] | None = None
+
+
+class SearchConfig(_Strict):
+    method: Literal["grid", "random", "tpe"] = "grid"
+    adapters: list[str] | None = Field(default=None, description="Default: every dataset")
+    grid_values: list[float] = [0.0, 0.5, 1.0]
+    n_trials: Annotated[int, Field(gt=0)] = 20
+    low: float = 0.0
+    high: float = 1.0
+    step: Annotated[float, Field(gt=0)] | None = 0.05
+    objective: ObjectiveConfig = ObjectiveConfig()
+    batch_size: Annotated[int, Field(gt=0)] = 8
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "SearchConfig":
+        if self.high <= self.low:
+            raise ValueError("high must be greater than low")
+        if not self.grid_values:
+            raise ValueError("grid_values must not be empty")
+        return self
+
+
+# --------------------------------------------------------------------------- eval
+class EvalConfig(_Strict):
+    tasks: list[str] = []
+    include_paths: list[str] = Field(default=[], description="Folders of local lm-eval task YAMLs")
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    limit: Annotated[float, Field(gt=0)] | None = None
+    batch_size: str | int = "auto"
+    models: list[Literal["base", "adapters", "fused"]] = ["base", "adapters", "fused"]
+    load_in_4bit: bool | None = Field(
+        default=None, description="Default: same as model.quantization.bits == 4"
+    )
+    log_samples: bool = False
+
+
+class RunConfig(_Strict):
+    run_dir: str
+    seed: int = 1234
+    model: ModelConfig
+    datasets: list[DatasetConfig]
+    curate: CurateConfig = CurateConfig()
+    training: TrainingConfig = TrainingConfig()
+    search: SearchConfig = SearchConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        names = [d.name for d in self.datasets]
+        if not names:
+            raise ValueError("datasets: at least one dataset is required")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"datasets: duplicate names {dupes}")
+        for field, listed in (
+            ("search.adapters", self.search.adapters),
+            ("search.objective.datasets", self.search.objective.datasets),
+        ):
+            unknown = sorted(set(listed or []) - set(names))
+            if unknown:
+                raise ValueError(f"{field}: unknown dataset names {unknown} (known: {names})")
+        return self
+
+    def dataset(self, name: str) -> DatasetConfig:
+        """The dataset section called `name`."""
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    @property
+    def search_adapters(self) -> list[str]:
+        return list(self.search.adapters or [d.name for d in self.datasets])
+
+
+# --------------------------------------------------------------------------- loading
+def _parse_override(raw: str) -> tuple[list[str], Any]:
+    if "=" not in raw:
+        raise ConfigError([f"--set {raw!r}: expected dotted.key=value"])
+    key, value = raw.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `dotted.key=value` overrides (value parsed as YAML; list items by index)."""
+    for raw in overrides:
+        path, value = _parse_override(raw)
+        node: Any = data
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError([f"--set {raw}: no list item {part!r} at {'.'.join(path[:i])}"])
+                idx = int(part)
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError([f"--set {raw}: {'.'.join(path[:i])} is not a section"])
+    return data
+
+
+def _format_errors(source: str, err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{source}: {loc}: {msg}")
+    return lines
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config; raises ConfigError with one line per problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: config file not found"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError([f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of sections"])
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(str(path), exc)) from None
+
+
+def config_hash(*sections: Any) -> str:
+    """Stable short hash of config sections (pydantic models or plain JSON-able values)."""
+
+    def plain(x: Any) -> Any:
+        return x.model_dump(mode="json") if isinstance(x, BaseModel) else x
+
+    blob = json.dumps([plain(s) for s in sections], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,136 @@
+"""Record filters of the paper (Appendix B and section 3.1).
+
+Each filter takes a record and returns the (possibly rewritten) record, or a `Rejection` saying
+why it goes. `build_chain` returns the configured filters in order; the pipeline counts each
+filter's removals for the funnel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Callable
+
+from ..config import FilterConfig
+from .records import Record, Rejection
+
+Filter = Callable[[Record], "Record | Rejection"]
+
+
+def structure(rec: Record) -> Record | Rejection:
+    """Require user/assistant alternation starting with the user; drop a trailing user turn."""
+    msgs = list(rec.messages)
+    while msgs and msgs[-1]["role"] == "user":
+        msgs.pop()
+    if not msgs:
+        return Rejection(rec.id, "structure", "no assistant response")
+    for i, m in enumerate(msgs):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            return Rejection(rec.id, "structure", f"turn {i} is {m['role']}, expected {expected}")
+    rec.messages = msgs
+    return rec
+
+
+def answering_model(keep: list[str]) -> Filter:
+    """Keep only records whose `model` field names one of `keep` (Appendix B: GPT-4 only)."""
+    wanted = {k.lower() for k in keep}
+
+    def apply(rec: Record) -> Record | Rejection:
+        model = str(rec.meta.get("model", "")).lower()
+        if model in wanted:
+            return rec
+        return Rejection(rec.id, "answering_model",
+                         f"answered by {model or 'an unnamed model'}, not one of {sorted(wanted)}")
+
+    return apply
+
+
+def blank_response(rec: Record) -> Record | Rejection:
+    """Drop records with a blank or missing assistant response."""
+    for i, r in enumerate(rec.responses):
+        if not r.strip():
+            return Rejection(rec.id, "blank_response", f"assistant turn {i} is blank")
+    return rec
+
+
+def refusal(patterns: list[str]) -> Filter:
+    """Drop records where the assistant refuses (case-insensitive substring patterns)."""
+    lowered = [p.lower() for p in patterns]
+
+    def apply(rec: Record) -> Record | Rejection:
+        for i, r in enumerate(rec.responses):
+            low = r.lower()
+            for p in lowered:
+                if p in low:
+                    return Rejection(rec.id, "refusal", f"assistant turn {i} matches {p!r}")
+        return rec
+
+    return apply
+
+
+def identity(patterns: list[str], action: str, replacement: str) -> Filter:
+    """Replace (or drop records with) identity mentions such as OpenAI or ChatGPT."""
+    regex = re.compile(r"\b(" + "|".join(re.escape(p) for p in patterns) + r")\b", re.IGNORECASE)
+
+    def apply(rec: Record) -> Record | Rejection:
+        texts = [m["content"] for m in rec.messages] + [rec.system or ""]
+        hit = next((m.group(0) for t in texts if (m := regex.search(t))), None)
+        if hit is None:
+            return rec
+        if action == "drop":
+            return Rejection(rec.id, "identity", f"mentions {hit!r}")
+        rec.messages = [dict(m, content=regex.sub(replacement, m["content"])) for m in rec.messages]
+        if rec.system:
+            rec.system = regex.sub(replacement, rec.system)
+        rec.meta["identity_replaced"] = True
+        return rec
+
+    return apply
+
+
+def response_length(min_chars: int, max_chars: int) -> Filter:
+    """Drop records with a response shorter or longer than the bounds (length-abnormal)."""
+
+    def apply(rec: Record) -> Record | Rejection:
+        for i, r in enumerate(rec.responses):
+            n = len(r.strip())
+            if n < min_chars or n > max_chars:
+                return Rejection(rec.id, "response_length",
+                                 f"assistant turn {i} has {n} chars, bounds [{min_chars}, {max_chars}]")
+        return rec
+
+    return apply
+
+
+def exact_duplicates() -> Filter:
+    """Drop records whose normalised conversation was already seen (first one kept)."""
+    seen: dict[str, str] = {}
+
+    def apply(rec: Record) -> Record | Rejection:
+        norm = "\x1f".join(" ".join(m["content"].lower().split()) for m in rec.messages)
+        key = hashlib.sha1(norm.encode()).hexdigest()
+        if key in seen:
+            return Rejection(rec.id, "duplicate", f"same conversation as {seen[key]}")
+        seen[key] = rec.id
+        return rec
+
+    return apply
+
+
+def build_chain(cfg: FilterConfig) -> list[tuple[str, Filter]]:
+    """The configured filters, in the order they run."""
+    chain: list[tuple[str, Filter]] = [("structure", structure)]
+    if cfg.keep_models:
+        chain.append(("answering_model", answering_model(cfg.keep_models)))
+    if cfg.drop_blank:
+        chain.append(("blank_response", blank_response))
+    if cfg.drop_refusals:
+        chain.append(("refusal", refusal(cfg.refusal_patterns)))
+    if cfg.identity.action != "off":
+        chain.append(("identity", identity(cfg.identity.patterns, cfg.identity.action,
+                                           cfg.identity.replacement)))
+    chain.append(("response_length", response_length(cfg.min_response_chars, cfg.max_response_chars)))
+    if cfg.dedup:
+        chain.append(("duplicate", exact_duplicates()))
+    return chain

@@ -1,0 +1,123 @@
+"""`curate(cfg)`: raw sources -> filtered, split, described datasets under run_dir/curate/."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..base_model import base_fingerprint_parts, load_tokenizer
+from ..chat_template import render
+from ..config import DatasetConfig, RunConfig, config_hash
+from ..rundir import (RunLayout, atomic_dir, fingerprint, is_up_to_date, path_fingerprint,
+                      write_json, write_manifest, write_text)
+from .filters import build_chain
+from .records import MalformedRow, Record, Rejection
+from .sources import read_source
+from .split import split_to_fit, train_validation_split
+from .stats import dataset_stats, table1_markdown
+
+
+class CurationError(RuntimeError):
+    """A malformed row in strict mode, or an unreadable source."""
+
+
+def curate_fingerprint(cfg: RunConfig, ds: DatasetConfig) -> str:
+    """Everything a curated dataset depends on."""
+    return fingerprint({
+        "stage": "curate", "dataset": ds.model_dump(mode="json"), "seed": cfg.seed,
+        "curate": cfg.curate.model_dump(mode="json"), "max_input_len": cfg.model.max_input_len,
+        "system": cfg.model.system_message, "tokenizer": base_fingerprint_parts(cfg.model),
+        "source_file": path_fingerprint(ds.source.path),
+    })
+
+
+def _token_counter(tokenizer, default_system: str):
+    def count_chat(messages: list[dict], system: str | None) -> int:
+        text = render(messages, system or default_system, tokenizer.bos_token or "",
+                      tokenizer.eos_token or "").text
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def count_text(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count_chat, count_text
+
+
+def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path) -> dict:
+    """Read, filter, fit and split one dataset into `out`; return its statistics."""
+    funnel: Counter = Counter()
+    rejects: list[dict] = []
+    kept: list[Record] = []
+    chain = build_chain(ds.filters)
+    count_chat, count_text = _token_counter(tokenizer, cfg.model.system_message)
+    rows = read_source(ds.source.format, Path(ds.source.path), ds.name)
+    for where, item in tqdm(rows, desc=f"curate {ds.name}", unit="row", leave=False):
+        funnel["read"] += 1
+        if isinstance(item, MalformedRow):
+            if cfg.curate.strict:
+                raise CurationError(f"{where}: {item}")
+            funnel["malformed"] += 1
+            rejects.append(Rejection(where.rsplit(":", 1)[-1], "malformed", str(item), where).to_json())
+            continue
+        rec: Record | Rejection = item
+        rec.kind = ds.kind
+        for name, flt in chain:
+            rec = flt(rec)
+            if isinstance(rec, Rejection):
+                funnel[name] += 1
+                rejects.append(Rejection(rec.id, rec.filter, rec.reason, where).to_json())
+                break
+        if isinstance(rec, Rejection):
+            continue
+        pieces = split_to_fit(rec, count_chat, cfg.model.max_input_len)
+        if isinstance(pieces, Rejection):
+            funnel["too_long"] += 1
+            rejects.append(Rejection(pieces.id, pieces.filter, pieces.reason, where).to_json())
+            continue
+        funnel["segments_added"] += len(pieces) - 1
+        kept.extend(pieces)
+        if ds.max_records and len(kept) >= ds.max_records:
+            kept = kept[: ds.max_records]
+            break
+    train, val = train_validation_split(kept, ds.validation_fraction, cfg.seed)
+    for split, recs in (("train", train), ("validation", val)):
+        (out / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in recs))
+    (out / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    stats = {"kind": ds.kind, **dataset_stats(kept, count_text),
+             "train": len(train), "validation": len(val), "funnel": dict(funnel)}
+    write_json(out / "stats.json", stats)
+    return stats
+
+
+def curate(cfg: RunConfig, force: bool = False) -> dict[str, dict]:
+    """Curate every configured dataset (skipping up-to-date ones); write Table 1."""
+    layout = RunLayout(cfg.run_dir)
+    tokenizer = None
+    table: dict[str, dict] = {}
+    for ds in cfg.datasets:
+        out = layout.curated(ds.name)
+        fp = curate_fingerprint(cfg, ds)
+        if not force and is_up_to_date(out, fp):
+            table[ds.name] = json.loads((out / "stats.json").read_text())
+            print(f"curate {ds.name}: up to date")
+            continue
+        if not Path(ds.source.path).is_file():
+            raise CurationError(f"datasets[{ds.name}].source.path: {ds.source.path}: file not found")
+        tokenizer = tokenizer or load_tokenizer(cfg.model)
+        with atomic_dir(out) as tmp:
+            stats = curate_dataset(cfg, ds, tokenizer, tmp)
+            write_manifest(tmp, stage="curate", fingerprint=fp, config_hash=config_hash(ds),
+                           inputs={ds.source.path: path_fingerprint(ds.source.path)},
+                           seed=cfg.seed, metrics=stats)
+        table[ds.name] = stats
+        f = stats["funnel"]
+        print(f"curate {ds.name}: read {f.get('read', 0)}, kept {stats['instances']} "
+              f"(train {stats['train']}, validation {stats['validation']}), "
+              f"rejected {sum(v for k, v in f.items() if k not in ('read', 'segments_added'))}")
+    write_json(layout.root / "curate" / "table1.json", table)
+    write_text(layout.root / "curate" / "table1.md", table1_markdown(table))
+    return table

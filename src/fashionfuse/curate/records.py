@@ -1,0 +1,45 @@
+"""The normalised record every source reader yields and every filter consumes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+class MalformedRow(ValueError):
+    """A raw row that cannot be turned into a record; the message says why."""
+
+
+@dataclass
+class Record:
+    """One normalised training example: a system message plus alternating user/assistant turns."""
+
+    id: str
+    source: str
+    kind: str  # "qa" | "chat"
+    system: str | None
+    messages: list[dict]  # [{"role": "user"|"assistant", "content": str}, ...]
+    meta: dict = field(default_factory=dict)  # answering model, language, file:line, ...
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @property
+    def responses(self) -> list[str]:
+        return [m["content"] for m in self.messages if m["role"] == "assistant"]
+
+    @property
+    def queries(self) -> list[str]:
+        return [m["content"] for m in self.messages if m["role"] == "user"]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a raw row or record was dropped."""
+
+    id: str
+    filter: str
+    reason: str
+    where: str = ""  # file:line for raw rows
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v != ""}

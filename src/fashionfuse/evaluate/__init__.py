@@ -1,0 +1,5 @@
+"""Evaluation stage: lm-evaluation-harness scoring and the comparison table."""
+
+from .harness import EvalError, evaluate
+
+__all__ = ["evaluate", "EvalError"]

@@ -1,0 +1,105 @@
+"""`evaluate(cfg)`: lm-evaluation-harness scores of base, adapters and fused model, side by side.
+
+The base model is loaded once per process; each evaluated model is the same resident PeftModel
+with a different set of active adapters, so switching costs nothing. No response cache is used
+(lm-eval's cache is keyed by request only and would leak answers between models).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..base_model import default_device, load_base_model, load_tokenizer
+from ..config import RunConfig, config_hash
+from ..lora import attach_adapters, set_fusion_weights
+from ..rundir import (RunLayout, atomic_dir, fingerprint, read_manifest, write_json,
+                      write_manifest, write_text)
+from .table import build_table, plot_table, to_csv, to_markdown
+from .tasks import prepare_include_paths
+
+
+class EvalError(RuntimeError):
+    """Evaluation cannot run (no tasks, missing artifacts)."""
+
+
+def models_to_evaluate(cfg: RunConfig) -> dict[str, Path | None]:
+    """Model label -> adapter directory (None for the bare base), per `eval.models`."""
+    layout = RunLayout(cfg.run_dir)
+    out: dict[str, Path | None] = {}
+    for kind in cfg.eval.models:
+        if kind == "base":
+            out["base"] = None
+        elif kind == "adapters":
+            for d in cfg.datasets:
+                out[f"adapter:{d.name}"] = layout.adapter(d.name)
+        elif kind == "fused":
+            out["fused"] = layout.fused
+    for label, path in out.items():
+        if path is not None and not (path / "adapter_config.json").exists():
+            raise EvalError(f"{label}: {path} has no adapter (run the earlier stages first)")
+    return out
+
+
+def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
+    return fingerprint({
+        "stage": "eval", "eval": cfg.eval.model_dump(mode="json"), "seed": cfg.seed,
+        "model": cfg.model.model_dump(mode="json"),
+        "adapters": {k: (read_manifest(v.parent if k == "fused" else v) or {}).get("fingerprint")
+                     for k, v in models.items() if v is not None},
+    })
+
+
+def evaluate(cfg: RunConfig, force: bool = False) -> dict:
+    """Run lm-eval on every configured model; write per-model results JSON and the table."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
+
+    if not cfg.eval.tasks:
+        raise EvalError("eval.tasks: no tasks configured")
+    layout = RunLayout(cfg.run_dir)
+    models = models_to_evaluate(cfg)
+    fp = eval_fingerprint(cfg, models)
+    manifest = read_manifest(layout.eval)
+    if not force and manifest and manifest.get("fingerprint") == fp:
+        print("eval: up to date")
+        return json.loads((layout.eval / "table.json").read_text())
+
+    include = prepare_include_paths(cfg.eval.include_paths, layout.root / "eval_tasks")
+    task_manager = TaskManager(include_path=include or None)
+    quantized = cfg.eval.load_in_4bit
+    quantized = cfg.model.quantization.bits == 4 if quantized is None else quantized
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_base_model(cfg.model, quantized=quantized, device=default_device())
+    adapters = {label.split(":", 1)[-1]: path for label, path in models.items() if path is not None}
+    model = attach_adapters(base, adapters) if adapters else base
+    results_by_model: dict[str, dict] = {}
+    with atomic_dir(layout.eval) as tmp:
+        for label, path in models.items():
+            if adapters:
+                active = label.split(":", 1)[-1]
+                set_fusion_weights(model, {n: (1.0 if n == active else 0.0) for n in adapters})
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
+            print(f"eval {label}: {cfg.eval.tasks}")
+            res = lm_eval.simple_evaluate(
+                model=lm, tasks=list(cfg.eval.tasks), num_fewshot=cfg.eval.num_fewshot,
+                limit=cfg.eval.limit, task_manager=task_manager, log_samples=cfg.eval.log_samples,
+                use_cache=None, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+                torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
+            )
+            res = json.loads(json.dumps(dict(res), default=handle_non_serializable))
+            safe = label.replace(":", "_")
+            write_text(tmp / safe / "results.json", json.dumps(res, indent=2) + "\n")
+            results_by_model[label] = res
+        table = build_table(results_by_model, list(cfg.eval.tasks))
+        write_json(tmp / "table.json", table)
+        write_text(tmp / "table.md", to_markdown(table))
+        write_text(tmp / "table.csv", to_csv(table))
+        plot_table(table, tmp / "table.png")
+        write_manifest(tmp, stage="eval", fingerprint=fp, config_hash=config_hash(cfg.eval),
+                       inputs={k: str(v) for k, v in models.items()}, seed=cfg.seed,
+                       metrics={r["model"]: r["average"] for r in table["rows"]})
+    print(to_markdown(table))
+    return table

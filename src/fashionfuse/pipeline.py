@@ -1,0 +1,20 @@
+"""`run_all(cfg)`: the four stages in order; each skips itself when its artifacts are current."""
+
+from __future__ import annotations
+
+from .config import RunConfig
+
+
+def run_all(cfg: RunConfig, force: bool = False) -> dict:
+    """Curate, train adapters, search fusion weights, evaluate."""
+    from .curate import curate
+    from .evaluate import evaluate
+    from .search import search_weights
+    from .train import train_adapters
+
+    return {
+        "curate": curate(cfg, force=force),
+        "train": train_adapters(cfg, force=force),
+        "search": search_weights(cfg, force=force),
+        "eval": evaluate(cfg, force=force),
+    }

@@ -1,0 +1,184 @@
+"""Run-directory layout, atomic writes and manifests.
+
+Every stage writes into a temporary sibling directory and renames it into place only when it
+has finished, so a killed stage never leaves a half-written artifact that looks complete. Each
+artifact directory carries a `manifest.json` with the stage's fingerprint (hash of the config
+sections and upstream artifacts it depends on); `is_up_to_date` compares fingerprints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+_TRACKED_PACKAGES = (
+    "fashionfuse", "torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate",
+    "lm_eval", "optuna",
+)
+
+
+class RunLayout:
+    """Paths of every artifact under one run directory."""
+
+    def __init__(self, run_dir: str | Path):
+        self.root = Path(run_dir)
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.root / "config.resolved.yaml"
+
+    def curated(self, dataset: str) -> Path:
+        return self.root / "curate" / dataset
+
+    def adapter(self, dataset: str) -> Path:
+        return self.root / "adapters" / dataset
+
+    def train_work(self, dataset: str) -> Path:
+        return self.root / "adapters" / f".{dataset}.work"
+
+    @property
+    def search(self) -> Path:
+        return self.root / "search"
+
+    @property
+    def search_work(self) -> Path:
+        return self.root / "search.work"
+
+    @property
+    def fused(self) -> Path:
+        return self.root / "search" / "fused"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape an artifact."""
+    out = {"python": platform.python_version()}
+    for name in _TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of one file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def path_fingerprint(path: str | Path, max_hash_bytes: int = 256 << 20) -> str:
+    """Content hash of a file or directory; large trees hash names, sizes and mtimes instead."""
+    p = Path(path)
+    if not p.exists():
+        return f"absent:{path}"
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for f in files)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        if total <= max_hash_bytes:
+            h.update(file_digest(f).encode())
+        else:
+            st = f.stat()
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """Hash of everything a stage's output depends on."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write text atomically (temp file then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp directory that replaces `final` only if the block finishes."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(
+    directory: Path,
+    *,
+    stage: str,
+    fingerprint: str,
+    config_hash: str,
+    inputs: dict[str, str],
+    seed: int,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `manifest.json` describing one artifact."""
+    manifest = {
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "config_hash": config_hash,
+        "inputs": inputs,
+        "seed": seed,
+        "versions": library_versions(),
+        "created_unix": round(time.time(), 3),
+        "metrics": metrics or {},
+        **(extra or {}),
+    }
+    write_json(Path(directory) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of an artifact directory, or None when absent or unreadable."""
+    path = Path(directory) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_up_to_date(directory: Path, expected_fingerprint: str) -> bool:
+    """True when `directory` holds a finished artifact built from the same inputs."""
+    manifest = read_manifest(directory)
+    return manifest is not None and manifest.get("fingerprint") == expected_fingerprint

@@ -1,0 +1,41 @@
+"""The trainable QLoRA model: a 4-bit base with a fresh LoRA adapter on the target modules."""
+
+from __future__ import annotations
+
+from ..base_model import load_base_model
+from ..config import ModelConfig, TrainingConfig
+
+
+def lora_config(train: TrainingConfig):
+    """PEFT LoraConfig from the training section (Table 4: r 64, alpha 16, dropout 0.05)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha,
+                      lora_dropout=train.lora.dropout, target_modules=list(train.lora.target_modules),
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=None):
+    """Quantised base (or the given one) prepared for k-bit training, with a new LoRA adapter."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    base = base if base is not None else load_base_model(model_cfg)
+    if model_cfg.quantization.bits == 4:
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=train.gradient_checkpointing)
+    elif train.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+    return get_peft_model(base, lora_config(train))
+
+
+def build_optimizer(params, train: TrainingConfig):
+    """Paged AdamW (bitsandbytes) where the device supports paging, plain AdamW otherwise."""
+    import torch
+
+    if train.optimizer == "paged_adamw_32bit" and torch.cuda.is_available():
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW32bit(params, lr=train.learning_rate,
+                                          weight_decay=train.weight_decay), "paged_adamw_32bit"
+    return torch.optim.AdamW(params, lr=train.learning_rate,
+                             weight_decay=train.weight_decay), "adamw"
