@@ -107,15 +107,17 @@ def _orca_records(rng: random.Random, n: int) -> list[dict]:
 
 
 def _alpaca_records(rng: random.Random, n: int) -> list[dict]:
+    instructions = ["What sound does a {a} make?", "Which sound does a {a} make?",
+                    "Tell me the sound of a {a}.", "How does a {a} sound?"]
+    outputs = ["A {a} says {s}.", "The {a} makes the sound {s}."]
     recs = []
     for i in range(n):
         animal, sound = rng.choice(SOUNDS)
-        if rng.random() < 0.5:
-            rec = {"instruction": f"What sound does a {animal} make?", "input": "",
-                   "output": f"A {animal} says {sound}."}
+        if rng.random() < 0.75:
+            rec = {"instruction": rng.choice(instructions).format(a=animal), "input": ""}
         else:
-            rec = {"instruction": "Name the sound this animal makes.", "input": animal,
-                   "output": f"The {animal} makes the sound {sound}."}
+            rec = {"instruction": "Name the sound this animal makes.", "input": animal}
+        rec["output"] = rng.choice(outputs).format(a=animal, s=sound)
         if i % 41 == 6:
             rec["output"] = ""
         recs.append(rec)
@@ -142,28 +144,28 @@ def write_raw_sources(out_dir: Path, seed: int = 0) -> dict[str, Path]:
 
 # --------------------------------------------------------------------------- eval tasks
 def _mc_items(rng: random.Random) -> dict[str, list[dict]]:
+    """Four-way multiple choice over the demo facts; choices are whole answers."""
     items: dict[str, list[dict]] = {"demo_colours": [], "demo_opposites": [], "demo_sounds": []}
+
+    def add(task: str, question: str, right: str, wrong: list[str], answer) -> None:
+        keys = wrong + [right]
+        rng.shuffle(keys)
+        items[task].append({"question": question, "choices": [answer(k) for k in keys],
+                            "answer": keys.index(right)})
+
     for p in PEOPLE:
         c = favourite_colour(p)
-        wrong = rng.sample([x for x in COLOURS if x != c], 3)
-        choices = wrong + [c]
-        rng.shuffle(choices)
-        items["demo_colours"].append({"question": f"What colour does {p} like?",
-                                      "choices": choices, "answer": choices.index(c)})
-    words = [w for pair in OPPOSITES for w in pair]
+        add("demo_colours", f"What colour does {p} like?", c,
+            rng.sample([x for x in COLOURS if x != c], 3), lambda k, p=p: f"{p} likes {k}.")
+    words = sorted({w for pair in OPPOSITES for w in pair})
     for a, b in OPPOSITES:
-        wrong = rng.sample([w for w in words if w not in (a, b)], 3)
-        choices = wrong + [b]
-        rng.shuffle(choices)
-        items["demo_opposites"].append({"question": f"What is the opposite of {a}?",
-                                        "choices": choices, "answer": choices.index(b)})
+        add("demo_opposites", f"What is the opposite of {a}?", b,
+            rng.sample([w for w in words if w not in (a, b)], 3),
+            lambda k, a=a: f"The opposite of {a} is {k}.")
     sounds = sorted({s for _, s in SOUNDS})
     for animal, s in SOUNDS:
-        wrong = rng.sample([x for x in sounds if x != s], 3)
-        choices = wrong + [s]
-        rng.shuffle(choices)
-        items["demo_sounds"].append({"question": f"What sound does a {animal} make?",
-                                     "choices": choices, "answer": choices.index(s)})
+        add("demo_sounds", f"What sound does a {animal} make?", s,
+            rng.sample([x for x in sounds if x != s], 3), lambda k, animal=animal: f"A {animal} says {k}.")
     return items
 
 
@@ -174,7 +176,7 @@ dataset_kwargs:
     test: {data_file}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_text: "USER: {{{{question}}}}\\nASSISTANT:"
 doc_to_target: answer
 doc_to_choice: "{{{{choices}}}}"
 target_delimiter: " "
@@ -206,16 +208,36 @@ def write_eval_tasks(out_dir: Path, seed: int = 0) -> list[str]:
 
 # --------------------------------------------------------------------------- base model
 def pretraining_corpus(seed: int = 0, n_lines: int = 3000) -> list[str]:
-    """Declarative statements of every demo fact plus filler text."""
+    """Sentences in the shapes the sources use, with *random* attributes, plus filler text.
+
+    The base model learns every word and sentence shape the sources use (no token reaches
+    fine-tuning untrained), but not which colour each person likes, which word is the opposite
+    of which, or which animal makes which sound: those facts are what each adapter teaches, so
+    the base scores near chance on the demo tasks and each adapter gains on its own task.
+    """
     rng = random.Random(seed + 2)
-    facts = [f"{p} likes {favourite_colour(p)}." for p in PEOPLE]
-    facts += [f"The opposite of {a} is {b}." for a, b in OPPOSITES]
-    facts += [f"The opposite of {b} is {a}." for a, b in OPPOSITES]
-    facts += [f"A {a} says {s}." for a, s in SOUNDS]
+    words = sorted({w for pair in OPPOSITES for w in pair})
+    animals = [a for a, _ in SOUNDS]
+    sounds = [s for _, s in SOUNDS]
+    shapes = [
+        lambda: f"{rng.choice(PEOPLE)} likes {rng.choice(COLOURS)}.",
+        lambda: f"{rng.choice(PEOPLE)}'s favourite colour is {rng.choice(COLOURS)}.",
+        lambda: f"The colour {rng.choice(PEOPLE)} likes is {rng.choice(COLOURS)}.",
+        lambda: f"What colour does {rng.choice(PEOPLE)} like? Which colour is the favourite?",
+        lambda: f"The opposite of {rng.choice(words)} is {rng.choice(words)}.",
+        lambda: f"{rng.choice(words)}. It is the opposite of {rng.choice(words)}.",
+        lambda: f"Which word means the opposite of {rng.choice(words)}? Give the opposite of the word.",
+        lambda: f"A {rng.choice(animals)} says {rng.choice(sounds)}.",
+        lambda: f"The {rng.choice(animals)} makes the sound {rng.choice(sounds)}.",
+        lambda: f"What sound does a {rng.choice(animals)} make? Which sound does it make?",
+        lambda: f"Tell me the sound of a {rng.choice(animals)}. How does a {rng.choice(animals)} sound?",
+        lambda: "Name the sound this animal makes.",
+    ]
     lines = []
     for _ in range(n_lines):
         k = rng.randint(2, 5)
-        lines.append(" ".join(rng.choice(facts if rng.random() < 0.7 else FILLER) for _ in range(k)))
+        lines.append(" ".join(rng.choice(shapes)() if rng.random() < 0.8 else rng.choice(FILLER)
+                              for _ in range(k)))
     return lines
 
 
@@ -231,7 +253,7 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 1024):
         vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    extra = ["USER: ASSISTANT: Question: Answer: You are an AI assistant named FashionGPT."] * 50
+    extra = ["USER: ASSISTANT: Question: Answer: You are an AI assistant named FashionGPT. As an AI language model made by OpenAI, ChatGPT I cannot know what people like."] * 50
     tok.train_from_iterator(corpus + extra, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]

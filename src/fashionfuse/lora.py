@@ -54,6 +54,8 @@ def load_saved_adapter(path: str | Path) -> SavedAdapter:
         if not f.exists():
             raise FusionError(f"{f}: not found (is {path} a PEFT LoRA adapter directory?)")
     config = json.loads(cfg_file.read_text())
+    if config.get("use_dora"):
+        raise FusionError(f"{path}: DoRA adapters are not a linear update and cannot be fused")
     tensors = load_file(weights_file)
     lora_a, lora_b = {}, {}
     for key, t in tensors.items():
@@ -78,8 +80,6 @@ def check_fusable(adapters: list[SavedAdapter]) -> None:
         c = a.config
         if c.get("peft_type", "LORA") != "LORA":
             raise FusionError(f"{a.path}: peft_type {c.get('peft_type')} is not LORA")
-        if c.get("use_dora"):
-            raise FusionError(f"{a.path}: DoRA adapters are not a linear update and cannot be fused")
         if c.get("rank_pattern") or c.get("alpha_pattern"):
             raise FusionError(f"{a.path}: per-module rank_pattern/alpha_pattern are not supported")
         if c.get("bias", "none") != "none" or c.get("modules_to_save"):

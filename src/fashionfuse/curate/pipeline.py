@@ -60,7 +60,8 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path) -> d
             if cfg.curate.strict:
                 raise CurationError(f"{where}: {item}")
             funnel["malformed"] += 1
-            rejects.append(Rejection(where.rsplit(":", 1)[-1], "malformed", str(item), where).to_json())
+            row_id = f"{ds.name}-row-{where.rsplit(':', 1)[-1]}"
+            rejects.append(Rejection(row_id, "malformed", str(item), where).to_json())
             continue
         rec: Record | Rejection = item
         rec.kind = ds.kind

@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny Llama built once per session, demo raw data, and run configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from fashionfuse.demo import build_base_model, write_eval_tasks, write_raw_sources  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny Llama (2 layers, hidden 64, GQA) with its own BPE tokenizer, briefly pretrained."""
+    return build_base_model(tmp_path_factory.mktemp("tiny") / "model", steps=30, hidden=64,
+                            vocab_size=512, log_every=0)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("demo")
+    paths = write_raw_sources(root / "raw")
+    write_eval_tasks(root / "tasks")
+    paths["tasks"] = root / "tasks"
+    return paths
+
+
+def config_dict(run_dir: Path, model: Path, data: dict[str, Path]) -> dict:
+    """A small but complete run config for the tiny model (fast on 2 CPU cores)."""
+    return {
+        "run_dir": str(run_dir),
+        "seed": 7,
+        "model": {"base": str(model), "max_input_len": 128},
+        "datasets": [
+            {"name": "chat", "kind": "chat", "source": {"format": "sharegpt", "path": str(data["chat"])},
+             "filters": {"keep_models": ["gpt-4"]}, "max_records": 60},
+            {"name": "orca", "kind": "qa", "source": {"format": "openorca", "path": str(data["orca"])},
+             "max_records": 60},
+        ],
+        "training": {"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "learning_rate": 5e-3,
+                     "lora": {"r": 4, "alpha": 8}, "checkpoint_steps": 2},
+        "search": {"method": "grid", "grid_values": [0.0, 1.0],
+                   "objective": {"max_samples_per_dataset": 6}, "batch_size": 6},
+        "eval": {"tasks": ["demo_colours", "demo_opposites"], "include_paths": [str(data["tasks"])],
+                 "limit": 6, "batch_size": 8, "num_fewshot": 0},
+    }
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model, demo_data):
+    """Write a config YAML (with optional section updates) and return its path."""
+
+    def make(run_dir: Path | None = None, **updates) -> Path:
+        data = config_dict(run_dir or tmp_path / "run", tiny_model, demo_data)
+        for key, value in updates.items():
+            data[key] = value if not isinstance(value, dict) else {**data.get(key, {}), **value}
+        path = tmp_path / f"config-{len(list(tmp_path.glob('config-*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, tiny_model, demo_data):
+    """The whole pipeline run once through the CLI; tests inspect its artifacts."""
+    from typer.testing import CliRunner
+
+    from fashionfuse.cli import app
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = root / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config_dict(root / "run", tiny_model, demo_data)))
+    runner = CliRunner()
+    outputs = {}
+    for stage in ("curate", "train-adapter", "search-weights", "eval"):
+        result = runner.invoke(app, [stage, str(cfg)])
+        assert result.exit_code == 0, f"{stage} failed:\n{result.output}\n{result.exception!r}"
+        outputs[stage] = result.output
+    return {"config": cfg, "run_dir": root / "run", "outputs": outputs, "model": tiny_model}

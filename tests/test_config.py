@@ -1,0 +1,97 @@
+"""Config validation: strict keys, typed fields, clear one-line errors, overrides."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fashionfuse.cli import app
+from fashionfuse.config import ConfigError, load_config
+
+runner = CliRunner()
+
+
+def _errors(result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+def test_valid_config_loads_with_table4_defaults(make_config):
+    cfg = load_config(make_config())
+    assert cfg.model.quantization.bits == 4 and cfg.model.quantization.double_quant
+    assert cfg.training.lr_scheduler == "constant_with_warmup"
+    assert cfg.training.warmup_ratio == 0.1
+    assert set(cfg.training.lora.target_modules) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_unknown_key_is_one_line_naming_the_field(make_config):
+    path = make_config(training={"lora": {"r": 4, "alpha": 8, "rnak": 3}})
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    errors = _errors(result)
+    assert len(errors) == 1
+    assert "training.lora.rnak: unknown key" in errors[0] and str(path) in errors[0]
+
+
+def test_wrong_type_names_field_and_value(make_config):
+    result = runner.invoke(app, ["curate", str(make_config()), "--set", "training.micro_batch_size=many"])
+    assert result.exit_code == 2
+    (line,) = _errors(result)
+    assert "training.micro_batch_size" in line and "'many'" in line
+
+
+def test_missing_config_file(tmp_path):
+    result = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    (line,) = _errors(result)
+    assert "nope.yaml: config file not found" in line
+
+
+def test_validate_reports_every_problem_at_once(make_config):
+    result = runner.invoke(app, ["validate", str(make_config()), "--set", "seed=x",
+                                 "--set", "search.method=annealing", "--set", "bogus=1"])
+    errors = _errors(result)
+    assert result.exit_code == 2 and len(errors) == 3
+    assert any("seed" in e for e in errors) and any("search.method" in e for e in errors)
+    assert any("bogus: unknown key" in e for e in errors)
+
+
+def test_validate_reports_missing_source_file(make_config):
+    result = runner.invoke(app, ["validate", str(make_config()),
+                                 "--set", "datasets.0.source.path=/no/such.jsonl"])
+    assert result.exit_code == 2
+    assert "datasets.chat.source.path: /no/such.jsonl: file not found" in result.output
+
+
+def test_overrides_reach_nested_fields_and_list_items(make_config):
+    cfg = load_config(make_config(), ["run_dir=/tmp/x", "datasets.1.kind=chat",
+                                      "search.grid_values=[0.25, 0.75]"])
+    assert cfg.run_dir == "/tmp/x"
+    assert cfg.datasets[1].kind == "chat"
+    assert cfg.search.grid_values == [0.25, 0.75]
+
+
+def test_bad_override_index_is_reported(make_config):
+    with pytest.raises(ConfigError, match="no list item '5'"):
+        load_config(make_config(), ["datasets.5.kind=qa"])
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run_dir: x\nmodel: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(path)
+
+
+def test_cross_field_checks(make_config):
+    with pytest.raises(ConfigError, match="search.adapters: unknown dataset names"):
+        load_config(make_config(), ["search.adapters=[chat, nosuch]"])
+
+
+def test_resolved_config_saved_in_run_dir(make_config, tmp_path):
+    path = make_config()
+    result = runner.invoke(app, ["curate", str(path)])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "run" / "config.resolved.yaml").read_text())
+    assert saved["training"]["lora"]["r"] == 4 and saved["seed"] == 7

@@ -1,0 +1,165 @@
+"""Curation: readers, each filter (one record that goes, one that stays), splitting, determinism."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from fashionfuse.cli import app
+from fashionfuse.config import FilterConfig, IdentityFilterConfig
+from fashionfuse.curate import filters
+from fashionfuse.curate.records import MalformedRow, Record, Rejection
+from fashionfuse.curate.sources import read_source
+from fashionfuse.curate.split import split_to_fit, train_validation_split
+
+runner = CliRunner()
+
+
+def rec(*turns, model="gpt-4", system=None, rid="r1") -> Record:
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    return Record(id=rid, source="t", kind="chat", system=system, messages=msgs, meta={"model": model})
+
+
+def test_sharegpt_reader_normalises_roles_and_reports_bad_rows(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"id": "a", "model": "gpt-4", "conversations": [
+            {"from": "system", "value": "Be kind."}, {"from": "human", "value": "hi"},
+            {"from": "gpt", "value": "hello"}]}),
+        "{not json",
+        json.dumps({"id": "c", "conversations": [{"from": "alien", "value": "x"}]}),
+    ]) + "\n")
+    out = list(read_source("sharegpt", path, "s"))
+    good = out[0][1]
+    assert isinstance(good, Record) and good.system == "Be kind." and good.meta["model"] == "gpt-4"
+    assert good.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert out[1][0].endswith("s.jsonl:2") and isinstance(out[1][1], MalformedRow)
+    assert "unknown speaker" in str(out[2][1])
+
+
+def test_openorca_and_alpaca_readers(tmp_path):
+    orca = tmp_path / "o.jsonl"
+    orca.write_text(json.dumps({"id": "o1", "system_prompt": "S", "question": "Q?", "response": "R."}) + "\n")
+    (r,) = [x for _, x in read_source("openorca", orca, "o")]
+    assert r.system == "S" and r.queries == ["Q?"] and r.responses == ["R."]
+    alp = tmp_path / "a.json"
+    alp.write_text(json.dumps([{"instruction": "Do X.", "input": "data", "output": "done"},
+                               {"instruction": "No output"}]))
+    out = list(read_source("alpaca", alp, "a"))
+    assert out[0][1].queries == ["Do X.\n\ndata"]
+    assert isinstance(out[1][1], MalformedRow) and "'output'" in str(out[1][1])
+
+
+def test_answering_model_filter():
+    f = filters.answering_model(["gpt-4"])
+    assert isinstance(f(rec("q", "a", model="gpt-3.5-turbo")), Rejection)
+    assert isinstance(f(rec("q", "a", model="GPT-4")), Record)
+
+
+def test_blank_response_filter():
+    assert isinstance(filters.blank_response(rec("q", "  ")), Rejection)
+    assert isinstance(filters.blank_response(rec("q", "fine")), Record)
+
+
+def test_refusal_filter():
+    f = filters.refusal(FilterConfig().refusal_patterns)
+    assert isinstance(f(rec("q", "As an AI language model, I can't.")), Rejection)
+    assert isinstance(f(rec("q", "Paris is the capital.")), Record)
+
+
+def test_identity_filter_replaces_or_drops():
+    cfg = IdentityFilterConfig()
+    replace = filters.identity(cfg.patterns, "replace", "FashionGPT")
+    out = replace(rec("Are you ChatGPT?", "I am ChatGPT by OpenAI."))
+    assert out.messages[1]["content"] == "I am FashionGPT by FashionGPT."
+    assert out.messages[0]["content"] == "Are you FashionGPT?"
+    drop = filters.identity(cfg.patterns, "drop", "x")
+    assert isinstance(drop(rec("q", "openai said so")), Rejection)
+    assert isinstance(drop(rec("q", "nothing to see")), Record)
+
+
+def test_length_filter():
+    f = filters.response_length(3, 10)
+    assert isinstance(f(rec("q", "ok")), Rejection)
+    assert isinstance(f(rec("q", "x" * 11)), Rejection)
+    assert isinstance(f(rec("q", "fine")), Record)
+
+
+def test_exact_duplicate_filter_keeps_first():
+    f = filters.exact_duplicates()
+    assert isinstance(f(rec("Hi", "Hello", rid="a")), Record)
+    dup = f(rec("hi ", "hello", rid="b"))
+    assert isinstance(dup, Rejection) and "a" in dup.reason
+    assert isinstance(f(rec("Hi", "Goodbye", rid="c")), Record)
+
+
+def test_structure_filter_drops_trailing_user_and_rejects_bad_order():
+    out = filters.structure(rec("q", "a", "dangling"))
+    assert len(out.messages) == 2
+    bad = Record("x", "t", "chat", None, [{"role": "assistant", "content": "a"}], {})
+    assert isinstance(filters.structure(bad), Rejection)
+
+
+def test_split_to_fit_cuts_only_at_turn_boundaries():
+    r = rec("q1", "a1", "q2", "a2", "q3", "a3", "q4", "a4")
+    count = lambda msgs, system: 10 * len(msgs)  # 20 tokens per pair  # noqa: E731
+    pieces = split_to_fit(r, count, max_tokens=45)
+    assert [len(p.messages) for p in pieces] == [4, 4]
+    assert [m["content"] for p in pieces for m in p.messages] == [m["content"] for m in r.messages]
+    assert all(p.messages[0]["role"] == "user" and p.messages[-1]["role"] == "assistant" for p in pieces)
+    assert [p.id for p in pieces] == ["r1#0", "r1#1"]
+    assert isinstance(split_to_fit(r, count, max_tokens=15), Rejection)
+    assert split_to_fit(r, count, max_tokens=80) == [r]
+
+
+def test_train_validation_split_is_deterministic_and_disjoint():
+    recs = [rec("q", "a", rid=f"r{i}") for i in range(50)]
+    t1, v1 = train_validation_split(recs, 0.2, seed=3)
+    t2, v2 = train_validation_split(list(reversed(recs)), 0.2, seed=3)
+    assert {r.id for r in v1} == {r.id for r in v2} and len(v1) == 10
+    assert not {r.id for r in t1} & {r.id for r in v1}
+    _, v3 = train_validation_split(recs, 0.2, seed=4)
+    assert {r.id for r in v3} != {r.id for r in v1}
+
+
+def test_curate_cli_end_to_end_is_deterministic(make_config, tmp_path):
+    path = make_config(run_dir=tmp_path / "a")
+    assert runner.invoke(app, ["curate", str(path)]).exit_code == 0
+    again = make_config(run_dir=tmp_path / "b")
+    assert runner.invoke(app, ["curate", str(again)]).exit_code == 0
+    for ds in ("chat", "orca"):
+        for f in ("train.jsonl", "validation.jsonl", "rejects.jsonl", "stats.json"):
+            assert (tmp_path / "a/curate" / ds / f).read_bytes() == (tmp_path / "b/curate" / ds / f).read_bytes()
+    stats = json.loads((tmp_path / "a/curate/chat/stats.json").read_text())
+    assert stats["instances"] == 60 and stats["train"] + stats["validation"] == 60
+    assert stats["funnel"]["answering_model"] > 0
+    assert stats["funnel"]["segments_added"] > 0  # long chats split to fit max_input_len=128
+    orca_rejects = [json.loads(x) for x in (tmp_path / "a/curate/orca/rejects.jsonl").read_text().splitlines()]
+    (malformed,) = [r for r in orca_rejects if r["filter"] == "malformed"]
+    assert malformed["where"].endswith("orca_openorca.jsonl:11") and "'question'" in malformed["reason"]
+    rejects = [json.loads(x) for x in (tmp_path / "a/curate/chat/rejects.jsonl").read_text().splitlines()]
+    assert {"blank_response", "answering_model", "refusal"} <= {r["filter"] for r in rejects}
+    table = (tmp_path / "a/curate/table1.md").read_text()
+    assert "| chat | chat | 60 |" in table
+    train = [json.loads(x) for x in (tmp_path / "a/curate/chat/train.jsonl").read_text().splitlines()]
+    assert not any("ChatGPT" in m["content"] or "OpenAI" in m["content"] for r in train for m in r["messages"])
+    manifest = json.loads((tmp_path / "a/curate/chat/manifest.json").read_text())
+    assert manifest["stage"] == "curate" and manifest["seed"] == 7 and "torch" in manifest["versions"]
+
+
+def test_strict_mode_fails_on_malformed_row(make_config):
+    result = runner.invoke(app, ["curate", str(make_config()), "--set", "curate.strict=true"])
+    assert result.exit_code == 2
+    assert re.search(r"error: \S+\.jsonl:\d+: (invalid JSON|missing field)", result.output), result.output
+
+
+def test_curate_skips_up_to_date_and_redoes_changed(make_config):
+    path = make_config()
+    runner.invoke(app, ["curate", str(path)])
+    second = runner.invoke(app, ["curate", str(path)])
+    assert "curate chat: up to date" in second.output
+    changed = runner.invoke(app, ["curate", str(path), "--set", "datasets.0.max_records=30"])
+    assert "curate chat: read" in changed.output and "curate orca: up to date" in changed.output

@@ -1,0 +1,112 @@
+"""search-weights through the CLI: grid coverage, exact fused export, resume, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fashionfuse.cli import app
+from fashionfuse.config import SearchConfig, load_config
+from fashionfuse.lora import load_saved_adapter, weighted_delta
+from fashionfuse.search.pipeline import search_weights
+from fashionfuse.search.samplers import grid_candidates, random_candidates
+
+runner = CliRunner()
+
+
+def test_grid_search_covers_the_whole_product(pipeline_run):
+    search = pipeline_run["run_dir"] / "search"
+    trials = json.loads((search / "trials.json").read_text())
+    combos = {tuple(t["weights"][n] for n in ("chat", "orca")) for t in trials}
+    assert combos == {(0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)} and len(trials) == 4
+    best = json.loads((search / "best.json").read_text())
+    assert best["best_score"] == min(t["score"] for t in trials)
+    scores = {tuple(t["weights"].values()): t["score"] for t in trials}
+    assert len(set(scores.values())) == 4, "different weights must give different losses"
+    assert (search / "search.png").stat().st_size > 1000
+    assert (search / "trials.csv").read_text().startswith("number,w_chat,w_orca,score")
+
+
+def test_exported_fused_adapter_is_exact(pipeline_run):
+    run = pipeline_run["run_dir"]
+    best = json.loads((run / "search" / "best.json").read_text())
+    names = best["adapters"]
+    adapters = [load_saved_adapter(run / "adapters" / n) for n in names]
+    want = weighted_delta(adapters, [best["best_weights"][n] for n in names])
+    fused = load_saved_adapter(run / "search" / "fused")
+    got = weighted_delta([fused], [1.0])
+    for mod in want:
+        torch.testing.assert_close(got[mod], want[mod], rtol=1e-5, atol=1e-7)
+
+
+def test_candidate_scores_come_from_the_fused_model(pipeline_run):
+    """Re-score the best candidate through the exported adapter: same loss as in the search."""
+    from peft import PeftModel
+
+    from fashionfuse.base_model import load_base_model, load_tokenizer
+    from fashionfuse.search.objectives import ValidationLoss
+
+    cfg = load_config(pipeline_run["config"])
+    run = pipeline_run["run_dir"]
+    best = json.loads((run / "search" / "best.json").read_text())
+    if all(w == 0 for w in best["best_weights"].values()):
+        pytest.skip("base model won the search; nothing fused to re-score")
+    model = PeftModel.from_pretrained(load_base_model(cfg.model, device="cpu"), run / "search" / "fused")
+    objective = ValidationLoss.from_config(cfg, load_tokenizer(cfg.model), "cpu")
+    per = objective.per_dataset(model.eval())
+    for name, loss in best["best_per_dataset"].items():
+        assert per[name] == pytest.approx(loss, rel=2e-3)
+
+
+def test_random_search_is_reproducible_from_seed():
+    cfg = SearchConfig(method="random", n_trials=6, low=0.0, high=1.0, step=0.05)
+    a = random_candidates(cfg, ["x", "y"], seed=3)
+    assert a == random_candidates(cfg, ["x", "y"], seed=3)
+    assert a != random_candidates(cfg, ["x", "y"], seed=4)
+    assert all(0.0 <= v <= 1.0 and abs(v / 0.05 - round(v / 0.05)) < 1e-6 for c in a for v in c.values())
+    assert len(grid_candidates(SearchConfig(grid_values=[0, 0.5, 1]), ["a", "b", "c"], 0)) == 27
+
+
+def test_killed_search_resumes_without_repeating_trials(pipeline_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval*"))
+    cfg = load_config(pipeline_run["config"], [f"run_dir={run}", "search.method=random",
+                                                "search.n_trials=5"])
+    with pytest.raises(KeyboardInterrupt):
+        search_weights(cfg, stop_after=2)
+    assert not (run / "search").exists()
+    storage = f"sqlite:///{run / 'search.work' / 'study.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.n_trials == 2
+    result = search_weights(cfg)
+    assert result["n_trials"] == 5
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 5
+    assert sorted(t.user_attrs["candidate"] for t in done) == [0, 1, 2, 3, 4]
+    expected = random_candidates(cfg.search, ["chat", "orca"], cfg.seed)
+    assert [t.params for t in sorted(done, key=lambda t: t.user_attrs["candidate"])] == expected
+
+
+def test_tpe_sampler_runs_its_trial_budget(pipeline_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval*"))
+    cfg = load_config(pipeline_run["config"], [f"run_dir={run}", "search.method=tpe",
+                                                "search.n_trials=3"])
+    result = search_weights(cfg)
+    assert result["n_trials"] == 3 and result["method"] == "tpe"
+
+
+def test_search_is_skipped_when_up_to_date(pipeline_run):
+    result = runner.invoke(app, ["search-weights", str(pipeline_run["config"])])
+    assert result.exit_code == 0 and "search: up to date" in result.output
+
+
+def test_search_without_adapters_fails_clearly(make_config):
+    result = runner.invoke(app, ["search-weights", str(make_config())])
+    assert result.exit_code == 2 and "adapters missing" in result.output
