@@ -163,3 +163,20 @@ def test_curate_skips_up_to_date_and_redoes_changed(make_config):
     assert "curate chat: up to date" in second.output
     changed = runner.invoke(app, ["curate", str(path), "--set", "datasets.0.max_records=30"])
     assert "curate chat: read" in changed.output and "curate orca: up to date" in changed.output
+
+
+def test_curate_decontaminates_against_benchmark_file(make_config, tmp_path):
+    bench = tmp_path / "bench.txt"
+    from fashionfuse.demo import OPPOSITES
+
+    bench.write_text("".join(f"Which word means the opposite of {a}?\n" for pair in OPPOSITES for a in pair))
+    path = make_config(curate={"decontaminate": {"benchmarks": [str(bench)]}})
+    result = runner.invoke(app, ["curate", str(path)])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "run/curate/orca/stats.json").read_text())
+    assert stats["funnel"]["decontamination"] >= 1
+    train = (tmp_path / "run/curate/orca/train.jsonl").read_text()
+    assert "Which word means the opposite of" not in train
+    assert "What is the opposite of" in train  # other phrasings are far below 85 % similar
+    rejects = [json.loads(x) for x in (tmp_path / "run/curate/orca/rejects.jsonl").read_text().splitlines()]
+    assert any(r["filter"] == "decontamination" and "similar to benchmark" in r["reason"] for r in rejects)

@@ -101,11 +101,15 @@ def search_weights(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
 
 
 @app.command("eval")
-def eval_(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
+def eval_(
+    config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
+    limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (or fraction)"),
+) -> None:
     """Score base, adapters and fused model with lm-evaluation-harness, side by side."""
     from .evaluate import evaluate
 
-    _run_stage(config, set_, lambda cfg: evaluate(cfg, force=force))
+    overrides = list(set_ or []) + ([f"eval.limit={limit}"] if limit is not None else [])
+    _run_stage(config, overrides, lambda cfg: evaluate(cfg, force=force))
 
 
 @app.command()

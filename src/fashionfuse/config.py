@@ -48,7 +48,8 @@ class ModelConfig(_Strict):
 
 # --------------------------------------------------------------------------- curation
 class SourceConfig(_Strict):
-    format: Literal["sharegpt", "openorca", "alpaca"]
+    format: Literal["sharegpt", "puffin", "samantha", "openorca", "alpaca", "open_platypus",
+                    "airoboros", "oasst1"]
     path: str
 
 
@@ -75,6 +76,8 @@ class FilterConfig(_Strict):
     min_response_chars: Annotated[int, Field(ge=0)] = 1
     max_response_chars: Annotated[int, Field(gt=0)] = 20000
     dedup: bool = True
+    languages: list[str] | None = Field(
+        default=None, description="Keep only records detected (langid) as one of these, e.g. [en]")
 
 
 class DatasetConfig(_Strict):
@@ -86,8 +89,18 @@ class DatasetConfig(_Strict):
     max_records: Annotated[int, Field(gt=0)] | None = None
 
 
+class DecontaminationConfig(_Strict):
+    benchmarks: list[str] = Field(
+        default=[], description="Benchmark files or folders (ARC/HellaSwag/MMLU/TruthfulQA schemas)")
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.85
+    ngram: Annotated[int, Field(gt=0)] = 5
+    num_perm: Annotated[int, Field(ge=16)] = 128
+    candidate_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+
+
 class CurateConfig(_Strict):
     strict: bool = Field(default=False, description="Fail on the first malformed row")
+    decontaminate: DecontaminationConfig = DecontaminationConfig()
 
 
 # --------------------------------------------------------------------------- training
@@ -151,6 +164,10 @@ class SearchConfig(_Strict):
 
 # --------------------------------------------------------------------------- eval
 class EvalConfig(_Strict):
+    preset: Literal["leaderboard_v1"] | None = Field(
+        default=None, description="Task set with fixed shots and metrics (Open LLM Leaderboard v1)")
+    benchmark_data: str | None = Field(
+        default=None, description="Folder of local ARC/HellaSwag/MMLU/TruthfulQA files for the preset")
     tasks: list[str] = []
     include_paths: list[str] = Field(default=[], description="Folders of local lm-eval task YAMLs")
     num_fewshot: Annotated[int, Field(ge=0)] | None = None
@@ -161,6 +178,12 @@ class EvalConfig(_Strict):
         default=None, description="Default: same as model.quantization.bits == 4"
     )
     log_samples: bool = False
+
+    @model_validator(mode="after")
+    def _data_needs_preset(self) -> "EvalConfig":
+        if self.benchmark_data and not self.preset:
+            raise ValueError("benchmark_data is only used with a preset")
+        return self
 
 
 class RunConfig(_Strict):

@@ -103,6 +103,23 @@ def response_length(min_chars: int, max_chars: int) -> Filter:
     return apply
 
 
+def language(keep: list[str]) -> Filter:
+    """Drop records whose text is not detected as one of `keep` (langid, model shipped with it)."""
+    import langid
+
+    identifier = langid.langid.LanguageIdentifier.from_modelstring(langid.langid.model, norm_probs=False)
+    wanted = set(keep)
+
+    def apply(rec: Record) -> Record | Rejection:
+        text = " ".join(m["content"] for m in rec.messages)[:2000]
+        lang, _ = identifier.classify(text)
+        if lang in wanted:
+            return rec
+        return Rejection(rec.id, "language", f"detected language {lang!r}, keeping {sorted(wanted)}")
+
+    return apply
+
+
 def exact_duplicates() -> Filter:
     """Drop records whose normalised conversation was already seen (first one kept)."""
     seen: dict[str, str] = {}
@@ -118,7 +135,23 @@ def exact_duplicates() -> Filter:
     return apply
 
 
-def build_chain(cfg: FilterConfig) -> list[tuple[str, Filter]]:
+def decontamination(index) -> Filter:
+    """Drop records whose user query is more similar than the threshold to a benchmark question."""
+
+    def apply(rec: Record) -> Record | Rejection:
+        for i, q in enumerate(rec.queries):
+            match = index.best_match(q)
+            if match is not None:
+                question = index.questions[match.question_index][:80]
+                return Rejection(rec.id, "decontamination",
+                                 f"user turn {i} is {match.similarity:.2f} similar to benchmark "
+                                 f"question {question!r}")
+        return rec
+
+    return apply
+
+
+def build_chain(cfg: FilterConfig, benchmark_index=None) -> list[tuple[str, Filter]]:
     """The configured filters, in the order they run."""
     chain: list[tuple[str, Filter]] = [("structure", structure)]
     if cfg.keep_models:
@@ -130,7 +163,11 @@ def build_chain(cfg: FilterConfig) -> list[tuple[str, Filter]]:
     if cfg.identity.action != "off":
         chain.append(("identity", identity(cfg.identity.patterns, cfg.identity.action,
                                            cfg.identity.replacement)))
+    if cfg.languages:
+        chain.append(("language", language(cfg.languages)))
     chain.append(("response_length", response_length(cfg.min_response_chars, cfg.max_response_chars)))
     if cfg.dedup:
         chain.append(("duplicate", exact_duplicates()))
+    if benchmark_index is not None:
+        chain.append(("decontamination", decontamination(benchmark_index)))
     return chain

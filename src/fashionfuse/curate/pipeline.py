@@ -13,6 +13,7 @@ from ..chat_template import render
 from ..config import DatasetConfig, RunConfig, config_hash
 from ..rundir import (RunLayout, atomic_dir, fingerprint, is_up_to_date, path_fingerprint,
                       write_json, write_manifest, write_text)
+from .decontaminate import BenchmarkIndex, read_benchmark_questions
 from .filters import build_chain
 from .records import MalformedRow, Record, Rejection
 from .sources import read_source
@@ -31,6 +32,7 @@ def curate_fingerprint(cfg: RunConfig, ds: DatasetConfig) -> str:
         "curate": cfg.curate.model_dump(mode="json"), "max_input_len": cfg.model.max_input_len,
         "system": cfg.model.system_message, "tokenizer": base_fingerprint_parts(cfg.model),
         "source_file": path_fingerprint(ds.source.path),
+        "benchmarks": [path_fingerprint(b) for b in cfg.curate.decontaminate.benchmarks],
     })
 
 
@@ -46,12 +48,24 @@ def _token_counter(tokenizer, default_system: str):
     return count_chat, count_text
 
 
-def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path) -> dict:
+def build_benchmark_index(cfg: RunConfig):
+    """The decontamination index over every configured benchmark file (None when none)."""
+    dc = cfg.curate.decontaminate
+    if not dc.benchmarks:
+        return None
+    questions = [q for path in dc.benchmarks for q in read_benchmark_questions(path)]
+    print(f"decontaminate: indexing {len(questions)} benchmark questions")
+    return BenchmarkIndex(questions, threshold=dc.threshold, ngram=dc.ngram, num_perm=dc.num_perm,
+                          candidate_threshold=dc.candidate_threshold)
+
+
+def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
+                   benchmark_index=None) -> dict:
     """Read, filter, fit and split one dataset into `out`; return its statistics."""
     funnel: Counter = Counter()
     rejects: list[dict] = []
     kept: list[Record] = []
-    chain = build_chain(ds.filters)
+    chain = build_chain(ds.filters, benchmark_index)
     count_chat, count_text = _token_counter(tokenizer, cfg.model.system_message)
     rows = read_source(ds.source.format, Path(ds.source.path), ds.name)
     for where, item in tqdm(rows, desc=f"curate {ds.name}", unit="row", leave=False):
@@ -73,6 +87,9 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path) -> d
                 break
         if isinstance(rec, Rejection):
             continue
+        if ds.kind == "qa" and len(rec.messages) > 2:
+            rec.messages = rec.messages[:2]  # a QA dataset trains on the first exchange (eq. 5-6)
+            funnel["qa_truncated"] += 1
         pieces = split_to_fit(rec, count_chat, cfg.model.max_input_len)
         if isinstance(pieces, Rejection):
             funnel["too_long"] += 1
@@ -98,6 +115,7 @@ def curate(cfg: RunConfig, force: bool = False) -> dict[str, dict]:
     """Curate every configured dataset (skipping up-to-date ones); write Table 1."""
     layout = RunLayout(cfg.run_dir)
     tokenizer = None
+    index = None
     table: dict[str, dict] = {}
     for ds in cfg.datasets:
         out = layout.curated(ds.name)
@@ -109,8 +127,9 @@ def curate(cfg: RunConfig, force: bool = False) -> dict[str, dict]:
         if not Path(ds.source.path).is_file():
             raise CurationError(f"datasets[{ds.name}].source.path: {ds.source.path}: file not found")
         tokenizer = tokenizer or load_tokenizer(cfg.model)
+        index = index or build_benchmark_index(cfg)
         with atomic_dir(out) as tmp:
-            stats = curate_dataset(cfg, ds, tokenizer, tmp)
+            stats = curate_dataset(cfg, ds, tokenizer, tmp, index)
             write_manifest(tmp, stage="curate", fingerprint=fp, config_hash=config_hash(ds),
                            inputs={ds.source.path: path_fingerprint(ds.source.path)},
                            seed=cfg.seed, metrics=stats)
@@ -118,7 +137,7 @@ def curate(cfg: RunConfig, force: bool = False) -> dict[str, dict]:
         f = stats["funnel"]
         print(f"curate {ds.name}: read {f.get('read', 0)}, kept {stats['instances']} "
               f"(train {stats['train']}, validation {stats['validation']}), "
-              f"rejected {sum(v for k, v in f.items() if k not in ('read', 'segments_added'))}")
+              f"rejected {sum(v for k, v in f.items() if k not in ('read', 'segments_added', 'qa_truncated'))}")
     write_json(layout.root / "curate" / "table1.json", table)
     write_text(layout.root / "curate" / "table1.md", table1_markdown(table))
     return table

@@ -15,6 +15,8 @@ from ..config import RunConfig, config_hash
 from ..lora import attach_adapters, set_fusion_weights
 from ..rundir import (RunLayout, atomic_dir, fingerprint, read_manifest, write_json,
                       write_manifest, write_text)
+from .benchmarks import PREFIX, write_local_leaderboard_tasks
+from .presets import PRESETS, TaskSpec, custom_specs
 from .table import build_table, plot_table, to_csv, to_markdown
 from .tasks import prepare_include_paths
 
@@ -41,8 +43,37 @@ def models_to_evaluate(cfg: RunConfig) -> dict[str, Path | None]:
     return out
 
 
+def task_specs(cfg: RunConfig) -> list[TaskSpec]:
+    """Every task to run: the preset's (local copies when benchmark_data is set) then custom ones."""
+    specs: list[TaskSpec] = []
+    if cfg.eval.preset:
+        specs += PRESETS[cfg.eval.preset](PREFIX if cfg.eval.benchmark_data else "")
+    specs += custom_specs(list(cfg.eval.tasks), cfg.eval.num_fewshot)
+    if not specs:
+        raise EvalError("eval: no tasks configured (set eval.preset or eval.tasks)")
+    return specs
+
+
+def _merge_results(parts: list[dict]) -> dict:
+    """Merge lm-eval results dicts of several calls (different shot counts) into one."""
+    merged = dict(parts[0])
+    for key in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
+                "samples", "group_subtasks"):
+        combined: dict = {}
+        for p in parts:
+            combined.update(p.get(key) or {})
+        if combined:
+            merged[key] = combined
+    return merged
+
+
 def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
+    from .benchmarks import __file__ as benchmarks_code  # task generation is part of the input
+    from ..rundir import path_fingerprint
+
     return fingerprint({
+        "benchmark_data": path_fingerprint(cfg.eval.benchmark_data) if cfg.eval.benchmark_data else None,
+        "task_code": path_fingerprint(benchmarks_code),
         "stage": "eval", "eval": cfg.eval.model_dump(mode="json"), "seed": cfg.seed,
         "model": cfg.model.model_dump(mode="json"),
         "adapters": {k: (read_manifest(v.parent if k == "fused" else v) or {}).get("fingerprint")
@@ -57,8 +88,7 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
-    if not cfg.eval.tasks:
-        raise EvalError("eval.tasks: no tasks configured")
+    specs = task_specs(cfg)
     layout = RunLayout(cfg.run_dir)
     models = models_to_evaluate(cfg)
     fp = eval_fingerprint(cfg, models)
@@ -68,6 +98,12 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
         return json.loads((layout.eval / "table.json").read_text())
 
     include = prepare_include_paths(cfg.eval.include_paths, layout.root / "eval_tasks")
+    if cfg.eval.benchmark_data:
+        include.append(str(write_local_leaderboard_tasks(cfg.eval.benchmark_data,
+                                                         layout.root / "eval_tasks" / "leaderboard")))
+    by_shots: dict[int | None, list[str]] = {}
+    for spec in specs:
+        by_shots.setdefault(spec.num_fewshot, []).append(spec.task)
     task_manager = TaskManager(include_path=include or None)
     quantized = cfg.eval.load_in_4bit
     quantized = cfg.model.quantization.bits == 4 if quantized is None else quantized
@@ -82,18 +118,21 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
                 active = label.split(":", 1)[-1]
                 set_fusion_weights(model, {n: (1.0 if n == active else 0.0) for n in adapters})
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
-            print(f"eval {label}: {cfg.eval.tasks}")
-            res = lm_eval.simple_evaluate(
-                model=lm, tasks=list(cfg.eval.tasks), num_fewshot=cfg.eval.num_fewshot,
-                limit=cfg.eval.limit, task_manager=task_manager, log_samples=cfg.eval.log_samples,
-                use_cache=None, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-                torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
-            )
+            parts = []
+            for shots, names in by_shots.items():
+                print(f"eval {label}: {len(names)} task(s), num_fewshot={shots}")
+                parts.append(lm_eval.simple_evaluate(
+                    model=lm, tasks=names, num_fewshot=shots, limit=cfg.eval.limit,
+                    task_manager=task_manager, log_samples=cfg.eval.log_samples, use_cache=None,
+                    random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+                    fewshot_random_seed=cfg.seed,
+                ))
+            res = _merge_results([dict(p) for p in parts])
             res = json.loads(json.dumps(dict(res), default=handle_non_serializable))
             safe = label.replace(":", "_")
             write_text(tmp / safe / "results.json", json.dumps(res, indent=2) + "\n")
             results_by_model[label] = res
-        table = build_table(results_by_model, list(cfg.eval.tasks))
+        table = build_table(results_by_model, specs)
         write_json(tmp / "table.json", table)
         write_text(tmp / "table.md", to_markdown(table))
         write_text(tmp / "table.csv", to_csv(table))

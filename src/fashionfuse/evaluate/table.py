@@ -16,18 +16,36 @@ def headline_metric(task_results: dict) -> tuple[str, float] | None:
     return None
 
 
-def build_table(results_by_model: dict[str, dict], tasks: list[str]) -> dict:
-    """Rows of {model, task scores, average} plus the best model per column."""
+def build_table(results_by_model: dict[str, dict], specs: list) -> dict:
+    """Rows of {model, column scores, average} plus the best model(s) per column.
+
+    A column averages its tasks' metrics unweighted (so MMLU is the mean of subject accuracies);
+    a spec without a metric uses the task's headline metric.
+    """
+    columns: list[str] = []
+    for s in specs:
+        if s.column not in columns:
+            columns.append(s.column)
     rows = []
     for model, results in results_by_model.items():
         row = {"model": model}
-        for task in tasks:
-            hm = headline_metric(results.get("results", {}).get(task, {}))
-            row[task] = None if hm is None else round(hm[1] * 100, 2)
-        vals = [row[t] for t in tasks if row[t] is not None]
-        row["average"] = round(sum(vals) / len(vals), 2) if vals else None
+        task_results = results.get("results", {})
+        for col in columns:
+            vals = []
+            for s in (x for x in specs if x.column == col):
+                res = task_results.get(s.task, {})
+                if s.metric:
+                    value = res.get(s.metric)
+                else:
+                    hm = headline_metric(res)
+                    value = None if hm is None else hm[1]
+                if isinstance(value, (int, float)):
+                    vals.append(float(value))
+            row[col] = round(100 * sum(vals) / len(vals), 2) if vals else None
+        scored = [row[c] for c in columns if row[c] is not None]
+        row["average"] = round(sum(scored) / len(scored), 2) if scored else None
         rows.append(row)
-    columns = [*tasks, "average"]
+    columns = [*columns, "average"]
     best = {}
     for c in columns:
         vals = [(r[c], r["model"]) for r in rows if r[c] is not None]

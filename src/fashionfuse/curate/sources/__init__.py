@@ -12,14 +12,19 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..records import MalformedRow, Record
-from . import alpaca, openorca, sharegpt
+from . import alpaca, oasst1, openorca, sharegpt
 
 RowToRecord = Callable[[dict, str, str], Record]
 
 READERS: dict[str, RowToRecord] = {
     "sharegpt": sharegpt.to_record,
+    "puffin": sharegpt.to_record,      # LDJnr/Puffin: ShareGPT-style conversations
+    "samantha": sharegpt.to_record,    # samantha-data: ShareGPT-style conversations
     "openorca": openorca.to_record,
     "alpaca": alpaca.to_record,
+    "open_platypus": alpaca.to_record,  # instruction / input / output
+    "airoboros": alpaca.to_record,      # instruction / response
+    "oasst1": oasst1.to_record,         # tree export: best-ranked thread per tree
 }
 
 

@@ -1,0 +1,82 @@
+"""Benchmark: base + 3 adapters scored in one `fashionfuse eval` command vs four `lm_eval` runs.
+
+Both sides score the same models (unquantised bf16 base, as lm-eval's CLI loads it) on the same
+demo tasks with the same limit and batch size; each side is timed as whole commands, process
+start-up included. The script first builds the demo adapters in runs/bench_eval if absent.
+
+    python scripts/bench_eval.py [--limit N]
+
+Ends with `speedup_vs_separate: X` (separate seconds / one-command seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "demo.yaml"
+RUN = ROOT / "runs" / "bench_eval"
+TASKS = ["demo_colours", "demo_opposites", "demo_sounds"]
+
+
+def _timed(cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"command failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    ff = [sys.executable, "-m", "fashionfuse.cli"]
+    common = ["--set", f"run_dir={RUN}", "--set", "eval.load_in_4bit=false",
+              "--set", f"eval.batch_size={args.batch_size}", "--set", "eval.models=[base, adapters]"]
+    if args.limit:
+        common += ["--set", f"eval.limit={args.limit}"]
+    for stage in ("curate", "train-adapter"):
+        subprocess.run(ff + [stage, str(CONFIG)] + common, cwd=ROOT, env=env, check=True,
+                       capture_output=True)
+
+    one = _timed(ff + ["eval", str(CONFIG), "--force"] + common, env)
+    table = json.loads((RUN / "eval" / "table.json").read_text())
+    ours = {r["model"]: r for r in table["rows"]}
+
+    include = sorted((RUN / "eval_tasks").iterdir())[0]
+    models = {"base": None, **{f"adapter:{n}": RUN / "adapters" / n for n in ("chat", "orca", "alpaca")}}
+    separate = 0.0
+    mismatch = 0.0
+    for label, adapter in models.items():
+        out = RUN / "bench_lm_eval" / label.replace(":", "_")
+        model_args = f"pretrained={ROOT / 'data' / 'tiny-llama'},dtype=bfloat16"
+        if adapter is not None:
+            model_args += f",peft={adapter}"
+        cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args,
+               "--tasks", ",".join(TASKS), "--include_path", str(include), "--num_fewshot", "0",
+               "--device", "cpu", "--batch_size", str(args.batch_size), "--output_path", str(out)]
+        if args.limit:
+            cmd += ["--limit", str(args.limit)]
+        separate += _timed(cmd, env)
+        res = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())["results"]
+        for t in TASKS:
+            mismatch = max(mismatch, abs(100 * res[t]["acc_norm,none"] - ours[label][t]))
+
+    print(f"models: {len(models)} (base + 3 adapters), tasks: {TASKS}, limit: {args.limit}")
+    print(f"one_command_s: {one:.2f}")
+    print(f"separate_commands_s: {separate:.2f}")
+    print(f"max_score_difference_pct_points: {mismatch:.2f}")
+    print(f"speedup_vs_separate: {separate / one:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Benchmark decontamination: drop records whose user query is too similar to a benchmark question.
+
+Similarity is the Jaccard index of character n-gram shingles of normalised text (lowercase,
+punctuation removed, whitespace collapsed); Appendix B drops queries with similarity > 0.85.
+Comparing every query with every benchmark question is O(N x M); `BenchmarkIndex` instead
+indexes the questions' MinHash signatures in an LSH table (datasketch) tuned to a lower
+candidate threshold, then verifies each candidate with the exact Jaccard index, so every match
+it reports is a true match and recall against brute force is measured by `scripts/bench_curate.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+_PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
+
+
+def normalise(text: str) -> str:
+    """Lowercase, drop punctuation, collapse whitespace."""
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def shingles(text: str, n: int = 5) -> set[str]:
+    """Character n-grams of the normalised text (the whole text when shorter than n)."""
+    t = normalise(text)
+    if len(t) <= n:
+        return {t} if t else set()
+    return {t[i:i + n] for i in range(len(t) - n + 1)}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    if not a or not b:
+        return 0.0
+    inter = len(a & b)
+    return inter / (len(a) + len(b) - inter)
+
+
+# --------------------------------------------------------------------------- benchmark files
+def read_benchmark_questions(path: str | Path) -> list[str]:
+    """Questions from a benchmark file or folder in the original schemas.
+
+    Understands ARC-style JSONL (`question`), HellaSwag JSONL (`ctx`), TruthfulQA CSV
+    (`Question`), headerless MMLU CSV (first column), JSONL with `question`/`text`, and plain
+    text (one question a line). A folder is read recursively.
+    """
+    p = Path(path)
+    if p.is_dir():
+        out: list[str] = []
+        for f in sorted(p.rglob("*")):
+            if f.is_file() and f.suffix in (".jsonl", ".csv", ".txt"):
+                out += read_benchmark_questions(f)
+        return out
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: benchmark file not found")
+    if p.suffix == ".jsonl":
+        out = []
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                q = row.get("question") or row.get("ctx") or row.get("text")
+                if isinstance(q, str) and q.strip():
+                    out.append(q)
+        return out
+    if p.suffix == ".csv":
+        with open(p, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+        if rows and "Question" in rows[0]:
+            col = rows[0].index("Question")
+            return [r[col] for r in rows[1:] if len(r) > col and r[col].strip()]
+        return [r[0] for r in rows if r and r[0].strip()]
+    return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- index
+@dataclass
+class Match:
+    question_index: int
+    similarity: float
+
+
+@dataclass
+class BenchmarkIndex:
+    """MinHash-LSH index over benchmark questions with exact verification of candidates."""
+
+    questions: list[str]
+    threshold: float = 0.85
+    ngram: int = 5
+    num_perm: int = 128
+    candidate_threshold: float = 0.5
+    seed: int = 1
+    _shingles: list[set[str]] = field(default_factory=list, init=False, repr=False)
+    _lsh: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from datasketch import MinHashLSH
+
+        self._shingles = [shingles(q, self.ngram) for q in self.questions]
+        self._lsh = MinHashLSH(threshold=self.candidate_threshold, num_perm=self.num_perm)
+        with self._lsh.insertion_session() as session:
+            for i, sh in enumerate(self._shingles):
+                if sh:
+                    session.insert(i, self._minhash(sh), check_duplication=False)
+
+    def _minhash(self, sh: set[str]):
+        from datasketch import MinHash
+
+        m = MinHash(num_perm=self.num_perm, seed=self.seed)
+        m.update_batch([s.encode("utf-8") for s in sh])
+        return m
+
+    def best_match(self, text: str) -> Match | None:
+        """The most similar benchmark question above `threshold`, or None."""
+        sh = shingles(text, self.ngram)
+        if not sh:
+            return None
+        best = None
+        for i in self._lsh.query(self._minhash(sh)):
+            sim = jaccard(sh, self._shingles[i])
+            if sim > self.threshold and (best is None or sim > best.similarity):
+                best = Match(i, sim)
+        return best
+
+    def brute_force_match(self, text: str) -> Match | None:
+        """The same answer by comparing with every question (the O(M) reference)."""
+        sh = shingles(text, self.ngram)
+        best = None
+        for i, other in enumerate(self._shingles):
+            sim = jaccard(sh, other)
+            if sim > self.threshold and (best is None or sim > best.similarity):
+                best = Match(i, sim)
+        return best
+
+
+def planted_paraphrase(text: str, rng: np.random.Generator) -> str:
+    """A light edit of `text` (one word dropped or duplicated, case changed) for recall tests."""
+    words = text.split()
+    if len(words) > 6:
+        i = int(rng.integers(0, len(words)))
+        words = words[:i] + words[i + 1:] if rng.random() < 0.5 else words[:i + 1] + words[i:]
+    out = " ".join(words)
+    return out.upper() if rng.random() < 0.3 else out
