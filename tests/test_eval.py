@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from fashionfuse.evaluate.presets import custom_specs
 from fashionfuse.evaluate.table import build_table, to_markdown
 
 
@@ -37,11 +38,36 @@ def test_table_marks_best_per_column():
         "a": {"results": {"t1": {"acc_norm,none": 0.5}, "t2": {"acc,none": 0.9}}},
         "b": {"results": {"t1": {"acc_norm,none": 0.7}, "t2": {"acc,none": 0.1}}},
     }
-    table = build_table(results, ["t1", "t2"])
+    table = build_table(results, custom_specs(["t1", "t2"], None))
     assert table["best"] == {"t1": ["b"], "t2": ["a"], "average": ["a"]}
     md = to_markdown(table)
     assert "| a | 50.00 | **90.00** | **70.00** |" in md
     assert "| b | **70.00** | 10.00 | 40.00 |" in md
+
+
+def test_data_parallel_eval_on_two_cpu_processes(pipeline_run, tmp_path):
+    """torchrun x2 (gloo on CPU): requests sharded over ranks, rank 0 writes the table."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("eval"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", "-m", "fashionfuse.cli", "eval", str(pipeline_run["config"]),
+           "--set", f"run_dir={run}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "processes=2" in proc.stdout
+    manifest = json.loads((run / "eval" / "manifest.json").read_text())
+    assert manifest["processes"] == 2
+    single = json.loads((pipeline_run["run_dir"] / "eval" / "table.json").read_text())
+    parallel = json.loads((run / "eval" / "table.json").read_text())
+    assert [r["model"] for r in parallel["rows"]] == [r["model"] for r in single["rows"]]
+    for a, b in zip(single["rows"], parallel["rows"]):
+        for col in single["columns"]:
+            assert abs(a[col] - b[col]) <= 100 / 6 + 1e-6  # at most one of 6 answers flips
+    res = json.loads((run / "eval" / "fused" / "results.json").read_text())
+    assert res["n-samples"]["demo_colours"]["effective"] == 6  # every example scored once
 
 
 def test_fused_adapter_loads_in_lm_eval_cli(pipeline_run, tmp_path):

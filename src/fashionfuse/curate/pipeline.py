@@ -36,16 +36,54 @@ def curate_fingerprint(cfg: RunConfig, ds: DatasetConfig) -> str:
     })
 
 
-def _token_counter(tokenizer, default_system: str):
-    def count_chat(messages: list[dict], system: str | None) -> int:
-        text = render(messages, system or default_system, tokenizer.bos_token or "",
-                      tokenizer.eos_token or "").text
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+class TokenCounter:
+    """Token lengths with the configured tokenizer, batched (the Rust tokenizer runs in parallel)."""
 
-    def count_text(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    def __init__(self, tokenizer, default_system: str, batch: int = 2048):
+        self.tokenizer, self.default_system, self.batch = tokenizer, default_system, batch
 
-    return count_chat, count_text
+    def render(self, messages: list[dict], system: str | None) -> str:
+        tok = self.tokenizer
+        return render(messages, system or self.default_system, tok.bos_token or "",
+                      tok.eos_token or "").text
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        out: list[int] = []
+        for i in range(0, len(texts), self.batch):
+            enc = self.tokenizer(texts[i:i + self.batch], add_special_tokens=False)["input_ids"]
+            out += [len(ids) for ids in enc]
+        return out
+
+    def chat(self, messages: list[dict], system: str | None) -> int:
+        return self.lengths([self.render(messages, system)])[0]
+
+
+def fit_to_context(records: list[tuple[Record, str]], counter: TokenCounter, max_len: int,
+                   funnel: Counter, rejects: list[dict]) -> list[Record]:
+    """Keep records that fit `max_len` tokens; split longer chats at turn boundaries.
+
+    A text of B UTF-8 bytes has at most B + 1 tokens (byte-level BPE and byte-fallback
+    SentencePiece emit at most one token per byte, plus a prefix marker), so only texts above
+    that bound are tokenised.
+    """
+    texts = [counter.render(r.messages, r.system) for r, _ in records]
+    unsure = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + 1 > max_len]
+    lengths = [0] * len(texts)
+    for i, n in zip(unsure, counter.lengths([texts[i] for i in unsure])):
+        lengths[i] = n
+    kept: list[Record] = []
+    for (rec, where), n in zip(records, lengths):
+        if n <= max_len:
+            kept.append(rec)
+            continue
+        pieces = split_to_fit(rec, counter.chat, max_len)
+        if isinstance(pieces, Rejection):
+            funnel["too_long"] += 1
+            rejects.append(Rejection(pieces.id, pieces.filter, pieces.reason, where).to_json())
+            continue
+        funnel["segments_added"] += len(pieces) - 1
+        kept.extend(pieces)
+    return kept
 
 
 def build_benchmark_index(cfg: RunConfig):
@@ -66,9 +104,11 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
     rejects: list[dict] = []
     kept: list[Record] = []
     chain = build_chain(ds.filters, benchmark_index)
-    count_chat, count_text = _token_counter(tokenizer, cfg.model.system_message)
+    counter = TokenCounter(tokenizer, cfg.model.system_message)
+    passed: list[tuple[Record, str]] = []
     rows = read_source(ds.source.format, Path(ds.source.path), ds.name)
-    for where, item in tqdm(rows, desc=f"curate {ds.name}", unit="row", leave=False):
+    for where, item in tqdm(rows, desc=f"curate {ds.name}", unit="row", leave=False,
+                            mininterval=0.5):
         funnel["read"] += 1
         if isinstance(item, MalformedRow):
             if cfg.curate.strict:
@@ -90,22 +130,18 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
         if ds.kind == "qa" and len(rec.messages) > 2:
             rec.messages = rec.messages[:2]  # a QA dataset trains on the first exchange (eq. 5-6)
             funnel["qa_truncated"] += 1
-        pieces = split_to_fit(rec, count_chat, cfg.model.max_input_len)
-        if isinstance(pieces, Rejection):
-            funnel["too_long"] += 1
-            rejects.append(Rejection(pieces.id, pieces.filter, pieces.reason, where).to_json())
-            continue
-        funnel["segments_added"] += len(pieces) - 1
-        kept.extend(pieces)
-        if ds.max_records and len(kept) >= ds.max_records:
-            kept = kept[: ds.max_records]
+        passed.append((rec, where))
+        if ds.max_records and len(passed) >= ds.max_records:
             break
+    kept = fit_to_context(passed, counter, cfg.model.max_input_len, funnel, rejects)
+    if ds.max_records:
+        kept = kept[: ds.max_records]
     train, val = train_validation_split(kept, ds.validation_fraction, cfg.seed)
     for split, recs in (("train", train), ("validation", val)):
         (out / f"{split}.jsonl").write_text(
             "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in recs))
     (out / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
-    stats = {"kind": ds.kind, **dataset_stats(kept, count_text),
+    stats = {"kind": ds.kind, **dataset_stats(kept),
              "train": len(train), "validation": len(val), "funnel": dict(funnel)}
     write_json(out / "stats.json", stats)
     return stats

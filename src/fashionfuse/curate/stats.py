@@ -5,8 +5,8 @@ from __future__ import annotations
 from .records import Record
 
 
-def dataset_stats(records: list[Record], count_tokens=None) -> dict:
-    """Instances, average assistant turns and average response length (words and tokens)."""
+def dataset_stats(records: list[Record]) -> dict:
+    """Instances, average assistant turns and average response length in words (Table 1)."""
     n = len(records)
     responses = [r for rec in records for r in rec.responses]
     stats = {
@@ -15,16 +15,14 @@ def dataset_stats(records: list[Record], count_tokens=None) -> dict:
         "avg_response_words": round(sum(len(r.split()) for r in responses) / len(responses), 2)
         if responses else 0.0,
     }
-    if count_tokens is not None and responses:
-        stats["avg_response_tokens"] = round(sum(count_tokens(r) for r in responses) / len(responses), 2)
     return stats
 
 
 def table1_markdown(rows: dict[str, dict]) -> str:
     """Table 1 (dataset, type, instances, avg turns, avg response length) as Markdown."""
-    lines = ["| Dataset | Type | Instances | Avg. Turns | Avg. Len. (words) | Avg. Len. (tokens) |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| Dataset | Type | Instances | Avg. Turns | Avg. Len. (words) |",
+             "|---|---|---:|---:|---:|"]
     for name, row in rows.items():
         lines.append(f"| {name} | {row['kind']} | {row['instances']} | {row['avg_turns']} | "
-                     f"{row['avg_response_words']} | {row.get('avg_response_tokens', '')} |")
+                     f"{row['avg_response_words']} |")
     return "\n".join(lines) + "\n"

@@ -1,13 +1,17 @@
 """`evaluate(cfg)`: lm-evaluation-harness scores of base, adapters and fused model, side by side.
 
 The base model is loaded once per process; each evaluated model is the same resident PeftModel
-with a different set of active adapters, so switching costs nothing. No response cache is used
+with a different set of active adapters, so switching costs nothing. Under `accelerate launch`
+(or torchrun) every process holds the resident model and lm-eval shards the requests across
+processes and gathers the results on rank 0, which writes the artifacts (data parallelism; on
+CPU too, where lm-eval's own HFLM would not shard). No response cache is used
 (lm-eval's cache is keyed by request only and would leak answers between models).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..base_model import default_device, load_base_model, load_tokenizer
@@ -23,6 +27,20 @@ from .tasks import prepare_include_paths
 
 class EvalError(RuntimeError):
     """Evaluation cannot run (no tasks, missing artifacts)."""
+
+
+def _data_parallel():
+    """(rank, world size, accelerator) under `accelerate launch`/`torchrun`; (0, 1, None) alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    import torch
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # gloo process group on CPU
+    if acc.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise EvalError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate "
+                        f"sees {acc.num_processes} processes")
+    return acc.process_index, acc.num_processes, acc
 
 
 def models_to_evaluate(cfg: RunConfig) -> dict[str, Path | None]:
@@ -97,10 +115,12 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
         print("eval: up to date")
         return json.loads((layout.eval / "table.json").read_text())
 
-    include = prepare_include_paths(cfg.eval.include_paths, layout.root / "eval_tasks")
+    rank, world, accelerator = _data_parallel()
+    tasks_dir = layout.root / ("eval_tasks" if rank == 0 else f"eval_tasks.rank{rank}")
+    include = prepare_include_paths(cfg.eval.include_paths, tasks_dir)
     if cfg.eval.benchmark_data:
         include.append(str(write_local_leaderboard_tasks(cfg.eval.benchmark_data,
-                                                         layout.root / "eval_tasks" / "leaderboard")))
+                                                         tasks_dir / "leaderboard")))
     by_shots: dict[int | None, list[str]] = {}
     for spec in specs:
         by_shots.setdefault(spec.num_fewshot, []).append(spec.task)
@@ -108,37 +128,44 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
     quantized = cfg.eval.load_in_4bit
     quantized = cfg.model.quantization.bits == 4 if quantized is None else quantized
     tokenizer = load_tokenizer(cfg.model)
-    base = load_base_model(cfg.model, quantized=quantized, device=default_device())
+    device = str(accelerator.device) if accelerator is not None else default_device()
+    base = load_base_model(cfg.model, quantized=quantized, device=device)
     adapters = {label.split(":", 1)[-1]: path for label, path in models.items() if path is not None}
     model = attach_adapters(base, adapters) if adapters else base
     results_by_model: dict[str, dict] = {}
-    with atomic_dir(layout.eval) as tmp:
-        for label, path in models.items():
-            if adapters:
-                active = label.split(":", 1)[-1]
-                set_fusion_weights(model, {n: (1.0 if n == active else 0.0) for n in adapters})
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
-            parts = []
-            for shots, names in by_shots.items():
-                print(f"eval {label}: {len(names)} task(s), num_fewshot={shots}")
-                parts.append(lm_eval.simple_evaluate(
-                    model=lm, tasks=names, num_fewshot=shots, limit=cfg.eval.limit,
-                    task_manager=task_manager, log_samples=cfg.eval.log_samples, use_cache=None,
-                    random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-                    fewshot_random_seed=cfg.seed,
-                ))
+    for label in models:
+        if adapters:
+            active = label.split(":", 1)[-1]
+            set_fusion_weights(model, {n: (1.0 if n == active else 0.0) for n in adapters})
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
+        if accelerator is not None:  # lm-eval shards requests by rank and gathers on rank 0
+            lm._rank, lm._world_size, lm.accelerator = rank, world, accelerator
+        parts = []
+        for shots, names in by_shots.items():
+            if rank == 0:
+                print(f"eval {label}: {len(names)} task(s), num_fewshot={shots}, processes={world}")
+            parts.append(lm_eval.simple_evaluate(
+                model=lm, tasks=names, num_fewshot=shots, limit=cfg.eval.limit,
+                task_manager=task_manager, log_samples=cfg.eval.log_samples, use_cache=None,
+                random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+                fewshot_random_seed=cfg.seed,
+            ))
+        if rank == 0:
             res = _merge_results([dict(p) for p in parts])
-            res = json.loads(json.dumps(dict(res), default=handle_non_serializable))
-            safe = label.replace(":", "_")
-            write_text(tmp / safe / "results.json", json.dumps(res, indent=2) + "\n")
-            results_by_model[label] = res
-        table = build_table(results_by_model, specs)
+            results_by_model[label] = json.loads(json.dumps(res, default=handle_non_serializable))
+    if rank != 0:
+        return {}
+    table = build_table(results_by_model, specs)
+    with atomic_dir(layout.eval) as tmp:
+        for label, res in results_by_model.items():
+            write_text(tmp / label.replace(":", "_") / "results.json", json.dumps(res, indent=2) + "\n")
         write_json(tmp / "table.json", table)
         write_text(tmp / "table.md", to_markdown(table))
         write_text(tmp / "table.csv", to_csv(table))
         plot_table(table, tmp / "table.png")
         write_manifest(tmp, stage="eval", fingerprint=fp, config_hash=config_hash(cfg.eval),
                        inputs={k: str(v) for k, v in models.items()}, seed=cfg.seed,
-                       metrics={r["model"]: r["average"] for r in table["rows"]})
+                       metrics={r["model"]: r["average"] for r in table["rows"]},
+                       extra={"processes": world})
     print(to_markdown(table))
     return table
