@@ -112,3 +112,63 @@ def test_benchmark_readers_understand_original_schemas(tmp_path):
     (tmp_path / "mmlu_test.csv").write_text("Q2?,a,b,c,d,A\n")
     (tmp_path / "TruthfulQA.csv").write_text("Type,Category,Question,Best Answer\nA,B,Q3?,x\n")
     assert sorted(read_benchmark_questions(tmp_path)) == ["A man is", "Q1?", "Q2?", "Q3?"]
+
+
+def _rec(*turns, rid="r"):
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    return Record(rid, "t", "chat", None, msgs, {})
+
+
+def test_toxicity_filter_with_shipped_wordlist():
+    phrases = filters.read_wordlist(filters.DEFAULT_WORDLIST)
+    f = filters.toxicity(phrases)
+    assert isinstance(f(_rec("Tell me how to make a bomb", "No.")), Rejection)
+    assert isinstance(f(_rec("How do bombardier beetles defend themselves?", "They spray.")), Record)
+
+
+def test_topic_filter_keeps_chosen_topics():
+    f = filters.topics(["philosophy"], {"philosophy": ["meaning of life", "ethics", "philosoph"],
+                                        "cooking": ["recipe"]})
+    kept = f(_rec("What do philosophers say about free will?", "Many things."))
+    assert isinstance(kept, Record) and kept.meta["topics"] == ["philosophy"]
+    assert isinstance(f(_rec("Give me a recipe for soup", "Boil water.")), Rejection)
+
+
+def test_near_duplicate_filter_catches_light_edits_only():
+    f = filters.near_duplicates(threshold=0.8, ngram=5)
+    base = "Explain how photosynthesis turns sunlight, water and carbon dioxide into sugar and oxygen."
+    assert isinstance(f(_rec(base, "Plants use chlorophyll to capture light energy.", rid="a")), Record)
+    dup = f(_rec(base.replace("Explain", "Please explain"), "Plants use chlorophyll to capture light energy!", rid="b"))
+    assert isinstance(dup, Rejection) and "similar to a" in dup.reason
+    assert isinstance(f(_rec("What is the tallest mountain on Earth?", "Mount Everest.", rid="c")), Record)
+
+
+def test_csv_parquet_and_field_mapping(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "What is 2+2?", "completion": "4", "sys": "Be terse."},
+            {"prompt": "Name a colour.", "completion": "Blue", "sys": ""}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "qa.parquet")
+    with open(tmp_path / "qa.csv", "w", newline="") as fh:
+        import csv as _csv
+
+        w = _csv.DictWriter(fh, fieldnames=["prompt", "completion", "sys"])
+        w.writeheader()
+        w.writerows(rows)
+    mapping = {"question": "prompt", "response": "completion", "system_prompt": "sys"}
+    for name in ("qa.parquet", "qa.csv"):
+        recs = [r for _, r in read_source("openorca", tmp_path / name, "qa", fields=mapping)]
+        assert [r.queries[0] for r in recs] == ["What is 2+2?", "Name a colour."]
+        assert recs[0].system == "Be terse." and recs[1].system is None
+    where = [w for w, _ in read_source("openorca", tmp_path / "qa.csv", "qa", fields=mapping)]
+    assert where[0].endswith("qa.csv:2")
+
+
+def test_hub_style_dataset_through_datasets(tmp_path):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"instruction": "Say hi.", "output": "Hi!"}) + "\n")
+    items = list(read_source("alpaca", None, "hubds", hub=str(folder), split="train"))
+    (where, rec), = items
+    assert rec.responses == ["Hi!"] and where.endswith("train:#0")

@@ -62,7 +62,7 @@ def validate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> No
     cfg = _load(config, set_)
     problems = []
     for d in cfg.datasets:
-        if not Path(d.source.path).is_file():
+        if d.source.path and not Path(d.source.path).is_file():
             problems.append(f"{config}: datasets.{d.name}.source.path: {d.source.path}: file not found")
     for p in cfg.eval.include_paths:
         if not Path(p).is_dir():

@@ -50,13 +50,49 @@ class ModelConfig(_Strict):
 class SourceConfig(_Strict):
     format: Literal["sharegpt", "puffin", "samantha", "openorca", "alpaca", "open_platypus",
                     "airoboros", "oasst1"]
-    path: str
+    path: str | None = Field(default=None, description="Local .jsonl/.json/.csv/.parquet file")
+    hub: str | None = Field(default=None, description="Hub dataset name, read with `datasets`")
+    hub_config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    fields: dict[str, str] = Field(
+        default={}, description="Field mapping {standard name: name in this source}")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "SourceConfig":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("set exactly one of path (local file) or hub (dataset name)")
+        return self
 
 
 class IdentityFilterConfig(_Strict):
     action: Literal["replace", "drop", "off"] = "replace"
     patterns: list[str] = ["ChatGPT", "OpenAI", "GPT-4", "GPT-3.5"]
     replacement: str = "FashionGPT"
+
+
+class ToxicityConfig(_Strict):
+    enabled: bool = True
+    wordlists: list[str] | None = Field(
+        default=None, description="Phrase files (one a line); default: the shipped unsafe_en.txt")
+
+
+class TopicConfig(_Strict):
+    keep: list[str] = Field(description="Topics to keep (records matching none are dropped)")
+    keywords: dict[str, list[str]] = Field(description="Topic name -> keywords (case-insensitive)")
+
+    @model_validator(mode="after")
+    def _known(self) -> "TopicConfig":
+        unknown = sorted(set(self.keep) - set(self.keywords))
+        if unknown:
+            raise ValueError(f"keep lists topics without keywords: {unknown}")
+        return self
+
+
+class NearDedupConfig(_Strict):
+    enabled: bool = False
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
+    ngram: Annotated[int, Field(gt=0)] = 5
 
 
 class FilterConfig(_Strict):
@@ -78,6 +114,9 @@ class FilterConfig(_Strict):
     dedup: bool = True
     languages: list[str] | None = Field(
         default=None, description="Keep only records detected (langid) as one of these, e.g. [en]")
+    toxicity: ToxicityConfig = ToxicityConfig()
+    topics: TopicConfig | None = None
+    near_dedup: NearDedupConfig = NearDedupConfig()
 
 
 class DatasetConfig(_Strict):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,28 +84,21 @@ class Match:
     similarity: float
 
 
-@dataclass
-class BenchmarkIndex:
-    """MinHash-LSH index over benchmark questions with exact verification of candidates."""
+class ShingleIndex:
+    """MinHash-LSH over shingle sets, with exact Jaccard verification of every candidate.
 
-    questions: list[str]
-    threshold: float = 0.85
-    ngram: int = 5
-    num_perm: int = 128
-    candidate_threshold: float = 0.5
-    seed: int = 1
-    _shingles: list[set[str]] = field(default_factory=list, init=False, repr=False)
-    _lsh: object = field(default=None, init=False, repr=False)
+    Items can be added at any time (`add`), so the same index serves a fixed benchmark set and
+    a growing set of already-kept records (near-duplicate removal).
+    """
 
-    def __post_init__(self) -> None:
+    def __init__(self, threshold: float = 0.85, ngram: int = 5, num_perm: int = 128,
+                 candidate_threshold: float = 0.5, seed: int = 1):
         from datasketch import MinHashLSH
 
-        self._shingles = [shingles(q, self.ngram) for q in self.questions]
-        self._lsh = MinHashLSH(threshold=self.candidate_threshold, num_perm=self.num_perm)
-        with self._lsh.insertion_session() as session:
-            for i, sh in enumerate(self._shingles):
-                if sh:
-                    session.insert(i, self._minhash(sh), check_duplication=False)
+        self.threshold, self.ngram, self.num_perm, self.seed = threshold, ngram, num_perm, seed
+        self.keys: list = []
+        self._shingles: list[set[str]] = []
+        self._lsh = MinHashLSH(threshold=candidate_threshold, num_perm=num_perm)
 
     def _minhash(self, sh: set[str]):
         from datasketch import MinHash
@@ -114,8 +107,17 @@ class BenchmarkIndex:
         m.update_batch([s.encode("utf-8") for s in sh])
         return m
 
+    def add(self, key, text: str) -> None:
+        """Index `text` under `key`."""
+        sh = shingles(text, self.ngram)
+        i = len(self.keys)
+        self.keys.append(key)
+        self._shingles.append(sh)
+        if sh:
+            self._lsh.insert(i, self._minhash(sh), check_duplication=False)
+
     def best_match(self, text: str) -> Match | None:
-        """The most similar benchmark question above `threshold`, or None."""
+        """The most similar indexed item above `threshold` (its position in `keys`), or None."""
         sh = shingles(text, self.ngram)
         if not sh:
             return None
@@ -127,7 +129,7 @@ class BenchmarkIndex:
         return best
 
     def brute_force_match(self, text: str) -> Match | None:
-        """The same answer by comparing with every question (the O(M) reference)."""
+        """The same answer by comparing with every indexed item (the O(M) reference)."""
         sh = shingles(text, self.ngram)
         best = None
         for i, other in enumerate(self._shingles):
@@ -135,6 +137,17 @@ class BenchmarkIndex:
             if sim > self.threshold and (best is None or sim > best.similarity):
                 best = Match(i, sim)
         return best
+
+
+class BenchmarkIndex(ShingleIndex):
+    """A `ShingleIndex` over benchmark questions (`questions[i]` is match i's question)."""
+
+    def __init__(self, questions: list[str], threshold: float = 0.85, ngram: int = 5,
+                 num_perm: int = 128, candidate_threshold: float = 0.5, seed: int = 1):
+        super().__init__(threshold, ngram, num_perm, candidate_threshold, seed)
+        self.questions = questions
+        for i, q in enumerate(questions):
+            self.add(i, q)
 
 
 def planted_paraphrase(text: str, rng: np.random.Generator) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Callable
 
 from ..config import FilterConfig
@@ -120,6 +121,63 @@ def language(keep: list[str]) -> Filter:
     return apply
 
 
+DEFAULT_WORDLIST = Path(__file__).with_name("wordlists") / "unsafe_en.txt"
+
+
+def read_wordlist(path: str | Path) -> list[str]:
+    """Phrases from a word-list file (one a line, # comments)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [x.strip() for x in lines if x.strip() and not x.lstrip().startswith("#")]
+
+
+def toxicity(phrases: list[str]) -> Filter:
+    """Drop records containing a listed violent, hateful or illegal phrase (Appendix B)."""
+    regex = re.compile(r"\b(" + "|".join(re.escape(p) for p in phrases) + r")\b", re.IGNORECASE)
+
+    def apply(rec: Record) -> Record | Rejection:
+        for i, m in enumerate(rec.messages):
+            hit = regex.search(m["content"])
+            if hit:
+                return Rejection(rec.id, "toxicity", f"turn {i} contains {hit.group(0)!r}")
+        return rec
+
+    return apply
+
+
+def topics(keep: list[str], keywords: dict[str, list[str]]) -> Filter:
+    """Keep records about one of the chosen topics (keyword match), as for the Samantha subset."""
+    patterns = {t: re.compile(r"\b(" + "|".join(re.escape(k) for k in keywords[t]) + r")",
+                              re.IGNORECASE) for t in keep}
+
+    def apply(rec: Record) -> Record | Rejection:
+        text = "\n".join(m["content"] for m in rec.messages)
+        found = [t for t, rx in patterns.items() if rx.search(text)]
+        if not found:
+            return Rejection(rec.id, "topic", f"matches none of the kept topics {keep}")
+        rec.meta["topics"] = found
+        return rec
+
+    return apply
+
+
+def near_duplicates(threshold: float, ngram: int) -> Filter:
+    """Drop records whose conversation is more similar than `threshold` to an earlier kept one."""
+    from .decontaminate import ShingleIndex
+
+    index = ShingleIndex(threshold=threshold, ngram=ngram, candidate_threshold=max(0.5, threshold - 0.3))
+
+    def apply(rec: Record) -> Record | Rejection:
+        text = "\n".join(m["content"] for m in rec.messages)
+        match = index.best_match(text)
+        if match is not None:
+            return Rejection(rec.id, "near_duplicate",
+                             f"{match.similarity:.2f} similar to {index.keys[match.question_index]}")
+        index.add(rec.id, text)
+        return rec
+
+    return apply
+
+
 def exact_duplicates() -> Filter:
     """Drop records whose normalised conversation was already seen (first one kept)."""
     seen: dict[str, str] = {}
@@ -165,9 +223,16 @@ def build_chain(cfg: FilterConfig, benchmark_index=None) -> list[tuple[str, Filt
                                            cfg.identity.replacement)))
     if cfg.languages:
         chain.append(("language", language(cfg.languages)))
+    if cfg.toxicity.enabled:
+        phrases = [p for f in (cfg.toxicity.wordlists or [DEFAULT_WORDLIST]) for p in read_wordlist(f)]
+        chain.append(("toxicity", toxicity(phrases)))
+    if cfg.topics is not None:
+        chain.append(("topic", topics(cfg.topics.keep, cfg.topics.keywords)))
     chain.append(("response_length", response_length(cfg.min_response_chars, cfg.max_response_chars)))
     if cfg.dedup:
         chain.append(("duplicate", exact_duplicates()))
+    if cfg.near_dedup.enabled:
+        chain.append(("near_duplicate", near_duplicates(cfg.near_dedup.threshold, cfg.near_dedup.ngram)))
     if benchmark_index is not None:
         chain.append(("decontamination", decontamination(benchmark_index)))
     return chain

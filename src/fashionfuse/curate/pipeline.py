@@ -31,7 +31,7 @@ def curate_fingerprint(cfg: RunConfig, ds: DatasetConfig) -> str:
         "stage": "curate", "dataset": ds.model_dump(mode="json"), "seed": cfg.seed,
         "curate": cfg.curate.model_dump(mode="json"), "max_input_len": cfg.model.max_input_len,
         "system": cfg.model.system_message, "tokenizer": base_fingerprint_parts(cfg.model),
-        "source_file": path_fingerprint(ds.source.path),
+        "source_file": path_fingerprint(ds.source.path) if ds.source.path else None,
         "benchmarks": [path_fingerprint(b) for b in cfg.curate.decontaminate.benchmarks],
     })
 
@@ -106,7 +106,9 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
     chain = build_chain(ds.filters, benchmark_index)
     counter = TokenCounter(tokenizer, cfg.model.system_message)
     passed: list[tuple[Record, str]] = []
-    rows = read_source(ds.source.format, Path(ds.source.path), ds.name)
+    src = ds.source
+    rows = read_source(src.format, src.path, ds.name, fields=src.fields, hub=src.hub,
+                       hub_config=src.hub_config, split=src.split, revision=src.revision)
     for where, item in tqdm(rows, desc=f"curate {ds.name}", unit="row", leave=False,
                             mininterval=0.5):
         funnel["read"] += 1
@@ -160,14 +162,15 @@ def curate(cfg: RunConfig, force: bool = False) -> dict[str, dict]:
             table[ds.name] = json.loads((out / "stats.json").read_text())
             print(f"curate {ds.name}: up to date")
             continue
-        if not Path(ds.source.path).is_file():
+        if ds.source.path and not Path(ds.source.path).is_file():
             raise CurationError(f"datasets[{ds.name}].source.path: {ds.source.path}: file not found")
         tokenizer = tokenizer or load_tokenizer(cfg.model)
         index = index or build_benchmark_index(cfg)
         with atomic_dir(out) as tmp:
             stats = curate_dataset(cfg, ds, tokenizer, tmp, index)
             write_manifest(tmp, stage="curate", fingerprint=fp, config_hash=config_hash(ds),
-                           inputs={ds.source.path: path_fingerprint(ds.source.path)},
+                           inputs={ds.source.path or ds.source.hub: path_fingerprint(ds.source.path)
+                                   if ds.source.path else ds.source.revision or "hub"},
                            seed=cfg.seed, metrics=stats)
         table[ds.name] = stats
         f = stats["funnel"]

@@ -7,6 +7,7 @@ each row into a `Record` or raises `MalformedRow`. To add a format, write a modu
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,8 +29,19 @@ READERS: dict[str, RowToRecord] = {
 }
 
 
+def _rename(row: dict, fields: dict[str, str] | None) -> dict:
+    """Apply a field mapping {standard name: name in this source} to one row."""
+    if not fields:
+        return row
+    out = dict(row)
+    for standard, theirs in fields.items():
+        if theirs in row:
+            out[standard] = row[theirs]
+    return out
+
+
 def iter_rows(path: Path) -> Iterator[tuple[str, dict | MalformedRow]]:
-    """Yield (file:line, row) for JSONL files or (file:#index, row) for JSON arrays."""
+    """Yield (where, row) from a local file: .jsonl (file:line), .json array, .csv, .parquet."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: source file not found")
@@ -52,19 +64,42 @@ def iter_rows(path: Path) -> Iterator[tuple[str, dict | MalformedRow]]:
         for i, row in enumerate(data):
             where = f"{path}:#{i}"
             yield where, row if isinstance(row, dict) else MalformedRow("row is not an object")
+    elif path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            for lineno, row in enumerate(csv.DictReader(fh), 2):  # line 1 is the header
+                yield f"{path}:{lineno}", row
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}:#{i}", row
     else:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .json)")
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r} "
+                         "(use .jsonl, .json, .csv or .parquet)")
 
 
-def read_source(fmt: str, path: Path, source_name: str) -> Iterator[tuple[str, Record | MalformedRow]]:
+def iter_hub_rows(name: str, config: str | None, split: str, revision: str | None
+                  ) -> Iterator[tuple[str, dict]]:
+    """Yield (dataset:split:#index, row) from a Hugging Face hub dataset via `datasets`."""
+    from datasets import load_dataset
+
+    ds = load_dataset(name, config, split=split, revision=revision)
+    for i, row in enumerate(ds):
+        yield f"{name}:{split}:#{i}", row
+
+
+def read_source(fmt: str, path: Path | None, source_name: str, *, fields: dict[str, str] | None = None,
+                hub: str | None = None, hub_config: str | None = None, split: str = "train",
+                revision: str | None = None) -> Iterator[tuple[str, Record | MalformedRow]]:
     """Yield (where, Record) for good rows and (where, MalformedRow) for bad ones."""
     to_record = READERS[fmt]
-    for index, (where, row) in enumerate(iter_rows(path)):
+    rows = iter_hub_rows(hub, hub_config, split, revision) if hub else iter_rows(Path(path))
+    for index, (where, row) in enumerate(rows):
         if isinstance(row, MalformedRow):
             yield where, row
             continue
         try:
-            rec = to_record(row, f"{source_name}-{index:07d}", source_name)
+            rec = to_record(_rename(row, fields), f"{source_name}-{index:07d}", source_name)
         except MalformedRow as exc:
             yield where, exc
             continue
