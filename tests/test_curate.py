@@ -180,3 +180,50 @@ def test_curate_decontaminates_against_benchmark_file(make_config, tmp_path):
     assert "What is the opposite of" in train  # other phrasings are far below 85 % similar
     rejects = [json.loads(x) for x in (tmp_path / "run/curate/orca/rejects.jsonl").read_text().splitlines()]
     assert any(r["filter"] == "decontamination" and "similar to benchmark" in r["reason"] for r in rejects)
+
+
+def _curate_bytes(run) -> dict[str, bytes]:
+    return {f"{ds}/{f}": (run / "curate" / ds / f).read_bytes()
+            for ds in ("chat", "orca") for f in ("train.jsonl", "validation.jsonl", "rejects.jsonl")}
+
+
+def test_sharded_parallel_curation_matches_single_process(make_config, tmp_path):
+    one = make_config(run_dir=tmp_path / "one", curate={"shard_size": 25, "num_proc": 1})
+    two = make_config(run_dir=tmp_path / "two", curate={"shard_size": 25, "num_proc": 2})
+    assert runner.invoke(app, ["curate", str(one)]).exit_code == 0
+    assert runner.invoke(app, ["curate", str(two)]).exit_code == 0
+    assert _curate_bytes(tmp_path / "one") == _curate_bytes(tmp_path / "two")
+    assert not list((tmp_path / "two" / "curate").glob(".*.work"))  # work dirs cleaned up
+
+
+def test_interrupted_curation_resumes_from_finished_shards(make_config, tmp_path):
+    from fashionfuse.base_model import load_tokenizer
+    from fashionfuse.config import load_config
+    from fashionfuse.curate.pipeline import curate_dataset
+
+    path = make_config(curate={"shard_size": 20, "num_proc": 1})
+    cfg = load_config(path)
+    work = tmp_path / "run" / "curate" / ".orca.work"
+    out = tmp_path / "partial"
+    out.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        curate_dataset(cfg, cfg.dataset("orca"), load_tokenizer(cfg.model), out, work=work,
+                       stop_after_shards=2)
+    finished = sorted(p.name for p in work.glob("shard-*.json"))
+    assert finished == ["shard-000000.json", "shard-000001.json"]
+    # mark the finished shards so re-filtering them would show
+    for f in work.glob("shard-*.json"):
+        data = json.loads(f.read_text())
+        data["funnel"]["resumed_marker"] = 1
+        f.write_text(json.dumps(data))
+    from fashionfuse.curate.pipeline import curate_fingerprint
+
+    (work / "fingerprint").write_text(curate_fingerprint(cfg, cfg.dataset("orca")))
+    result = runner.invoke(app, ["curate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "curate orca: resuming from 2 finished shards" in result.output
+    stats = json.loads((tmp_path / "run/curate/orca/stats.json").read_text())
+    assert stats["funnel"]["resumed_marker"] == 2  # the two shards were loaded, not recomputed
+    fresh = make_config(run_dir=tmp_path / "fresh", curate={"shard_size": 20, "num_proc": 1})
+    assert runner.invoke(app, ["curate", str(fresh)]).exit_code == 0
+    assert _curate_bytes(tmp_path / "run") == _curate_bytes(tmp_path / "fresh")

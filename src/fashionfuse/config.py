@@ -139,6 +139,9 @@ class DecontaminationConfig(_Strict):
 
 class CurateConfig(_Strict):
     strict: bool = Field(default=False, description="Fail on the first malformed row")
+    shard_size: Annotated[int, Field(gt=0)] = 10000
+    num_proc: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="Filter processes (default: every core)")
     decontaminate: DecontaminationConfig = DecontaminationConfig()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -97,44 +99,122 @@ def build_benchmark_index(cfg: RunConfig):
                           candidate_threshold=dc.candidate_threshold)
 
 
-def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
-                   benchmark_index=None) -> dict:
-    """Read, filter, fit and split one dataset into `out`; return its statistics."""
+CROSS_RECORD_FILTERS = ("duplicate", "near_duplicate")  # need every earlier record: run in order
+_WORKER: dict = {}  # per-record filter chain, inherited by forked workers
+
+
+def _filter_shard(job: tuple[int, list, Path | None]) -> dict:
+    """Run the per-record filters over one shard (in a worker); persist the result when asked."""
+    k, rows, shard_file = job
+    if rows is None:  # finished in an earlier, interrupted run
+        return json.loads(shard_file.read_text())
+    chain, kind, strict = _WORKER["chain"], _WORKER["kind"], _WORKER["strict"]
     funnel: Counter = Counter()
-    rejects: list[dict] = []
-    kept: list[Record] = []
-    chain = build_chain(ds.filters, benchmark_index)
-    counter = TokenCounter(tokenizer, cfg.model.system_message)
-    passed: list[tuple[Record, str]] = []
-    src = ds.source
-    rows = read_source(src.format, src.path, ds.name, fields=src.fields, hub=src.hub,
-                       hub_config=src.hub_config, split=src.split, revision=src.revision)
-    for where, item in tqdm(rows, desc=f"curate {ds.name}", unit="row", leave=False,
-                            mininterval=0.5):
+    rejects, passed = [], []
+    for where, item in rows:
         funnel["read"] += 1
         if isinstance(item, MalformedRow):
-            if cfg.curate.strict:
-                raise CurationError(f"{where}: {item}")
+            if strict:
+                return {"error": f"{where}: {item}"}
             funnel["malformed"] += 1
-            row_id = f"{ds.name}-row-{where.rsplit(':', 1)[-1]}"
-            rejects.append(Rejection(row_id, "malformed", str(item), where).to_json())
+            rejects.append(Rejection(f"{_WORKER['name']}-row-{where.rsplit(':', 1)[-1]}",
+                                     "malformed", str(item), where).to_json())
             continue
         rec: Record | Rejection = item
-        rec.kind = ds.kind
+        rec.kind = kind
         for name, flt in chain:
             rec = flt(rec)
             if isinstance(rec, Rejection):
                 funnel[name] += 1
                 rejects.append(Rejection(rec.id, rec.filter, rec.reason, where).to_json())
                 break
-        if isinstance(rec, Rejection):
-            continue
-        if ds.kind == "qa" and len(rec.messages) > 2:
-            rec.messages = rec.messages[:2]  # a QA dataset trains on the first exchange (eq. 5-6)
-            funnel["qa_truncated"] += 1
-        passed.append((rec, where))
-        if ds.max_records and len(passed) >= ds.max_records:
-            break
+        if not isinstance(rec, Rejection):
+            passed.append([rec.to_json(), where])
+    result = {"shard": k, "passed": passed, "rejects": rejects, "funnel": dict(funnel)}
+    if shard_file is not None:  # compact, atomic: temp file then rename
+        tmp = shard_file.with_name(f".{shard_file.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, ensure_ascii=False))
+        os.replace(tmp, shard_file)
+    return result
+
+
+def _shards(rows, size: int, work: Path):
+    """Group (where, item) rows into numbered shards; finished shards are not re-filtered."""
+    batch: list = []
+    k = 0
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            done = work / f"shard-{k:06d}.json"
+            yield (k, None if done.exists() else batch, done)
+            batch, k = [], k + 1
+    if batch:
+        done = work / f"shard-{k:06d}.json"
+        yield (k, None if done.exists() else batch, done)
+
+
+def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
+                   benchmark_index=None, work: Path | None = None,
+                   stop_after_shards: int | None = None) -> dict:
+    """Read, filter, fit and split one dataset into `out`; return its statistics.
+
+    Rows are filtered in shards of `curate.shard_size` over `curate.num_proc` processes; each
+    finished shard is saved under `work`, so an interrupted run resumes from finished shards.
+    Duplicate removal then runs over the shards in order, so the output does not depend on the
+    number of processes.
+    """
+    import multiprocessing as mp
+
+    funnel: Counter = Counter()
+    rejects: list[dict] = []
+    chain = build_chain(ds.filters, benchmark_index)
+    per_record = [(n, f) for n, f in chain if n not in CROSS_RECORD_FILTERS]
+    cross = [(n, f) for n, f in chain if n in CROSS_RECORD_FILTERS]
+    _WORKER.update(chain=per_record, kind=ds.kind, strict=cfg.curate.strict, name=ds.name)
+    counter = TokenCounter(tokenizer, cfg.model.system_message)
+    passed: list[tuple[Record, str]] = []
+    src = ds.source
+    rows = read_source(src.format, src.path, ds.name, fields=src.fields, hub=src.hub,
+                       hub_config=src.hub_config, split=src.split, revision=src.revision)
+    work = work or Path(out).parent / f".{ds.name}.work"
+    work.mkdir(parents=True, exist_ok=True)
+    jobs = _shards(rows, cfg.curate.shard_size, work)
+    nproc = cfg.curate.num_proc or (mp.cpu_count() or 1)
+    pool = mp.get_context("fork").Pool(nproc) if nproc > 1 else None
+    results = pool.imap(_filter_shard, jobs) if pool else map(_filter_shard, jobs)
+    bar = tqdm(desc=f"curate {ds.name}", unit="row", leave=False, mininterval=0.5)
+    try:
+        for n_done, res in enumerate(results, 1):
+            if "error" in res:
+                raise CurationError(res["error"])
+            bar.update(res["funnel"].get("read", 0))
+            funnel.update(res["funnel"])
+            rejects += res["rejects"]
+            for rec_json, where in res["passed"]:
+                rec: Record | Rejection = Record(**rec_json)
+                for name, flt in cross:
+                    rec = flt(rec)
+                    if isinstance(rec, Rejection):
+                        funnel[name] += 1
+                        rejects.append(Rejection(rec.id, rec.filter, rec.reason, where).to_json())
+                        break
+                if isinstance(rec, Rejection):
+                    continue
+                if ds.kind == "qa" and len(rec.messages) > 2:
+                    rec.messages = rec.messages[:2]  # a QA dataset trains on its first exchange
+                    funnel["qa_truncated"] += 1
+                passed.append((rec, where))
+                if ds.max_records and len(passed) >= ds.max_records:
+                    break
+            if ds.max_records and len(passed) >= ds.max_records:
+                break
+            if stop_after_shards is not None and n_done >= stop_after_shards:
+                raise KeyboardInterrupt(f"stopped after {n_done} shards (test hook)")
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+            pool.join()
     kept = fit_to_context(passed, counter, cfg.model.max_input_len, funnel, rejects)
     if ds.max_records:
         kept = kept[: ds.max_records]
@@ -144,7 +224,7 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
             "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in recs))
     (out / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
     stats = {"kind": ds.kind, **dataset_stats(kept),
-             "train": len(train), "validation": len(val), "funnel": dict(funnel)}
+             "train": len(train), "validation": len(val), "funnel": dict(sorted(funnel.items()))}
     write_json(out / "stats.json", stats)
     return stats
 
@@ -166,12 +246,20 @@ def curate(cfg: RunConfig, force: bool = False) -> dict[str, dict]:
             raise CurationError(f"datasets[{ds.name}].source.path: {ds.source.path}: file not found")
         tokenizer = tokenizer or load_tokenizer(cfg.model)
         index = index or build_benchmark_index(cfg)
+        work = layout.root / "curate" / f".{ds.name}.work"
+        if (work / "fingerprint").exists() and (work / "fingerprint").read_text() != fp:
+            shutil.rmtree(work)  # shards of other inputs or settings
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "fingerprint").write_text(fp)
+        if any(work.glob("shard-*.json")):
+            print(f"curate {ds.name}: resuming from {len(list(work.glob('shard-*.json')))} finished shards")
         with atomic_dir(out) as tmp:
-            stats = curate_dataset(cfg, ds, tokenizer, tmp, index)
+            stats = curate_dataset(cfg, ds, tokenizer, tmp, index, work=work)
             write_manifest(tmp, stage="curate", fingerprint=fp, config_hash=config_hash(ds),
                            inputs={ds.source.path or ds.source.hub: path_fingerprint(ds.source.path)
                                    if ds.source.path else ds.source.revision or "hub"},
                            seed=cfg.seed, metrics=stats)
+        shutil.rmtree(work, ignore_errors=True)
         table[ds.name] = stats
         f = stats["funnel"]
         print(f"curate {ds.name}: read {f.get('read', 0)}, kept {stats['instances']} "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 class MalformedRow(ValueError):
@@ -21,7 +21,9 @@ class Record:
     meta: dict = field(default_factory=dict)  # answering model, language, file:line, ...
 
     def to_json(self) -> dict:
-        return asdict(self)
+        # hand-written: dataclasses.asdict's deep copy dominated curation time
+        return {"id": self.id, "source": self.source, "kind": self.kind, "system": self.system,
+                "messages": [dict(m) for m in self.messages], "meta": dict(self.meta)}
 
     @property
     def responses(self) -> list[str]:
@@ -42,4 +44,7 @@ class Rejection:
     where: str = ""  # file:line for raw rows
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v != ""}
+        out = {"id": self.id, "filter": self.filter, "reason": self.reason}
+        if self.where:
+            out["where"] = self.where
+        return out
