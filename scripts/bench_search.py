@@ -1,0 +1,139 @@
+"""Benchmark fusion-weight search on the demo: per-candidate overhead, naive route, TPE vs grid.
+
+    python scripts/bench_search.py [--grid 0,0.25,0.5,0.75,1] [--seeds 3]
+
+1. Seconds per candidate of the in-memory search loop (scale switching + objective + optuna
+   trial stored in SQLite) against the pure forward cost of the same validation batches with the
+   same active adapters (no switching, no storage): `overhead_pct`.
+2. The naive route per candidate: merge the adapters with PEFT
+   (`add_weighted_adapter(..., combination_type="cat")`), save the fused adapter, reload base +
+   adapter from disk, evaluate: `speedup_vs_naive` = naive seconds / our seconds.
+3. Full grid over `--grid` values for the three demo adapters; then optuna's TPE sampler, per seed,
+   counts the evaluations until its best score is at least as good as the grid's best:
+   `sampler_evals_pct_of_grid` = median count / grid size * 100.
+
+Builds the demo adapters in runs/bench_search first if absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "demo.yaml"
+RUN = ROOT / "runs" / "bench_search"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--grid", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    for stage in ("curate", "train-adapter"):
+        subprocess.run([sys.executable, "-m", "fashionfuse.cli", stage, str(CONFIG), "--set",
+                        f"run_dir={RUN}"], cwd=ROOT, env=env, check=True, capture_output=True)
+
+    from peft import PeftModel
+
+    from fashionfuse.base_model import load_base_model, load_tokenizer
+    from fashionfuse.config import load_config
+    from fashionfuse.lora import attach_adapters, set_fusion_weights
+    from fashionfuse.search.objectives import ValidationLoss
+
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG, [f"run_dir={RUN}"])
+    names = cfg.search_adapters
+    dirs = {n: RUN / "adapters" / n for n in names}
+    tok = load_tokenizer(cfg.model)
+    model = attach_adapters(load_base_model(cfg.model, device="cpu"), dirs)
+    objective = ValidationLoss.from_config(cfg, tok, "cpu")
+    rng = torch.Generator().manual_seed(0)
+    cands = [{n: float(x) for n, x in zip(names, torch.rand(len(names), generator=rng))}
+             for _ in range(args.repeats)]
+
+    # 1. per-candidate cost of the search loop vs pure forward
+    set_fusion_weights(model, cands[0])
+    objective.per_dataset(model)  # warm-up
+    t0 = time.perf_counter()
+    for _ in cands:
+        objective.per_dataset(model)
+    forward_s = (time.perf_counter() - t0) / len(cands)
+    with tempfile.TemporaryDirectory() as tmp:
+        study = optuna.create_study(storage=f"sqlite:///{tmp}/s.db", direction="minimize")
+        dists = {n: optuna.distributions.FloatDistribution(0.0, 1.0) for n in names}
+        t0 = time.perf_counter()
+        for c in cands:
+            study.enqueue_trial(c)
+            trial = study.ask(dists)
+            set_fusion_weights(model, {n: trial.params[n] for n in names})
+            per = objective.per_dataset(model)
+            trial.set_user_attr("per_dataset", per)
+            study.tell(trial, objective.combine(per))
+        ours_s = (time.perf_counter() - t0) / len(cands)
+    overhead = 100 * (ours_s - forward_s) / forward_s
+
+    # 2. naive route: PEFT cat-merge, save, reload from disk, evaluate
+    naive_times = []
+    for c in cands[:3]:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            m = attach_adapters(load_base_model(cfg.model, device="cpu"), dirs)
+            m.add_weighted_adapter(names, [c[n] for n in names], "fused", combination_type="cat")
+            m.save_pretrained(tmp, selected_adapters=["fused"])
+            del m
+            reloaded = PeftModel.from_pretrained(load_base_model(cfg.model, device="cpu"),
+                                                 f"{tmp}/fused", adapter_name="fused").eval()
+            objective.per_dataset(reloaded)
+            naive_times.append(time.perf_counter() - t0)
+    naive_s = statistics.median(naive_times)
+
+    # 3. TPE vs grid
+    values = [float(x) for x in args.grid.split(",")]
+    import itertools
+
+    grid_scores = []
+    for combo in itertools.product(values, repeat=len(names)):
+        set_fusion_weights(model, dict(zip(names, combo)))
+        grid_scores.append(objective.combine(objective.per_dataset(model)))
+    best_grid = min(grid_scores)
+    counts = []
+    for seed in range(args.seeds):
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="minimize",
+                                    sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True))
+        needed = None
+        for k in range(1, len(grid_scores) + 1):
+            trial = study.ask({n: optuna.distributions.FloatDistribution(min(values), max(values))
+                               for n in names})
+            set_fusion_weights(model, {n: trial.params[n] for n in names})
+            study.tell(trial, objective.combine(objective.per_dataset(model)))
+            if study.best_value <= best_grid:
+                needed = k
+                break
+        counts.append(needed or len(grid_scores))
+        print(f"tpe seed {seed}: matched the grid's best after {needed} evaluations")
+
+    print(f"validation: {sum(len(b) for b in objective.batches.values())} batches over {len(names)} datasets")
+    print(f"pure_forward_s_per_candidate: {forward_s:.4f}")
+    print(f"search_loop_s_per_candidate: {ours_s:.4f}")
+    print(f"naive_s_per_candidate: {naive_s:.3f}")
+    print(f"grid_size: {len(grid_scores)}, grid_best: {best_grid:.4f}, tpe_evals: {counts}")
+    print(f"overhead_pct: {overhead:.2f}")
+    print(f"speedup_vs_naive: {naive_s / ours_s:.1f}")
+    print(f"sampler_evals_pct_of_grid: {100 * statistics.median(counts) / len(grid_scores):.1f}")
+
+
+if __name__ == "__main__":
+    main()
