@@ -110,3 +110,19 @@ def test_search_is_skipped_when_up_to_date(pipeline_run):
 def test_search_without_adapters_fails_clearly(make_config):
     result = runner.invoke(app, ["search-weights", str(make_config())])
     assert result.exit_code == 2 and "adapters missing" in result.output
+
+
+def test_gradient_method_learns_weights_that_lower_the_objective(pipeline_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval*"))
+    cfg = load_config(pipeline_run["config"], [f"run_dir={run}", "search.method=gradient",
+                                                "search.gradient_steps=8", "search.gradient_lr=0.1",
+                                                "search.low=0.0", "search.high=2.0"])
+    result = search_weights(cfg)
+    trials = json.loads((run / "search" / "trials.json").read_text())
+    start, learned = trials
+    assert start["weights"] == {"chat": 1.0, "orca": 1.0}
+    assert learned["weights"] != start["weights"]
+    assert learned["score"] < start["score"]
+    assert result["best_weights"] == learned["weights"]
+    assert all(0.0 <= v <= 2.0 for v in learned["weights"].values())

@@ -185,7 +185,7 @@ class ObjectiveConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    method: Literal["grid", "random", "tpe"] = "grid"
+    method: Literal["grid", "random", "tpe", "gradient"] = "grid"
     adapters: list[str] | None = Field(default=None, description="Default: every dataset")
     grid_values: list[float] = [0.0, 0.5, 1.0]
     n_trials: Annotated[int, Field(gt=0)] = 20
@@ -194,6 +194,9 @@ class SearchConfig(_Strict):
     step: Annotated[float, Field(gt=0)] | None = 0.05
     objective: ObjectiveConfig = ObjectiveConfig()
     batch_size: Annotated[int, Field(gt=0)] = 8
+    gradient_steps: Annotated[int, Field(gt=0)] = 30
+    gradient_lr: Annotated[float, Field(gt=0)] = 0.05
+    gradient_init: float | None = Field(default=None, description="Start weight (default: midpoint)")
 
     @model_validator(mode="after")
     def _bounds(self) -> "SearchConfig":

@@ -89,6 +89,28 @@ def run_trials(cfg: RunConfig, study: optuna.Study, evaluate, names: list[str],
             raise KeyboardInterrupt(f"stopped after {k + 1} trials (test hook)")
 
 
+def learn_trials(cfg: RunConfig, study: optuna.Study, model, objective, evaluate, names) -> None:
+    """`method: gradient`: store the start point and the learned weights as two trials."""
+    from .gradient import learn_weights
+
+    if any(t.user_attrs.get("point") == "learned" for t in _finished(study)):
+        print("search: learned weights already stored")
+        return
+    start = cfg.search.gradient_init
+    start = (cfg.search.low + cfg.search.high) / 2 if start is None else start
+    init = {n: float(start) for n in names}
+    learned, history = learn_weights(model, objective, names, cfg.search, init)
+    dists = distributions(cfg.search, names)
+    for point, weights in (("start", init), ("learned", learned)):
+        study.enqueue_trial(weights, user_attrs={"point": point}, skip_if_exists=False)
+        trial = study.ask(dists)
+        res = evaluate({n: float(trial.params[n]) for n in names})
+        trial.set_user_attr("per_dataset", res["per_dataset"])
+        if point == "learned":
+            trial.set_user_attr("history", history)
+        study.tell(trial, res["score"])
+
+
 def _plots(trials: list[dict], names: list[str], out: Path) -> None:
     import matplotlib
 
@@ -137,7 +159,10 @@ def search_weights(cfg: RunConfig, force: bool = False, stop_after: int | None =
         return {"per_dataset": per, "score": objective.combine(per)}
 
     study = open_study(cfg, fp)
-    run_trials(cfg, study, evaluate, names, stop_after=stop_after)
+    if cfg.search.method == "gradient":
+        learn_trials(cfg, study, model, objective, evaluate, names)
+    else:
+        run_trials(cfg, study, evaluate, names, stop_after=stop_after)
 
     trials = [{"number": t.number, "weights": {n: t.params[n] for n in names}, "score": t.value,
                "per_dataset": t.user_attrs.get("per_dataset"), "seconds": t.user_attrs.get("seconds")}
