@@ -126,3 +126,54 @@ def test_gradient_method_learns_weights_that_lower_the_objective(pipeline_run, t
     assert learned["score"] < start["score"]
     assert result["best_weights"] == learned["weights"]
     assert all(0.0 <= v <= 2.0 for v in learned["weights"].values())
+
+
+def test_merged_export_uses_dequantised_nf4_weights(pipeline_run, tmp_path):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from fashionfuse.base_model import load_base_model
+    from fashionfuse.lora import export_merged_model
+
+    cfg = load_config(pipeline_run["config"])
+    fused_dir = pipeline_run["run_dir"] / "search" / "fused"
+    out = export_merged_model(cfg.model, fused_dir, tmp_path / "merged", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(cfg.model.base, dtype=torch.float32)
+    quantized = load_base_model(cfg.model, device="cpu")
+    delta = weighted_delta([load_saved_adapter(fused_dir)], [1.0])
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    name = key.removeprefix("base_model.model.")
+    q = quantized.get_submodule(name).weight
+    dequant = bnb.functional.dequantize_4bit(q.data, q.quant_state).float()
+    want = dequant + delta[key].float()
+    torch.testing.assert_close(merged.get_submodule(name).weight, want)
+    assert not torch.allclose(merged.get_submodule(name).weight,
+                              original.get_submodule(name).weight + delta[key].float())
+    ids = torch.tensor([[1, 20, 30, 40, 2]])
+    assert torch.isfinite(merged(ids).logits).all()
+
+
+def test_successive_halving_prunes_weak_candidates_early(pipeline_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval*"))
+    cfg = load_config(pipeline_run["config"], [
+        f"run_dir={run}", "search.grid_values=[0.0, 0.25, 0.5, 0.75, 1.0]", "search.batch_size=1",
+        "search.halving_fractions=[0.34, 0.67, 1.0]"])
+    result = search_weights(cfg)
+    assert result["n_trials"] + result["n_pruned"] == 25 and result["n_pruned"] > 0
+    storage = f"sqlite:///{run / 'search.work' / 'study.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert all(t.user_attrs["fraction_evaluated"] < 1.0 for t in pruned)
+    # the kept best is the best of the fully evaluated candidates
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert result["best_score"] == min(t.value for t in complete)
+    # resuming runs nothing more: pruned candidates are not retried
+    again = load_config(pipeline_run["config"], [
+        f"run_dir={run}", "search.grid_values=[0.0, 0.25, 0.5, 0.75, 1.0]", "search.batch_size=1",
+        "search.halving_fractions=[0.34, 0.67, 1.0]"])
+    shutil.rmtree(run / "search")
+    assert search_weights(again)["n_trials"] == result["n_trials"]
+    assert len(optuna.load_study(study_name=summary.study_name, storage=storage).trials) == 25

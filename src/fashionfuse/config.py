@@ -197,6 +197,11 @@ class SearchConfig(_Strict):
     gradient_steps: Annotated[int, Field(gt=0)] = 30
     gradient_lr: Annotated[float, Field(gt=0)] = 0.05
     gradient_init: float | None = Field(default=None, description="Start weight (default: midpoint)")
+    halving_fractions: list[Annotated[float, Field(gt=0, le=1)]] | None = Field(
+        default=None, description="Successive halving: score on these growing validation shares, "
+                                  "pruning weak candidates between them (e.g. [0.25, 0.5, 1.0])")
+    export_merged: bool = Field(
+        default=False, description="Also save base + fused adapter merged (search/merged/)")
 
     @model_validator(mode="after")
     def _bounds(self) -> "SearchConfig":
@@ -204,6 +209,9 @@ class SearchConfig(_Strict):
             raise ValueError("high must be greater than low")
         if not self.grid_values:
             raise ValueError("grid_values must not be empty")
+        h = self.halving_fractions
+        if h is not None and (sorted(h) != h or h[-1] != 1.0):
+            raise ValueError("halving_fractions must increase and end at 1.0")
         return self
 
 

@@ -166,3 +166,35 @@ def set_fusion_weights(peft_model, weights: dict[str, float]) -> None:
         peft_model.base_model.enable_adapter_layers()
     else:
         peft_model.base_model.disable_adapter_layers()
+
+
+# --------------------------------------------------------------------------- full merge
+def export_merged_model(model_cfg, adapter_dir: Path, out_dir: Path, dtype=torch.bfloat16) -> Path:
+    """Merge an adapter into the base and save a plain transformers model (safetensors).
+
+    With a 4-bit base the merge starts from the *dequantised NF4 weights* the adapters were
+    trained against, not the original full-precision ones: W = dequant(quant(W0)) + delta.
+    """
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from .base_model import load_base_model, load_tokenizer
+
+    full = AutoModelForCausalLM.from_pretrained(model_cfg.base, revision=model_cfg.revision,
+                                                trust_remote_code=model_cfg.trust_remote_code,
+                                                dtype=torch.float32)
+    if model_cfg.quantization.bits == 4:
+        quantized = load_base_model(model_cfg, device="cpu")
+        for name, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                full.get_submodule(name).weight.data = w.float().reshape(
+                    full.get_submodule(name).weight.shape)
+        del quantized
+    adapter = load_saved_adapter(adapter_dir)
+    with torch.no_grad():
+        for key, delta in weighted_delta([adapter], [1.0]).items():
+            full.get_submodule(key.removeprefix("base_model.model.")).weight += delta.float()
+    full.to(dtype).save_pretrained(out_dir)
+    load_tokenizer(model_cfg).save_pretrained(out_dir)
+    return out_dir

@@ -53,6 +53,25 @@ class ValidationLoss:
             out[name] = total / max(count, 1)
         return out
 
+    @torch.no_grad()
+    def staged(self, model, fractions: list[float]):
+        """Yield (fraction, per-dataset losses) on growing slices of every validation split.
+
+        Each stage only runs the batches the previous stages did not, so a candidate stopped
+        after the first stage costs only that stage's share of the full evaluation.
+        """
+        sums = {n: [0.0, 0] for n in self.batches}
+        done = {n: 0 for n in self.batches}
+        for frac in fractions:
+            for name, batches in self.batches.items():
+                upto = max(1, round(len(batches) * frac))
+                for b in batches[done[name]:upto]:
+                    s, n = token_losses(model, b)
+                    sums[name][0] += s.item()
+                    sums[name][1] += n
+                done[name] = max(done[name], upto)
+            yield frac, {n: v[0] / max(v[1], 1) for n, v in sums.items()}
+
     def combine(self, losses: dict[str, float]) -> float:
         z = sum(self.weights.values())
         return sum(self.weights[n] * losses[n] for n in losses) / z

@@ -50,19 +50,25 @@ def open_study(cfg: RunConfig, fp: str) -> optuna.Study:
     sampler_factory = SAMPLERS.get(cfg.search.method)
     sampler = sampler_factory(cfg.seed) if sampler_factory else optuna.samplers.RandomSampler(cfg.seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+              if cfg.search.halving_fractions else optuna.pruners.NopPruner())
     return optuna.create_study(study_name=f"fusion-{fp}", storage=storage, direction="minimize",
-                               sampler=sampler, load_if_exists=True)
+                               sampler=sampler, pruner=pruner, load_if_exists=True)
 
 
-def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+def _finished(study: optuna.Study, pruned: bool = False) -> list[optuna.trial.FrozenTrial]:
+    """Completed trials (and pruned ones with `pruned=True`: they are never run again)."""
+    states = {optuna.trial.TrialState.COMPLETE}
+    if pruned:
+        states.add(optuna.trial.TrialState.PRUNED)
+    return [t for t in study.get_trials(deepcopy=False) if t.state in states]
 
 
 def run_trials(cfg: RunConfig, study: optuna.Study, evaluate, names: list[str],
                stop_after: int | None = None) -> None:
     """Evaluate the candidates not yet finished in `study`, persisting each as it completes."""
     dists = distributions(cfg.search, names)
-    done = _finished(study)
+    done = _finished(study, pruned=True)
     fixed = CANDIDATE_LISTS.get(cfg.search.method)
     if fixed is not None:
         candidates = fixed(cfg.search, names, cfg.seed)
@@ -81,10 +87,13 @@ def run_trials(cfg: RunConfig, study: optuna.Study, evaluate, names: list[str],
         trial = study.ask(dists)
         weights = {n: float(trial.params[n]) for n in names}
         t0 = time.perf_counter()
-        losses = evaluate(weights)
-        trial.set_user_attr("per_dataset", losses["per_dataset"])
+        losses = evaluate(weights, trial)
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 4))
-        study.tell(trial, losses["score"])
+        if losses is None:  # stopped early by successive halving
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            trial.set_user_attr("per_dataset", losses["per_dataset"])
+            study.tell(trial, losses["score"])
         if stop_after is not None and k + 1 >= stop_after:
             raise KeyboardInterrupt(f"stopped after {k + 1} trials (test hook)")
 
@@ -153,9 +162,18 @@ def search_weights(cfg: RunConfig, force: bool = False, stop_after: int | None =
     model = attach_adapters(load_base_model(cfg.model, device=device), adapter_dirs)
     objective = ValidationLoss.from_config(cfg, tokenizer, device)
 
-    def evaluate(weights: dict[str, float]) -> dict:
+    fractions = cfg.search.halving_fractions
+
+    def evaluate(weights: dict[str, float], trial=None) -> dict | None:
         set_fusion_weights(model, weights)
-        per = objective.per_dataset(model)
+        if not fractions or trial is None:
+            per = objective.per_dataset(model)
+            return {"per_dataset": per, "score": objective.combine(per)}
+        for step, (frac, per) in enumerate(objective.staged(model, fractions)):
+            trial.report(objective.combine(per), step)
+            trial.set_user_attr("fraction_evaluated", frac)
+            if frac < 1.0 and trial.should_prune():
+                return None
         return {"per_dataset": per, "score": objective.combine(per)}
 
     study = open_study(cfg, fp)
@@ -168,9 +186,11 @@ def search_weights(cfg: RunConfig, force: bool = False, stop_after: int | None =
                "per_dataset": t.user_attrs.get("per_dataset"), "seconds": t.user_attrs.get("seconds")}
               for t in _finished(study)]
     best = min(trials, key=lambda t: t["score"])
+    pruned = len(_finished(study, pruned=True)) - len(trials)
     result = {"method": cfg.search.method, "objective": cfg.search.objective.type,
               "adapters": names, "best_weights": best["weights"], "best_score": best["score"],
-              "best_per_dataset": best["per_dataset"], "n_trials": len(trials)}
+              "best_per_dataset": best["per_dataset"], "n_trials": len(trials),
+              "n_pruned": pruned}
     with atomic_dir(layout.search) as tmp:
         write_json(tmp / "trials.json", trials)
         with open(tmp / "trials.csv", "w", newline="") as fh:
@@ -186,10 +206,16 @@ def search_weights(cfg: RunConfig, force: bool = False, stop_after: int | None =
             if (adapter_dirs[names[0]] / f).exists():
                 shutil.copy(adapter_dirs[names[0]] / f, tmp / "fused" / f)
         _plots(trials, names, tmp / "search.png")
+        if cfg.search.export_merged:
+            from ..base_model import DTYPES
+            from ..lora import export_merged_model
+
+            export_merged_model(cfg.model, tmp / "fused", tmp / "merged",
+                                DTYPES[cfg.model.quantization.compute_dtype])
         write_manifest(tmp, stage="search", fingerprint=fp, config_hash=config_hash(cfg.search),
                        inputs={n: (read_manifest(adapter_dirs[n]) or {}).get("fingerprint", "")
                                for n in names},
                        seed=cfg.seed, metrics={"best_score": best["score"], "n_trials": len(trials)},
                        extra={"best_weights": best["weights"]})
-    print(f"search: {len(trials)} trials, best {best['weights']} -> {best['score']:.4f}")
+    print(f"search: {len(trials)} trials ({pruned} pruned), best {best['weights']} -> {best['score']:.4f}")
     return result
