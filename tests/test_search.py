@@ -177,3 +177,40 @@ def test_successive_halving_prunes_weak_candidates_early(pipeline_run, tmp_path)
     shutil.rmtree(run / "search")
     assert search_weights(again)["n_trials"] == result["n_trials"]
     assert len(optuna.load_study(study_name=summary.study_name, storage=storage).trials) == 25
+
+
+def _validation_task(folder, data_file):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dev_colours.yaml").write_text(
+        "task: dev_colours\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    validation: {data_file}\nvalidation_split: validation\noutput_type: multiple_choice\n"
+        "doc_to_text: \"USER: {{question}}\\nASSISTANT:\"\ndoc_to_target: answer\n"
+        "doc_to_choice: \"{{choices}}\"\nmetric_list:\n  - metric: acc\n")
+    return folder
+
+
+def test_lm_eval_objective_scores_candidates_on_a_validation_task(pipeline_run, tmp_path, demo_data):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval*"))
+    tasks = _validation_task(tmp_path / "tasks", demo_data["tasks"] / "demo_colours.jsonl")
+    cfg = load_config(pipeline_run["config"], [
+        f"run_dir={run}", "search.objective.type=lm_eval", "search.objective.tasks=[dev_colours]",
+        f"search.objective.include_paths=[{tasks}]", "search.objective.limit=8"])
+    result = search_weights(cfg)
+    trials = json.loads((run / "search" / "trials.json").read_text())
+    assert len(trials) == 4
+    for t in trials:
+        acc = t["per_dataset"]["task:dev_colours"]
+        assert 0.0 <= acc <= 1.0 and t["score"] == pytest.approx(-acc)
+    assert result["best_score"] == min(t["score"] for t in trials)
+
+
+def test_tuning_on_a_test_split_is_refused(pipeline_run, tmp_path, demo_data):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval*"))
+    result = runner.invoke(app, ["search-weights", str(pipeline_run["config"]), "--set", f"run_dir={run}",
+                                 "--set", "search.objective.type=lm_eval",
+                                 "--set", "search.objective.tasks=[demo_colours]",
+                                 "--set", f"search.objective.include_paths=[{demo_data['tasks']}]"])
+    assert result.exit_code == 2
+    assert "demo_colours is scored on its test split" in result.output

@@ -176,12 +176,25 @@ class TrainingConfig(_Strict):
 
 # --------------------------------------------------------------------------- search
 class ObjectiveConfig(_Strict):
-    type: Literal["val_loss"] = "val_loss"
+    type: Literal["val_loss", "lm_eval", "mix"] = "val_loss"
+    tasks: list[str] = Field(default=[], description="lm-eval tasks scored per candidate (lm_eval, mix)")
+    include_paths: list[str] = []
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    limit: Annotated[float, Field(gt=0)] | None = None
+    mix_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
+    allow_test_split: bool = Field(
+        default=False, description="Allow tuning on a task's test split (refused by default)")
     datasets: list[str] | None = Field(
         default=None, description="Validation splits to score on (default: every searched adapter)"
     )
     dataset_weights: dict[str, float] | None = None
     max_samples_per_dataset: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _tasks_needed(self) -> "ObjectiveConfig":
+        if self.type in ("lm_eval", "mix") and not self.tasks:
+            raise ValueError(f"type {self.type} needs tasks")
+        return self
 
 
 class SearchConfig(_Strict):

@@ -75,3 +75,58 @@ class ValidationLoss:
     def combine(self, losses: dict[str, float]) -> float:
         z = sum(self.weights.values())
         return sum(self.weights[n] * losses[n] for n in losses) / z
+
+
+class LmEvalObjective:
+    """Mean headline metric of lm-eval tasks on the resident model (higher is better).
+
+    Runs lm-eval's Python API on the model in memory, with no response cache (its cache is
+    keyed by request only and would return one candidate's answers for another). Tasks scored
+    on their test split are refused unless `allow_test_split` is set.
+    """
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        from lm_eval.tasks import TaskManager, get_task_dict
+
+        from ..evaluate.tasks import prepare_include_paths
+
+        obj = cfg.search.objective
+        include = prepare_include_paths(obj.include_paths, RunLayout(cfg.run_dir).root / "search_tasks")
+        self.task_manager = TaskManager(include_path=include or None)
+        self.tasks, self.tokenizer, self.obj, self.seed = list(obj.tasks), tokenizer, obj, cfg.seed
+        self.batch_size = cfg.search.batch_size
+        for name, task in _flatten(get_task_dict(self.tasks, self.task_manager)).items():
+            if task.has_test_docs() and not obj.allow_test_split:
+                raise ValueError(
+                    f"search.objective.tasks: {name} is scored on its test split "
+                    f"({task.config.test_split!r}); tuning weights on test data is refused "
+                    "(use a validation split, or set search.objective.allow_test_split: true)")
+
+    def score(self, model) -> dict[str, float]:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        from ..evaluate.table import headline_metric
+
+        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
+        res = lm_eval.simple_evaluate(
+            model=lm, tasks=self.tasks, num_fewshot=self.obj.num_fewshot, limit=self.obj.limit,
+            task_manager=self.task_manager, use_cache=None, log_samples=False,
+            random_seed=self.seed, numpy_random_seed=self.seed, torch_random_seed=self.seed,
+            fewshot_random_seed=self.seed)
+        out = {}
+        for t in self.tasks:
+            hm = headline_metric(res["results"].get(t, {}))
+            if hm is not None:
+                out[t] = hm[1]
+        return out
+
+
+def _flatten(task_dict: dict) -> dict:
+    out = {}
+    for key, value in task_dict.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value))
+        else:
+            out[getattr(key, "group_name", key) if not isinstance(key, str) else key] = value
+    return out

@@ -21,7 +21,7 @@ from ..base_model import base_fingerprint_parts, default_device, load_base_model
 from ..config import RunConfig, config_hash
 from ..lora import attach_adapters, fuse_adapters, load_saved_adapter, save_peft_adapter, set_fusion_weights
 from ..rundir import RunLayout, atomic_dir, fingerprint, read_manifest, write_json, write_manifest
-from .objectives import ValidationLoss
+from .objectives import LmEvalObjective, ValidationLoss
 from .samplers import CANDIDATE_LISTS, SAMPLERS, distributions
 
 
@@ -160,12 +160,25 @@ def search_weights(cfg: RunConfig, force: bool = False, stop_after: int | None =
     device = default_device()
     tokenizer = load_tokenizer(cfg.model)
     model = attach_adapters(load_base_model(cfg.model, device=device), adapter_dirs)
+    obj_type = cfg.search.objective.type
     objective = ValidationLoss.from_config(cfg, tokenizer, device)
+    task_objective = LmEvalObjective(cfg, tokenizer) if obj_type in ("lm_eval", "mix") else None
+    if cfg.search.method == "gradient" and task_objective is not None:
+        raise SearchError("search.method: gradient needs a differentiable objective (val_loss)")
 
     fractions = cfg.search.halving_fractions
 
     def evaluate(weights: dict[str, float], trial=None) -> dict | None:
         set_fusion_weights(model, weights)
+        if task_objective is not None:
+            per = objective.per_dataset(model) if obj_type == "mix" else {}
+            tasks = task_objective.score(model)
+            accuracy = sum(tasks.values()) / max(len(tasks), 1)
+            score = -accuracy if obj_type == "lm_eval" else (
+                (1 - cfg.search.objective.mix_weight) * objective.combine(per)
+                - cfg.search.objective.mix_weight * accuracy)
+            return {"per_dataset": {**per, **{f"task:{k}": v for k, v in tasks.items()}},
+                    "score": score}
         if not fractions or trial is None:
             per = objective.per_dataset(model)
             return {"per_dataset": per, "score": objective.combine(per)}
