@@ -103,6 +103,17 @@ CROSS_RECORD_FILTERS = ("duplicate", "near_duplicate")  # need every earlier rec
 _WORKER: dict = {}  # per-record filter chain, inherited by forked workers
 
 
+def apply_chain(rec: Record, chain, where: str, funnel: Counter, rejects: list[dict]) -> Record | None:
+    """Run `rec` through the filters; count and record the first rejection (then None)."""
+    for name, flt in chain:
+        rec = flt(rec)
+        if isinstance(rec, Rejection):
+            funnel[name] += 1
+            rejects.append(Rejection(rec.id, rec.filter, rec.reason, where).to_json())
+            return None
+    return rec
+
+
 def _filter_shard(job: tuple[int, list, Path | None]) -> dict:
     """Run the per-record filters over one shard (in a worker); persist the result when asked."""
     k, rows, shard_file = job
@@ -120,15 +131,9 @@ def _filter_shard(job: tuple[int, list, Path | None]) -> dict:
             rejects.append(Rejection(f"{_WORKER['name']}-row-{where.rsplit(':', 1)[-1]}",
                                      "malformed", str(item), where).to_json())
             continue
-        rec: Record | Rejection = item
-        rec.kind = kind
-        for name, flt in chain:
-            rec = flt(rec)
-            if isinstance(rec, Rejection):
-                funnel[name] += 1
-                rejects.append(Rejection(rec.id, rec.filter, rec.reason, where).to_json())
-                break
-        if not isinstance(rec, Rejection):
+        item.kind = kind
+        rec = apply_chain(item, chain, where, funnel, rejects)
+        if rec is not None:
             passed.append([rec.to_json(), where])
     result = {"shard": k, "passed": passed, "rejects": rejects, "funnel": dict(funnel)}
     if shard_file is not None:  # compact, atomic: temp file then rename
@@ -191,14 +196,8 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
             funnel.update(res["funnel"])
             rejects += res["rejects"]
             for rec_json, where in res["passed"]:
-                rec: Record | Rejection = Record(**rec_json)
-                for name, flt in cross:
-                    rec = flt(rec)
-                    if isinstance(rec, Rejection):
-                        funnel[name] += 1
-                        rejects.append(Rejection(rec.id, rec.filter, rec.reason, where).to_json())
-                        break
-                if isinstance(rec, Rejection):
+                rec = apply_chain(Record(**rec_json), cross, where, funnel, rejects)
+                if rec is None:
                     continue
                 if ds.kind == "qa" and len(rec.messages) > 2:
                     rec.messages = rec.messages[:2]  # a QA dataset trains on its first exchange
