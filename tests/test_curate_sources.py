@@ -172,3 +172,40 @@ def test_hub_style_dataset_through_datasets(tmp_path):
     items = list(read_source("alpaca", None, "hubds", hub=str(folder), split="train"))
     (where, rec), = items
     assert rec.responses == ["Hi!"] and where.endswith("train:#0")
+
+
+def test_oasst1_flat_message_table_becomes_best_thread(tmp_path):
+    rows = [
+        {"message_id": "p", "parent_id": None, "message_tree_id": "t", "role": "prompter", "text": "Q?", "lang": "en"},
+        {"message_id": "a1", "parent_id": "p", "role": "assistant", "text": "Second.", "rank": 1},
+        {"message_id": "a0", "parent_id": "p", "role": "assistant", "text": "Best.", "rank": 0},
+        {"message_id": "u", "parent_id": "a0", "role": "prompter", "text": "More?"},
+        {"message_id": "b", "parent_id": "u", "role": "assistant", "text": "Sure.", "rank": 0},
+        {"message_id": "x", "parent_id": "missing", "role": "assistant", "text": "Orphan."},
+    ]
+    path = tmp_path / "messages.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = list(read_source("oasst1_messages", path, "oa"))
+    recs = [r for _, r in out if isinstance(r, Record)]
+    bad = [(w, r) for w, r in out if not isinstance(r, Record)]
+    (rec,) = recs
+    assert rec.id == "t" and [m["content"] for m in rec.messages] == ["Q?", "Best.", "More?", "Sure."]
+    assert len(bad) == 1 and bad[0][0].endswith("messages.jsonl:6") and "not found" in str(bad[0][1])
+
+
+def test_toxicity_classifier_thresholds(tiny_model, tmp_path):
+    """Plumbing of the optional classifier with a tiny random model: threshold decides."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(tiny_model, num_labels=2, id2label={0: "ok", 1: "toxic"},
+                                        label2id={"ok": 0, "toxic": 1}, pad_token_id=0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "clf")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "clf")
+    record = _rec("Hello there", "General Kenobi")
+    strict = filters.toxicity_classifier(str(tmp_path / "clf"), ["toxic"], threshold=0.0)
+    rej = strict(record)
+    assert isinstance(rej, Rejection) and "'toxic'" in rej.reason
+    lenient = filters.toxicity_classifier(str(tmp_path / "clf"), ["toxic"], threshold=1.0)
+    assert isinstance(lenient(_rec("Hello there", "General Kenobi")), Record)

@@ -49,7 +49,7 @@ class ModelConfig(_Strict):
 # --------------------------------------------------------------------------- curation
 class SourceConfig(_Strict):
     format: Literal["sharegpt", "puffin", "samantha", "openorca", "alpaca", "open_platypus",
-                    "airoboros", "oasst1"]
+                    "airoboros", "oasst1", "oasst1_messages"]
     path: str | None = Field(default=None, description="Local .jsonl/.json/.csv/.parquet file")
     hub: str | None = Field(default=None, description="Hub dataset name, read with `datasets`")
     hub_config: str | None = None
@@ -75,6 +75,10 @@ class ToxicityConfig(_Strict):
     enabled: bool = True
     wordlists: list[str] | None = Field(
         default=None, description="Phrase files (one a line); default: the shipped unsafe_en.txt")
+    classifier: str | None = Field(
+        default=None, description="Optional text-classification model (path or hub id)")
+    classifier_labels: list[str] = ["toxic"]
+    classifier_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
 
 
 class TopicConfig(_Strict):

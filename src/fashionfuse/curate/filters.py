@@ -144,6 +144,25 @@ def toxicity(phrases: list[str]) -> Filter:
     return apply
 
 
+def toxicity_classifier(model: str, labels: list[str], threshold: float) -> Filter:
+    """Drop records whose text a classifier scores above `threshold` for one of `labels`."""
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=model, top_k=None, truncation=True,
+                        device="cpu")
+    wanted = {label.lower() for label in labels}
+
+    def apply(rec: Record) -> Record | Rejection:
+        for i, m in enumerate(rec.messages):
+            for pred in classify(m["content"])[0] if m["content"].strip() else []:
+                if pred["label"].lower() in wanted and pred["score"] > threshold:
+                    return Rejection(rec.id, "toxicity_classifier",
+                                     f"turn {i} scored {pred['score']:.2f} for {pred['label']!r}")
+        return rec
+
+    return apply
+
+
 def topics(keep: list[str], keywords: dict[str, list[str]]) -> Filter:
     """Keep records about one of the chosen topics (keyword match), as for the Samantha subset."""
     patterns = {t: re.compile(r"\b(" + "|".join(re.escape(k) for k in keywords[t]) + r")",
@@ -226,6 +245,10 @@ def build_chain(cfg: FilterConfig, benchmark_index=None) -> list[tuple[str, Filt
     if cfg.toxicity.enabled:
         phrases = [p for f in (cfg.toxicity.wordlists or [DEFAULT_WORDLIST]) for p in read_wordlist(f)]
         chain.append(("toxicity", toxicity(phrases)))
+        if cfg.toxicity.classifier:
+            chain.append(("toxicity_classifier", toxicity_classifier(
+                cfg.toxicity.classifier, cfg.toxicity.classifier_labels,
+                cfg.toxicity.classifier_threshold)))
     if cfg.topics is not None:
         chain.append(("topic", topics(cfg.topics.keep, cfg.topics.keywords)))
     chain.append(("response_length", response_length(cfg.min_response_chars, cfg.max_response_chars)))

@@ -17,8 +17,8 @@ from pathlib import Path
 from ..base_model import default_device, load_base_model, load_tokenizer
 from ..config import RunConfig, config_hash
 from ..lora import attach_adapters, set_fusion_weights
-from ..rundir import (RunLayout, atomic_dir, fingerprint, read_manifest, write_json,
-                      write_manifest, write_text)
+from ..rundir import (RunLayout, atomic_dir, fingerprint, path_fingerprint, read_manifest,
+                      write_json, write_manifest, write_text)
 from .benchmarks import PREFIX, write_local_leaderboard_tasks
 from .presets import PRESETS, TaskSpec, custom_specs
 from .table import build_table, plot_table, to_csv, to_markdown
@@ -86,12 +86,11 @@ def _merge_results(parts: list[dict]) -> dict:
 
 
 def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
-    from .benchmarks import __file__ as benchmarks_code  # task generation is part of the input
-    from ..rundir import path_fingerprint
+    from . import benchmarks  # the generated task YAMLs are part of the input
 
     return fingerprint({
         "benchmark_data": path_fingerprint(cfg.eval.benchmark_data) if cfg.eval.benchmark_data else None,
-        "task_code": path_fingerprint(benchmarks_code),
+        "task_code": path_fingerprint(benchmarks.__file__),
         "stage": "eval", "eval": cfg.eval.model_dump(mode="json"), "seed": cfg.seed,
         "model": cfg.model.model_dump(mode="json"),
         "adapters": {k: (read_manifest(v.parent if k == "fused" else v) or {}).get("fingerprint")

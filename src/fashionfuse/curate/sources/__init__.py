@@ -26,7 +26,9 @@ READERS: dict[str, RowToRecord] = {
     "open_platypus": alpaca.to_record,  # instruction / input / output
     "airoboros": alpaca.to_record,      # instruction / response
     "oasst1": oasst1.to_record,         # tree export: best-ranked thread per tree
+    "oasst1_messages": oasst1.to_record,  # flat message table, rebuilt into trees first
 }
+ROW_GROUPERS = {"oasst1_messages": oasst1.trees_from_messages}
 
 
 def _rename(row: dict, fields: dict[str, str] | None) -> dict:
@@ -94,6 +96,8 @@ def read_source(fmt: str, path: Path | None, source_name: str, *, fields: dict[s
     """Yield (where, Record) for good rows and (where, MalformedRow) for bad ones."""
     to_record = READERS[fmt]
     rows = iter_hub_rows(hub, hub_config, split, revision) if hub else iter_rows(Path(path))
+    if fmt in ROW_GROUPERS:
+        rows = ROW_GROUPERS[fmt](rows)
     for index, (where, row) in enumerate(rows):
         if isinstance(row, MalformedRow):
             yield where, row
