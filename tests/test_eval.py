@@ -86,3 +86,29 @@ def test_fused_adapter_loads_in_lm_eval_cli(pipeline_run, tmp_path):
     data = json.loads(results[0].read_text())
     assert "acc_norm,none" in data["results"]["demo_colours"]
     assert str(data["config"]["model_args"]["peft"]).endswith("search/fused")
+
+
+def test_merged_model_is_evaluated_beside_the_adapters(pipeline_run, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fashionfuse.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval*"))
+    cfg = str(pipeline_run["config"])
+    runner = CliRunner()
+    res = runner.invoke(app, ["search-weights", cfg, "--set", f"run_dir={run}",
+                              "--set", "search.export_merged=true"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["eval", cfg, "--set", f"run_dir={run}",
+                              "--set", "eval.models=[fused, merged]"])
+    assert res.exit_code == 0, res.output
+    table = json.loads((run / "eval" / "table.json").read_text())
+    rows = {r["model"]: r for r in table["rows"]}
+    assert set(rows) == {"fused", "merged"}
+    assert (run / "eval" / "merged" / "results.json").exists()
+    # merged (bf16, dequantised NF4 + delta) and fused (4-bit + adapter) score alike
+    for col in ("demo_colours", "demo_opposites"):
+        assert abs(rows["fused"][col] - rows["merged"][col]) <= 100 / 6 + 1e-6

@@ -243,7 +243,7 @@ class EvalConfig(_Strict):
     num_fewshot: Annotated[int, Field(ge=0)] | None = None
     limit: Annotated[float, Field(gt=0)] | None = None
     batch_size: str | int = "auto"
-    models: list[Literal["base", "adapters", "fused"]] = ["base", "adapters", "fused"]
+    models: list[Literal["base", "adapters", "fused", "merged"]] = ["base", "adapters", "fused"]
     load_in_4bit: bool | None = Field(
         default=None, description="Default: same as model.quantization.bits == 4"
     )

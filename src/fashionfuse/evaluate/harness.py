@@ -55,9 +55,13 @@ def models_to_evaluate(cfg: RunConfig) -> dict[str, Path | None]:
                 out[f"adapter:{d.name}"] = layout.adapter(d.name)
         elif kind == "fused":
             out["fused"] = layout.fused
+        elif kind == "merged":
+            out["merged"] = layout.search / "merged"
     for label, path in out.items():
-        if path is not None and not (path / "adapter_config.json").exists():
-            raise EvalError(f"{label}: {path} has no adapter (run the earlier stages first)")
+        marker = "config.json" if label == "merged" else "adapter_config.json"
+        if path is not None and not (path / marker).exists():
+            hint = " (set search.export_merged: true)" if label == "merged" else ""
+            raise EvalError(f"{label}: {path} has no {marker} (run the earlier stages first){hint}")
     return out
 
 
@@ -93,7 +97,7 @@ def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
         "task_code": path_fingerprint(benchmarks.__file__),
         "stage": "eval", "eval": cfg.eval.model_dump(mode="json"), "seed": cfg.seed,
         "model": cfg.model.model_dump(mode="json"),
-        "adapters": {k: (read_manifest(v.parent if k == "fused" else v) or {}).get("fingerprint")
+        "adapters": {k: (read_manifest(v.parent if k in ("fused", "merged") else v) or {}).get("fingerprint")
                      for k, v in models.items() if v is not None},
     })
 
@@ -129,14 +133,24 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     device = str(accelerator.device) if accelerator is not None else default_device()
     base = load_base_model(cfg.model, quantized=quantized, device=device)
-    adapters = {label.split(":", 1)[-1]: path for label, path in models.items() if path is not None}
+    adapters = {label.split(":", 1)[-1]: path for label, path in models.items()
+                if path is not None and label != "merged"}
     model = attach_adapters(base, adapters) if adapters else base
     results_by_model: dict[str, dict] = {}
     for label in models:
-        if adapters:
-            active = label.split(":", 1)[-1]
-            set_fusion_weights(model, {n: (1.0 if n == active else 0.0) for n in adapters})
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
+        if label == "merged":  # a separate full model: loaded on its own, unquantised
+            from transformers import AutoModelForCausalLM
+
+            from ..base_model import DTYPES
+
+            target = AutoModelForCausalLM.from_pretrained(
+                models[label], dtype=DTYPES[cfg.model.quantization.compute_dtype]).to(device).eval()
+        else:
+            target = model
+            if adapters:
+                active = label.split(":", 1)[-1]
+                set_fusion_weights(model, {n: (1.0 if n == active else 0.0) for n in adapters})
+        lm = HFLM(pretrained=target, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
         if accelerator is not None:  # lm-eval shards requests by rank and gathers on rank 0
             lm._rank, lm._world_size, lm.accelerator = rank, world, accelerator
         parts = []
