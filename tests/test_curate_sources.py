@@ -209,3 +209,16 @@ def test_toxicity_classifier_thresholds(tiny_model, tmp_path):
     assert isinstance(rej, Rejection) and "'toxic'" in rej.reason
     lenient = filters.toxicity_classifier(str(tmp_path / "clf"), ["toxic"], threshold=1.0)
     assert isinstance(lenient(_rec("Hello there", "General Kenobi")), Record)
+
+
+def test_airoboros_and_sharegpt_aliases(tmp_path):
+    airo = tmp_path / "airoboros.jsonl"
+    airo.write_text(json.dumps({"instruction": "Write a haiku.", "response": "Soft rain on the roof."}) + "\n")
+    (_, rec), = list(read_source("airoboros", airo, "airo"))
+    assert rec.queries == ["Write a haiku."] and rec.responses == ["Soft rain on the roof."]
+    puffin = tmp_path / "puffin.json"
+    puffin.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"},
+                                                     {"from": "gpt", "value": "Hello!"}]}]))
+    for fmt in ("puffin", "samantha"):
+        (_, rec), = list(read_source(fmt, puffin, fmt))
+        assert rec.kind == "chat" and rec.responses == ["Hello!"]
