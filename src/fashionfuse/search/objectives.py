@@ -43,15 +43,9 @@ class ValidationLoss:
 
     @torch.no_grad()
     def per_dataset(self, model) -> dict[str, float]:
-        out = {}
-        for name, batches in self.batches.items():
-            total, count = 0.0, 0
-            for b in batches:
-                s, n = token_losses(model, b)
-                total += s.item()
-                count += n
-            out[name] = total / max(count, 1)
-        return out
+        """Token-weighted loss of every validation split (the last stage of `staged`)."""
+        *_, (_, losses) = self.staged(model, [1.0])
+        return losses
 
     @torch.no_grad()
     def staged(self, model, fractions: list[float]):

@@ -64,6 +64,23 @@ def _finished(study: optuna.Study, pruned: bool = False) -> list[optuna.trial.Fr
     return [t for t in study.get_trials(deepcopy=False) if t.state in states]
 
 
+def _evaluate_candidate(study: optuna.Study, dists, names: list[str], evaluate,
+                        params: dict | None = None, user_attrs: dict | None = None,
+                        prunable: bool = False) -> None:
+    """Ask for one trial (the enqueued `params`, or the sampler's choice), score it, tell it."""
+    if params is not None:
+        study.enqueue_trial(params, user_attrs=user_attrs, skip_if_exists=False)
+    trial = study.ask(dists)
+    t0 = time.perf_counter()
+    losses = evaluate({n: float(trial.params[n]) for n in names}, trial if prunable else None)
+    trial.set_user_attr("seconds", round(time.perf_counter() - t0, 4))
+    if losses is None:  # stopped early by successive halving
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        trial.set_user_attr("per_dataset", losses["per_dataset"])
+        study.tell(trial, losses["score"])
+
+
 def run_trials(cfg: RunConfig, study: optuna.Study, evaluate, names: list[str],
                stop_after: int | None = None) -> None:
     """Evaluate the candidates not yet finished in `study`, persisting each as it completes."""
@@ -82,18 +99,8 @@ def run_trials(cfg: RunConfig, study: optuna.Study, evaluate, names: list[str],
     if done:
         print(f"search: resuming, {len(done)} trials finished, {len(todo)} to go")
     for k, (index, params) in enumerate(tqdm(todo, desc="search", unit="trial", leave=False)):
-        if params is not None:
-            study.enqueue_trial(params, user_attrs={"candidate": index}, skip_if_exists=False)
-        trial = study.ask(dists)
-        weights = {n: float(trial.params[n]) for n in names}
-        t0 = time.perf_counter()
-        losses = evaluate(weights, trial)
-        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 4))
-        if losses is None:  # stopped early by successive halving
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        else:
-            trial.set_user_attr("per_dataset", losses["per_dataset"])
-            study.tell(trial, losses["score"])
+        attrs = {"candidate": index} if params is not None else None
+        _evaluate_candidate(study, dists, names, evaluate, params, attrs, prunable=True)
         if stop_after is not None and k + 1 >= stop_after:
             raise KeyboardInterrupt(f"stopped after {k + 1} trials (test hook)")
 
@@ -110,14 +117,9 @@ def learn_trials(cfg: RunConfig, study: optuna.Study, model, objective, evaluate
     init = {n: float(start) for n in names}
     learned, history = learn_weights(model, objective, names, cfg.search, init)
     dists = distributions(cfg.search, names)
-    for point, weights in (("start", init), ("learned", learned)):
-        study.enqueue_trial(weights, user_attrs={"point": point}, skip_if_exists=False)
-        trial = study.ask(dists)
-        res = evaluate({n: float(trial.params[n]) for n in names})
-        trial.set_user_attr("per_dataset", res["per_dataset"])
-        if point == "learned":
-            trial.set_user_attr("history", history)
-        study.tell(trial, res["score"])
+    _evaluate_candidate(study, dists, names, evaluate, init, {"point": "start"})
+    _evaluate_candidate(study, dists, names, evaluate, learned,
+                        {"point": "learned", "history": history})
 
 
 def _plots(trials: list[dict], names: list[str], out: Path) -> None:
