@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +15,8 @@ from typer.testing import CliRunner
 
 from fashionfuse.cli import app
 from fashionfuse.config import load_config
-from fashionfuse.train.batching import collate, length_grouped_batches
+from fashionfuse.train.batching import (collate, collate_packed, pack_rows, plan_micro_batches,
+                                        step_windows, token_losses)
 from fashionfuse.train.trainer import train_one_adapter
 
 runner = CliRunner()
@@ -55,13 +60,73 @@ def test_training_runs_on_a_4bit_nf4_base(make_config):
     assert layers[0].compute_dtype == torch.bfloat16
 
 
-def test_length_grouped_batches_cover_every_example_once():
-    lengths = [5, 50, 7, 48, 6, 49, 8, 47, 9, 46, 4, 45]
-    batches = length_grouped_batches(lengths, micro_batch=2, seed=0)
-    flat = sorted(i for b in batches for i in b)
-    assert flat == list(range(12))
-    spread = sum(abs(lengths[b[0]] - lengths[b[-1]]) for b in batches)
-    assert spread < 20  # short with short, long with long
+def test_steps_and_packed_rows_cover_every_example_once():
+    lengths = [5, 50, 7, 48, 6, 49, 8, 47, 9, 46, 4, 45, 120, 3]
+    windows = step_windows(len(lengths), 5, seed=0)
+    assert sorted(i for w in windows for i in w) == list(range(len(lengths)))
+    assert [len(w) for w in windows] == [5, 5, 4]
+    rows = pack_rows(list(range(len(lengths))), lengths, capacity=128)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 128 for r in rows)
+    assert len(rows) == math.ceil(sum(lengths) / 128)  # the minimum number of rows here
+    plan = plan_micro_batches(list(range(len(lengths))), lengths, 2, pack_length=None)
+    assert all(len(mb) <= 2 for mb in plan)
+    widths = [[lengths[r[0]] for r in mb] for mb in plan]
+    for this, nxt in zip(widths, widths[1:]):  # unpacked: short with short, long with long
+        assert min(this) >= max(nxt)
+
+
+def _examples(tokenizer, n: int) -> list[dict]:
+    from fashionfuse.chat_template import tokenize_with_labels
+
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": "what colour is the sky " * (1 + i % 3)},
+                {"role": "assistant", "content": "blue and " * (1 + 2 * i % 5) + "grey"}]
+        if i % 2:
+            msgs += [{"role": "user", "content": "and grass?"},
+                     {"role": "assistant", "content": "green"}]
+        out.append(tokenize_with_labels(tokenizer, msgs, "You are FashionGPT.", 128))
+    return out
+
+
+def test_packed_loss_equals_one_by_one(tiny_model):
+    """Packed rows (position resets, no attention mask) give the loss of each sample run alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    examples = _examples(tok, 7)
+    lengths = [len(e["input_ids"]) for e in examples]
+    rows = pack_rows(list(range(7)), lengths, capacity=3 * max(lengths))
+    assert any(len(r) > 1 for r in rows)
+    packed = collate_packed([[examples[i] for i in r] for r in rows], tok.pad_token_id)
+    with torch.no_grad():
+        packed_sum, packed_n = token_losses(model, packed)
+        alone = [token_losses(model, collate([e], tok.pad_token_id)) for e in examples]
+        padded_sum, _ = token_losses(model, collate(examples, tok.pad_token_id))
+    assert packed_n == sum(n for _, n in alone)
+    torch.testing.assert_close(packed_sum, sum(s for s, _ in alone), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(padded_sum, sum(s for s, _ in alone), rtol=1e-4, atol=1e-3)
+    # logits of every packed sample equal its logits alone; without the position resets the
+    # samples would attend to each other and the logits would move
+    row = [examples[i] for i in rows[0]]
+    assert len(row) > 1
+    one_row = collate_packed([row], tok.pad_token_id)
+    leaky = dict(one_row, position_ids=torch.arange(one_row["input_ids"].shape[1])[None])
+    with torch.no_grad():
+        packed_logits = model(input_ids=one_row["input_ids"], position_ids=one_row["position_ids"], use_cache=False).logits[0]
+        leaky_logits = model(input_ids=leaky["input_ids"], position_ids=leaky["position_ids"], use_cache=False).logits[0]
+        at, worst_packed, worst_leaky = 0, 0.0, 0.0
+        for e in row:
+            n = len(e["input_ids"])
+            alone_logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
+            if at:  # the first sample sees no other in either layout
+                worst_packed = max(worst_packed, float((packed_logits[at:at + n] - alone_logits).abs().max()))
+                worst_leaky = max(worst_leaky, float((leaky_logits[at:at + n] - alone_logits).abs().max()))
+            at += n
+    assert worst_packed < 1e-4
+    assert worst_leaky > 100 * max(worst_packed, 1e-6)
 
 
 def test_collate_pads_and_masks():
@@ -113,3 +178,82 @@ def test_train_without_curated_data_fails_clearly(make_config):
     result = runner.invoke(app, ["train-adapter", str(make_config())])
     assert result.exit_code == 2
     assert "curated data missing" in result.output
+
+
+def test_non_finite_loss_stops_with_the_step(make_config, monkeypatch, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fashionfuse.train import trainer
+    from fashionfuse.train.trainer import TrainingError
+
+    path = make_config()
+    assert runner.invoke(app, ["curate", str(path)]).exit_code == 0
+    cfg = load_config(path)
+    calls = {"n": 0}
+    real = trainer.token_losses
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, n = real(model, batch)
+        return (loss * float("nan"), n) if calls["n"] > 1 else (loss, n)
+
+    monkeypatch.setattr(trainer, "token_losses", poisoned)
+    with pytest.raises(TrainingError, match=r"train orca: loss is nan at step [0-9]+; stopping"):
+        train_one_adapter(cfg, "orca", AutoTokenizer.from_pretrained(cfg.model.base))
+    assert not (tmp_path / "run" / "adapters" / "orca").exists()  # nothing written
+
+
+def test_table8_baselines_fused_dataset_and_sequential(make_config, tmp_path):
+    """One adapter on concatenated datasets; one trained on top of another (saved together)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = make_config(adapters=[
+        {"name": "both", "datasets": ["chat", "orca"]},
+        {"name": "orca_after_chat", "datasets": ["orca"], "on_top_of": ["chat"]},
+    ], training={"batch_size": 8, "micro_batch_size": 4, "max_steps": 2, "learning_rate": 5e-3,
+                 "lora": {"r": 4, "alpha": 8}})
+    assert runner.invoke(app, ["curate", str(path)]).exit_code == 0
+    result = runner.invoke(app, ["train-adapter", str(path)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run" / "adapters"
+    m = {n: json.loads((run / n / "manifest.json").read_text()) for n in
+         ("chat", "orca", "both", "orca_after_chat")}
+    assert m["both"]["metrics"]["examples"] == m["chat"]["metrics"]["examples"] + m["orca"]["metrics"]["examples"]
+    assert len(m["both"]["inputs"]) == 2
+    seq = json.loads((run / "orca_after_chat" / "adapter_config.json").read_text())
+    assert seq["r"] == 8  # chat's rank 4 + the new rank 4, one exact concatenated LoRA
+    chat = load_file(run / "chat" / "adapter_model.safetensors")
+    both = load_file(run / "orca_after_chat" / "adapter_model.safetensors")
+    key = next(k for k in chat if "lora_A" in k)
+    torch.testing.assert_close(both[key][:4], chat[key].float())  # chat's A rows come first
+    assert not torch.equal(both[key][4:], load_file(run / "orca" / "adapter_model.safetensors")[key].float())
+    base = AutoModelForCausalLM.from_pretrained(load_config(path).model.base)
+    model = PeftModel.from_pretrained(base, run / "orca_after_chat")
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_ddp_training_on_two_cpu_processes_matches_one_process(make_config, tmp_path):
+    """torchrun x2 (gloo): each process trains on half of every step; the result equals one
+    process on the whole step (token-weighted loss, dropout off)."""
+    train = {"batch_size": 8, "micro_batch_size": 2, "max_steps": 3, "learning_rate": 5e-3,
+             "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "checkpoint_steps": 2}
+    single = make_config(run_dir=tmp_path / "single", training=train)
+    assert runner.invoke(app, ["curate", str(single)]).exit_code == 0
+    assert runner.invoke(app, ["train-adapter", str(single), "--adapter", "orca"]).exit_code == 0
+    multi = make_config(run_dir=tmp_path / "multi", training=train)
+    assert runner.invoke(app, ["curate", str(multi)]).exit_code == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29533", "-m", "fashionfuse", "train-adapter", str(multi),
+           "--adapter", "orca"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "on 2 process(es)" in proc.stdout
+    manifest = json.loads((tmp_path / "multi/adapters/orca/manifest.json").read_text())
+    assert manifest["metrics"]["processes"] == 2
+    one = load_file(tmp_path / "single/adapters/orca/adapter_model.safetensors")
+    two = load_file(tmp_path / "multi/adapters/orca/adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key].float(), one[key].float(), rtol=2e-2, atol=2e-4)

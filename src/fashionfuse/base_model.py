@@ -15,9 +15,12 @@ def base_fingerprint_parts(cfg: ModelConfig) -> dict:
     """What identifies the base weights: the local files' hash, or the hub id and revision."""
     from .rundir import path_fingerprint
 
-    if Path(cfg.base).exists():
-        return {"base_files": path_fingerprint(cfg.base)}
-    return {"base": cfg.base, "revision": cfg.revision}
+    parts = ({"base_files": path_fingerprint(cfg.base)} if Path(cfg.base).exists()
+             else {"base": cfg.base, "revision": cfg.revision})
+    if cfg.merge_adapters:
+        parts["merged_adapters"] = [path_fingerprint(p) if Path(p).exists() else p
+                                    for p in cfg.merge_adapters]
+    return parts
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -60,5 +63,18 @@ def load_base_model(cfg: ModelConfig, *, quantized: bool | None = None, device: 
     model = AutoModelForCausalLM.from_pretrained(cfg.base, **kwargs)
     if not quantized:
         model.to(device)
+    model = merge_into_base(model, cfg.merge_adapters)
     model.config.use_cache = False
+    return model
+
+
+def merge_into_base(model, adapter_dirs: list[str]):
+    """Merge each PEFT adapter into `model`'s weights, in order (a 4-bit base is dequantised,
+    updated and re-quantised by PEFT, as when a fused model becomes the next round's base)."""
+    from peft import PeftModel
+
+    for path in adapter_dirs:
+        if not (Path(path) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"model.merge_adapters: {path}: not a PEFT adapter directory")
+        model = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
     return model

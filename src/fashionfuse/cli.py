@@ -83,12 +83,15 @@ def curate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: 
 @app.command("train-adapter")
 def train_adapter(
     config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
-    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Only these datasets"),
+    adapter: Optional[list[str]] = typer.Option(
+        None, "--adapter", "--dataset", help="Only these adapters (default: all)"),
 ) -> None:
-    """Train one QLoRA adapter per curated dataset."""
+    """Train one QLoRA adapter per curated dataset, plus the configured baselines.
+
+    Multi-process: `torchrun --nproc_per_node N -m fashionfuse train-adapter CONFIG`."""
     from .train import train_adapters
 
-    _run_stage(config, set_, lambda cfg: train_adapters(cfg, dataset, force=force))
+    _run_stage(config, set_, lambda cfg: train_adapters(cfg, adapter, force=force))
 
 
 @app.command("search-weights")

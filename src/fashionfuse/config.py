@@ -44,6 +44,9 @@ class ModelConfig(_Strict):
     quantization: QuantizationConfig = QuantizationConfig()
     max_input_len: Annotated[int, Field(gt=8)] = 4096
     system_message: str = "You are an AI assistant named FashionGPT."
+    merge_adapters: list[str] = Field(
+        default=[], description="PEFT adapter dirs merged into the base at load, in order "
+        "(iterative fusion rounds; continuing from a fused model)")
 
 
 # --------------------------------------------------------------------------- curation
@@ -173,9 +176,30 @@ class TrainingConfig(_Strict):
     max_grad_norm: Annotated[float, Field(gt=0)] = 0.3
     optimizer: Literal["paged_adamw_32bit", "adamw"] = "paged_adamw_32bit"
     gradient_checkpointing: bool = False
+    packing: bool = Field(
+        default=True, description="Pack several samples per row (no attention across them)")
+    pack_length: Annotated[int, Field(gt=8)] | None = Field(
+        default=None, description="Tokens per packed row (default: model.max_input_len)")
     lora: LoraConfig = LoraConfig()
     logging_steps: Annotated[int, Field(gt=0)] = 1
     checkpoint_steps: Annotated[int, Field(gt=0)] = 50
+
+
+class AdapterSpec(_Strict):
+    """An adapter beyond the default one-per-dataset: the baselines of the paper's Table 8."""
+
+    name: str
+    datasets: list[str] = Field(
+        description="Curated datasets trained together (>1: the fused-dataset baseline)")
+    on_top_of: list[str] = Field(
+        default=[], description="Adapters merged into the base before training (sequential "
+        "fine-tuning); the saved adapter contains them, so it loads on the plain base")
+
+
+class RoundConfig(_Strict):
+    """One round of iterative fusion (Table 6)."""
+
+    adapters: list[str] = Field(description="Adapters trained and fused in this round")
 
 
 # --------------------------------------------------------------------------- search
@@ -263,6 +287,11 @@ class RunConfig(_Strict):
     datasets: list[DatasetConfig]
     curate: CurateConfig = CurateConfig()
     training: TrainingConfig = TrainingConfig()
+    adapters: list[AdapterSpec] = Field(
+        default=[], description="Extra adapters (baselines); one adapter per dataset always exists")
+    rounds: list[RoundConfig] = Field(
+        default=[], description="Iterative fusion: round k's fused adapter is merged into the "
+        "base that round k+1's adapters are trained, searched and evaluated on")
     search: SearchConfig = SearchConfig()
     eval: EvalConfig = EvalConfig()
 
@@ -274,14 +303,56 @@ class RunConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"datasets: duplicate names {dupes}")
-        for field, listed in (
-            ("search.adapters", self.search.adapters),
-            ("search.objective.datasets", self.search.objective.datasets),
+        adapter_names = list(names)
+        for i, spec in enumerate(self.adapters):
+            if spec.name in adapter_names:
+                raise ValueError(f"adapters.{i}.name: {spec.name!r} is already an adapter name")
+            unknown = sorted(set(spec.datasets) - set(names))
+            if unknown or not spec.datasets:
+                raise ValueError(f"adapters.{i}.datasets: unknown or empty {unknown} (known: {names})")
+            below = sorted(set(spec.on_top_of) - set(adapter_names))
+            if below:
+                raise ValueError(f"adapters.{i}.on_top_of: unknown or later adapters {below}")
+            adapter_names.append(spec.name)
+        for field, listed, known in (
+            ("search.adapters", self.search.adapters, adapter_names),
+            ("search.objective.datasets", self.search.objective.datasets, names),
+            *((f"rounds.{i}.adapters", r.adapters, adapter_names) for i, r in enumerate(self.rounds)),
         ):
-            unknown = sorted(set(listed or []) - set(names))
+            unknown = sorted(set(listed or []) - set(known))
             if unknown:
-                raise ValueError(f"{field}: unknown dataset names {unknown} (known: {names})")
+                raise ValueError(f"{field}: unknown names {unknown} (known: {known})")
+        if self.rounds and self.search.adapters:
+            raise ValueError("search.adapters: not used with rounds (each round lists its adapters)")
         return self
+
+    def adapter_spec(self, name: str) -> AdapterSpec:
+        """The adapter called `name`: a default per-dataset one or an extra from `adapters`."""
+        for spec in self.adapters:
+            if spec.name == name:
+                return spec
+        self.dataset(name)
+        return AdapterSpec(name=name, datasets=[name])
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter: one per dataset, then the extras."""
+        return [d.name for d in self.datasets] + [a.name for a in self.adapters]
+
+    def round_config(self, index: int) -> "RunConfig":
+        """The config of fusion round `index` (0-based): its own run dir, adapters and base.
+
+        Round k's adapters are searched alone; the fused adapters of rounds < k are merged into
+        its base, in order. The caller links the round's `curate/` to the parent run's.
+        """
+        run_dir = str(Path(self.run_dir) / "rounds" / f"round-{index + 1}")
+        merged = [str(Path(self.run_dir) / "rounds" / f"round-{k + 1}" / "search" / "fused")
+                  for k in range(index)]
+        data = self.model_dump(mode="json")
+        data.update(run_dir=run_dir, rounds=[])
+        data["model"]["merge_adapters"] = list(self.model.merge_adapters) + merged
+        data["search"]["adapters"] = list(self.rounds[index].adapters)
+        return RunConfig.model_validate(data)
 
     def dataset(self, name: str) -> DatasetConfig:
         """The dataset section called `name`."""
@@ -293,6 +364,17 @@ class RunConfig(_Strict):
     @property
     def search_adapters(self) -> list[str]:
         return list(self.search.adapters or [d.name for d in self.datasets])
+
+    @property
+    def objective_datasets(self) -> list[str]:
+        """Validation splits scored by the search: the configured list, else the searched
+        adapters' datasets."""
+        if self.search.objective.datasets:
+            return list(self.search.objective.datasets)
+        out: list[str] = []
+        for name in self.search_adapters:
+            out += [d for d in self.adapter_spec(name).datasets if d not in out]
+        return out
 
 
 # --------------------------------------------------------------------------- loading

@@ -51,8 +51,8 @@ def models_to_evaluate(cfg: RunConfig) -> dict[str, Path | None]:
         if kind == "base":
             out["base"] = None
         elif kind == "adapters":
-            for d in cfg.datasets:
-                out[f"adapter:{d.name}"] = layout.adapter(d.name)
+            for name in cfg.adapter_names:
+                out[f"adapter:{name}"] = layout.adapter(name)
         elif kind == "fused":
             out["fused"] = layout.fused
         elif kind == "merged":

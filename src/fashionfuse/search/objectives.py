@@ -26,7 +26,7 @@ class ValidationLoss:
     def from_config(cls, cfg: RunConfig, tokenizer, device: str) -> "ValidationLoss":
         layout = RunLayout(cfg.run_dir)
         obj = cfg.search.objective
-        names = obj.datasets or cfg.search_adapters
+        names = cfg.objective_datasets
         batches = {}
         for name in names:
             path = layout.curated(name) / "validation.jsonl"

@@ -38,7 +38,7 @@ def search_fingerprint(cfg: RunConfig) -> str:
         "adapters": {n: (read_manifest(layout.adapter(n)) or {}).get("fingerprint")
                      for n in cfg.search_adapters},
         "curated": {n: (read_manifest(layout.curated(n)) or {}).get("fingerprint")
-                    for n in (cfg.search.objective.datasets or cfg.search_adapters)},
+                    for n in cfg.objective_datasets},
     })
 
 

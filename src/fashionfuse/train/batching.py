@@ -1,7 +1,9 @@
-"""Tokenise curated records and batch them by length (little padding, no attention leakage)."""
+"""Tokenise curated records; plan steps, pack rows and collate (little padding, no attention
+across packed examples)."""
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from pathlib import Path
@@ -33,19 +35,38 @@ def tokenize_records(records: list[dict], tokenizer, system: str, max_len: int) 
     return out
 
 
-def length_grouped_batches(lengths: list[int], micro_batch: int, seed: int,
-                           group_factor: int = 16) -> list[list[int]]:
-    """Shuffle, then sort within windows of `micro_batch * group_factor` so batches share lengths."""
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = micro_batch * group_factor
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])
-        batches += [chunk[i:i + micro_batch] for i in range(0, len(chunk), micro_batch)]
-    rng.shuffle(batches)
-    return batches
+def step_windows(n_examples: int, batch_size: int, seed: int) -> list[list[int]]:
+    """One epoch: a seeded shuffle cut into optimiser steps of `batch_size` examples."""
+    order = list(range(n_examples))
+    random.Random(seed).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def pack_rows(indices: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of examples into rows of at most `capacity` tokens."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens left, row id), sorted
+    for i in sorted(indices, key=lambda j: (-lengths[j], j)):
+        pos = bisect.bisect_left(free, (lengths[i], -1))
+        if pos < len(free):
+            left, row = free.pop(pos)
+            rows[row].append(i)
+        else:
+            left, row = capacity, len(rows)
+            rows.append([i])
+        bisect.insort(free, (left - lengths[i], row))
+    return rows
+
+
+def plan_micro_batches(indices: list[int], lengths: list[int], micro_batch_size: int,
+                       pack_length: int | None) -> list[list[list[int]]]:
+    """Micro-batches of rows for one step's examples; a row holds several examples when packing.
+
+    Rows are sorted by length before chunking, so each micro-batch pads very little.
+    """
+    rows = pack_rows(indices, lengths, pack_length) if pack_length else [[i] for i in indices]
+    rows.sort(key=lambda r: (-sum(lengths[i] for i in r), r))
+    return [rows[k:k + micro_batch_size] for k in range(0, len(rows), micro_batch_size)]
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -62,9 +83,37 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate each row's examples, restarting position ids at 0 for every example.
+
+    No attention mask is passed: transformers then derives a block-diagonal causal mask from the
+    position resets (flash-attention varlen on GPU), so no token attends across examples. Each
+    example's first label is masked so no loss crosses a boundary; the padding tail is its own
+    block with masked labels.
+    """
+    width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e["input_ids"])
+            ids[r, at:at + n] = torch.tensor(e["input_ids"])
+            labels[r, at + 1:at + n] = torch.tensor(e["labels"][1:])
+            positions[r, at:at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over trained tokens, and how many tokens were trained."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Summed next-token cross-entropy over trained tokens, and how many tokens were trained.
+
+    `use_cache=False` matters for packed rows: transformers only derives the per-example
+    attention blocks from position ids when no KV cache is passed."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids"), use_cache=False).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = batch["labels"][:, 1:]
     loss_sum = torch.nn.functional.cross_entropy(

@@ -15,11 +15,12 @@ def lora_config(train: TrainingConfig):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=None):
+def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=None,
+                          device: str | None = None):
     """Quantised base (or the given one) prepared for k-bit training, with a new LoRA adapter."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    base = base if base is not None else load_base_model(model_cfg)
+    base = base if base is not None else load_base_model(model_cfg, device=device)
     if model_cfg.quantization.bits == 4:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=train.gradient_checkpointing)

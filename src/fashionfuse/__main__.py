@@ -1,0 +1,5 @@
+"""`python -m fashionfuse ...` (what `torchrun -m fashionfuse` runs)."""
+
+from .cli import app
+
+app()
