@@ -127,6 +127,20 @@ def test_packed_loss_equals_one_by_one(tiny_model):
             at += n
     assert worst_packed < 1e-4
     assert worst_leaky > 100 * max(worst_packed, 1e-6)
+    # the per-example attention used for packed training gives the same logits and loss
+    from fashionfuse.train.varlen_attention import use_varlen_attention
+
+    assert use_varlen_attention(model) == "fashionfuse_varlen"
+    with torch.no_grad():
+        varlen_logits = model(input_ids=one_row["input_ids"], position_ids=one_row["position_ids"],
+                              use_cache=False).logits[0]
+        varlen_sum, _ = token_losses(model, packed)
+    torch.testing.assert_close(varlen_logits, packed_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(varlen_sum, packed_sum, rtol=1e-4, atol=1e-3)
+    with torch.no_grad():  # one flattened row: vocabulary projection only where tokens train
+        flat_sum, flat_n = token_losses(model, collate_packed([examples], tok.pad_token_id))
+    assert flat_n == packed_n
+    torch.testing.assert_close(flat_sum, packed_sum, rtol=1e-4, atol=1e-3)
 
 
 def test_collate_pads_and_masks():

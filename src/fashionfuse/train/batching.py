@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import random
 from pathlib import Path
 
@@ -58,13 +59,32 @@ def pack_rows(indices: list[int], lengths: list[int], capacity: int) -> list[lis
     return rows
 
 
+def pack_balanced(indices: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
+    """As few rows as `pack_rows` needs, but filled evenly (rows of equal length pad nothing
+    when batched): pack against the smallest row length that still needs no extra row."""
+    rows = pack_rows(indices, lengths, capacity)
+    total = sum(lengths[i] for i in indices)
+    target = max(max((lengths[i] for i in indices), default=1), math.ceil(total / len(rows)))
+    while target < capacity:
+        even = pack_rows(indices, lengths, target)
+        if len(even) <= len(rows):
+            return even
+        target = min(capacity, target + max(1, target // 64))
+    return rows
+
+
 def plan_micro_batches(indices: list[int], lengths: list[int], micro_batch_size: int,
                        pack_length: int | None) -> list[list[list[int]]]:
-    """Micro-batches of rows for one step's examples; a row holds several examples when packing.
+    """Micro-batches of rows for one step's examples.
 
-    Rows are sorted by length before chunking, so each micro-batch pads very little.
+    Packing: each micro-batch is one row of at most `micro_batch_size * pack_length` tokens
+    (the memory of `micro_batch_size` full rows) holding whole examples, with no padding at all
+    (attention stays within each example, see varlen_attention). Without packing: rows of one
+    example, sorted by length before chunking, so each micro-batch pads very little.
     """
-    rows = pack_rows(indices, lengths, pack_length) if pack_length else [[i] for i in indices]
+    if pack_length:
+        return [[row] for row in pack_balanced(indices, lengths, micro_batch_size * pack_length)]
+    rows = [[i] for i in indices]
     rows.sort(key=lambda r: (-sum(lengths[i] for i in r), r))
     return [rows[k:k + micro_batch_size] for k in range(0, len(rows), micro_batch_size)]
 
@@ -111,11 +131,18 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, i
     """Summed next-token cross-entropy over trained tokens, and how many tokens were trained.
 
     `use_cache=False` matters for packed rows: transformers only derives the per-example
-    attention blocks from position ids when no KV cache is passed."""
+    attention blocks from position ids when no KV cache is passed. For a single packed row the
+    vocabulary projection is computed only where a token is trained (`logits_to_keep`)."""
+    shift_labels = batch["labels"][:, 1:]
+    if batch["input_ids"].shape[0] == 1 and "position_ids" in batch:
+        keep = (shift_labels[0] != IGNORE_INDEX).nonzero().flatten()
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False, logits_to_keep=keep).logits[0].float()
+        loss_sum = torch.nn.functional.cross_entropy(logits, shift_labels[0, keep], reduction="sum")
+        return loss_sum, int(keep.numel())
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                    position_ids=batch.get("position_ids"), use_cache=False).logits
     shift_logits = logits[:, :-1, :].float()
-    shift_labels = batch["labels"][:, 1:]
     loss_sum = torch.nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="sum")

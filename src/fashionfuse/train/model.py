@@ -17,10 +17,15 @@ def lora_config(train: TrainingConfig):
 
 def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=None,
                           device: str | None = None):
-    """Quantised base (or the given one) prepared for k-bit training, with a new LoRA adapter."""
+    """Quantised base (or the given one) prepared for k-bit training, with a new LoRA adapter;
+    with packing, attention runs per example of each packed row (see varlen_attention)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    from .varlen_attention import use_varlen_attention
+
     base = base if base is not None else load_base_model(model_cfg, device=device)
+    if train.packing:
+        use_varlen_attention(base)
     if model_cfg.quantization.bits == 4:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=train.gradient_checkpointing)

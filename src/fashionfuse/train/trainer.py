@@ -200,6 +200,7 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, stop_after: int | No
     step = start
     windows: list[list[int]] = []
     padded_total = real_total = 0
+    train_seconds = 0.0
     t0 = time.perf_counter()
     while step < total:
         epoch, within = divmod(step, per_epoch)
@@ -240,6 +241,7 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, stop_after: int | No
         t0 = time.perf_counter()
         real_total += real
         padded_total += padded
+        train_seconds += elapsed
         history.append({"step": step, "epoch": round(step / per_epoch, 3), "loss": round(loss, 5),
                         "lr": scheduler.get_last_lr()[0], "trained_tokens": int(step_tokens),
                         "tokens_per_s": round(real / max(elapsed, 1e-9), 1),
@@ -261,6 +263,7 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, stop_after: int | No
     metrics = {"steps": total, "examples": len(examples), "final_loss": history[-1]["loss"],
                "first_loss": history[0]["loss"], "optimizer": optimizer_name,
                "processes": world.size, "packing": bool(pack_length),
+               "train_seconds": round(train_seconds, 2), "real_tokens": int(real_total),
                "padding_pct": round(100 * (1 - real_total / max(padded_total, 1)), 2)
                if padded_total else None}
     if world.is_main:
