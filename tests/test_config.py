@@ -85,8 +85,14 @@ def test_invalid_yaml_reports_line(tmp_path):
 
 
 def test_cross_field_checks(make_config):
-    with pytest.raises(ConfigError, match="search.adapters: unknown dataset names"):
+    with pytest.raises(ConfigError, match="search.adapters: unknown names"):
         load_config(make_config(), ["search.adapters=[chat, nosuch]"])
+    with pytest.raises(ConfigError, match="adapters.0.on_top_of: unknown or later adapters"):
+        load_config(make_config(adapters=[{"name": "x", "datasets": ["chat"], "on_top_of": ["y"]}]))
+    with pytest.raises(ConfigError, match="adapters.0.name: 'chat' is already an adapter name"):
+        load_config(make_config(adapters=[{"name": "chat", "datasets": ["orca"]}]))
+    with pytest.raises(ConfigError, match="rounds.1.adapters: unknown names"):
+        load_config(make_config(rounds=[{"adapters": ["chat"]}, {"adapters": ["nosuch"]}]))
 
 
 def test_resolved_config_saved_in_run_dir(make_config, tmp_path):

@@ -85,22 +85,43 @@ def train_adapter(
     config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
     adapter: Optional[list[str]] = typer.Option(
         None, "--adapter", "--dataset", help="Only these adapters (default: all)"),
+    round_: Optional[int] = typer.Option(None, "--round", help="With `rounds`: this round only"),
 ) -> None:
     """Train one QLoRA adapter per curated dataset, plus the configured baselines.
 
     Multi-process: `torchrun --nproc_per_node N -m fashionfuse train-adapter CONFIG`."""
     from .train import train_adapters
 
-    _run_stage(config, set_, lambda cfg: train_adapters(cfg, adapter, force=force))
+    _run_stage(config, set_, lambda cfg: _per_round(
+        cfg, round_, "train", lambda c: train_adapters(c, adapter, force=force)))
 
 
 @app.command("search-weights")
 def search_weights(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
-                   force: bool = ForceOpt) -> None:
+                   force: bool = ForceOpt,
+                   round_: Optional[int] = typer.Option(None, "--round",
+                                                        help="With `rounds`: this round only")
+                   ) -> None:
     """Search fusion weights on the held-out objective; export the fused adapter."""
     from .search import search_weights as run
 
-    _run_stage(config, set_, lambda cfg: run(cfg, force=force))
+    _run_stage(config, set_, lambda cfg: _per_round(cfg, round_, "search",
+                                                     lambda c: run(c, force=force)))
+
+
+def _per_round(cfg: RunConfig, round_: Optional[int], stage: str, call: Callable):
+    """Without `rounds`: the stage on the run. With them: the stage of round `--round N`, whose
+    base holds the earlier rounds' fused adapters (`fashionfuse run` does every round)."""
+    if not cfg.rounds:
+        if round_ is not None:
+            raise ValueError("--round: the config has no `rounds`")
+        return call(cfg)
+    from .rounds import run_rounds
+
+    if round_ is None or not 1 <= round_ <= len(cfg.rounds):
+        raise ValueError(f"the config has rounds: pass --round N (1..{len(cfg.rounds)}), "
+                         "or use `fashionfuse run` for every round")
+    return run_rounds(cfg, (stage,), only=round_)
 
 
 @app.command("eval")
@@ -112,7 +133,9 @@ def eval_(
     from .evaluate import evaluate
 
     overrides = list(set_ or []) + ([f"eval.limit={limit}"] if limit is not None else [])
-    _run_stage(config, overrides, lambda cfg: evaluate(cfg, force=force))
+    from .rounds import final_config
+
+    _run_stage(config, overrides, lambda cfg: evaluate(final_config(cfg), force=force))
 
 
 @app.command()

@@ -178,7 +178,7 @@ def export_merged_model(model_cfg, adapter_dir: Path, out_dir: Path, dtype=torch
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from .base_model import load_base_model, load_tokenizer
+    from .base_model import load_base_model, load_tokenizer, merge_into_base
 
     full = AutoModelForCausalLM.from_pretrained(model_cfg.base, revision=model_cfg.revision,
                                                 trust_remote_code=model_cfg.trust_remote_code,
@@ -190,7 +190,9 @@ def export_merged_model(model_cfg, adapter_dir: Path, out_dir: Path, dtype=torch
                 w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
                 full.get_submodule(name).weight.data = w.float().reshape(
                     full.get_submodule(name).weight.shape)
-        del quantized
+        del quantized  # earlier rounds' merged adapters are in these weights already
+    else:
+        full = merge_into_base(full, list(model_cfg.merge_adapters))
     adapter = load_saved_adapter(adapter_dir)
     with torch.no_grad():
         for key, delta in weighted_delta([adapter], [1.0]).items():
