@@ -82,7 +82,8 @@ def test_killed_search_resumes_without_repeating_trials(pipeline_run, tmp_path):
     assert not (run / "search").exists()
     storage = f"sqlite:///{run / 'search.work' / 'study.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
-    assert summary.n_trials == 2
+    killed = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert len([t for t in killed.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
     result = search_weights(cfg)
     assert result["n_trials"] == 5
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -214,3 +215,49 @@ def test_tuning_on_a_test_split_is_refused(pipeline_run, tmp_path, demo_data):
                                  "--set", f"search.objective.include_paths=[{demo_data['tasks']}]"])
     assert result.exit_code == 2
     assert "demo_colours is scored on its test split" in result.output
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server on loopback; skips when none can be started here."""
+    pytest.importorskip("psycopg2")
+    from . import postgres_server
+
+    try:
+        url, stop = postgres_server.start()
+    except postgres_server.Unavailable as exc:
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    yield url
+    stop()
+
+
+def test_two_workers_share_one_study_on_postgresql(pipeline_run, tmp_path, postgres_url):
+    """Two worker processes on one PostgreSQL study: every grid candidate runs exactly once,
+    and both workers take part."""
+    import os
+    import subprocess
+    import sys
+
+    from fashionfuse.search.pipeline import search_fingerprint
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval"))
+    values = [round(i / 7, 4) for i in range(8)]  # 8 x 8 = 64 candidates
+    overrides = ["--set", f"run_dir={run}", "--set", f"search.storage={postgres_url}",
+                 "--set", f"search.grid_values={values}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "fashionfuse", "search-weights", str(pipeline_run["config"]),
+           *overrides]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    for w, out in zip(workers, outputs):
+        assert w.returncode == 0, out[-3000:]
+    cfg = load_config(pipeline_run["config"], [f"run_dir={run}", f"search.storage={postgres_url}",
+                                               f"search.grid_values={values}"])
+    study = optuna.load_study(study_name=f"fusion-{search_fingerprint(cfg)}", storage=postgres_url)
+    complete = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    indices = sorted(t.user_attrs["candidate"] for t in complete)
+    assert indices == list(range(64)), "a candidate ran twice or was lost"
+    assert len({t.user_attrs["worker"] for t in complete}) == 2, "one worker did everything"
+    assert json.loads((run / "search" / "best.json").read_text())["n_trials"] == 64

@@ -238,6 +238,12 @@ class SearchConfig(_Strict):
     gradient_steps: Annotated[int, Field(gt=0)] = 30
     gradient_lr: Annotated[float, Field(gt=0)] = 0.05
     gradient_init: float | None = Field(default=None, description="Start weight (default: midpoint)")
+    storage: str | None = Field(
+        default=None, description="Optuna storage URL shared by every worker (e.g. "
+        "postgresql+psycopg2://user@host/db); default: SQLite in the run dir")
+    stale_after_s: Annotated[float, Field(gt=0)] = Field(
+        default=60, description="A running trial without a heartbeat for this long is "
+        "treated as dead (its worker was killed) and its candidate is run again")
     halving_fractions: list[Annotated[float, Field(gt=0, le=1)]] | None = Field(
         default=None, description="Successive halving: score on these growing validation shares, "
                                   "pruning weak candidates between them (e.g. [0.25, 0.5, 1.0])")

@@ -136,8 +136,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
+    try:
         os.replace(final, old)
+    except FileNotFoundError:
+        pass
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 

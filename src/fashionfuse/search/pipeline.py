@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import socket
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -44,9 +48,17 @@ def search_fingerprint(cfg: RunConfig) -> str:
 
 def open_study(cfg: RunConfig, fp: str) -> optuna.Study:
     """The persistent study of this search (created on first use, reopened on resume)."""
-    work = RunLayout(cfg.run_dir).search_work
-    work.mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{(work / 'study.db').resolve()}"
+    url = cfg.search.storage
+    if url is None:
+        work = RunLayout(cfg.run_dir).search_work
+        work.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{(work / 'study.db').resolve()}"
+    beat = max(1, int(cfg.search.stale_after_s // 4))
+    # heartbeats are recorded by our own thread around ask/tell trials (see _Heartbeat)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=beat,
+                                         grace_period=int(cfg.search.stale_after_s))
     sampler_factory = SAMPLERS.get(cfg.search.method)
     sampler = sampler_factory(cfg.seed) if sampler_factory else optuna.samplers.RandomSampler(cfg.seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -64,16 +76,45 @@ def _finished(study: optuna.Study, pruned: bool = False) -> list[optuna.trial.Fr
     return [t for t in study.get_trials(deepcopy=False) if t.state in states]
 
 
-def _evaluate_candidate(study: optuna.Study, dists, names: list[str], evaluate,
-                        params: dict | None = None, user_attrs: dict | None = None,
-                        prunable: bool = False) -> None:
-    """Ask for one trial (the enqueued `params`, or the sampler's choice), score it, tell it."""
-    if params is not None:
-        study.enqueue_trial(params, user_attrs=user_attrs, skip_if_exists=False)
-    trial = study.ask(dists)
+class _Heartbeat:
+    """Record a trial's heartbeat in the background while it is evaluated, so other workers
+    can tell a slow trial from one whose worker died."""
+
+    def __init__(self, study: optuna.Study, trial_id: int):
+        self.storage, self.trial_id = study._storage, trial_id
+        self.interval = getattr(self.storage, "heartbeat_interval", None) or 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.storage.record_heartbeat(self.trial_id)
+
+    def __enter__(self):
+        if self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
+def _score_trial(study: optuna.Study, trial: optuna.Trial, names: list[str], evaluate,
+                 prunable: bool) -> None:
+    """Evaluate a claimed trial and tell the study; a trial interrupted mid-way is failed (its
+    candidate stays to do)."""
     t0 = time.perf_counter()
-    losses = evaluate({n: float(trial.params[n]) for n in names}, trial if prunable else None)
+    try:
+        with _Heartbeat(study, trial._trial_id):
+            losses = evaluate({n: float(trial.params[n]) for n in names}, trial if prunable else None)
+    except BaseException:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
     trial.set_user_attr("seconds", round(time.perf_counter() - t0, 4))
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     if losses is None:  # stopped early by successive halving
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     else:
@@ -81,28 +122,92 @@ def _evaluate_candidate(study: optuna.Study, dists, names: list[str], evaluate,
         study.tell(trial, losses["score"])
 
 
+def _evaluate_candidate(study: optuna.Study, dists, names: list[str], evaluate,
+                        params: dict | None = None, user_attrs: dict | None = None,
+                        prunable: bool = False) -> None:
+    """Ask for one trial (the enqueued `params`, or the sampler's choice), score it, tell it."""
+    if params is not None:
+        study.enqueue_trial(params, user_attrs=user_attrs, skip_if_exists=False)
+    _score_trial(study, study.ask(dists), names, evaluate, prunable)
+
+
+_LIVE = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+_DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
 def run_trials(cfg: RunConfig, study: optuna.Study, evaluate, names: list[str],
                stop_after: int | None = None) -> None:
-    """Evaluate the candidates not yet finished in `study`, persisting each as it completes."""
+    """Evaluate the candidates not yet finished in `study`, persisting each as it completes.
+
+    Safe for several workers on one study: fixed candidates (grid, random) are enqueued as
+    WAITING trials, which the storage hands to exactly one worker each; a candidate enqueued
+    twice by racing workers runs only as its lowest-numbered trial. Sampler-driven searches stop
+    at `n_trials` live or finished trials. Trials of a killed worker go stale (no heartbeat for
+    `stale_after_s`) and their candidates are run again.
+    """
     dists = distributions(cfg.search, names)
-    done = _finished(study, pruned=True)
     fixed = CANDIDATE_LISTS.get(cfg.search.method)
-    if fixed is not None:
-        candidates = fixed(cfg.search, names, cfg.seed)
-        finished_idx = {t.user_attrs.get("candidate") for t in done}
-        todo = [(i, c) for i, c in enumerate(candidates) if i not in finished_idx]
-    else:
-        todo = [(None, None)] * max(0, cfg.search.n_trials - len(done))
-    # trials left RUNNING by a killed process are marked failed so they are not counted
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    if done:
-        print(f"search: resuming, {len(done)} trials finished, {len(todo)} to go")
-    for k, (index, params) in enumerate(tqdm(todo, desc="search", unit="trial", leave=False)):
-        attrs = {"candidate": index} if params is not None else None
-        _evaluate_candidate(study, dists, names, evaluate, params, attrs, prunable=True)
-        if stop_after is not None and k + 1 >= stop_after:
-            raise KeyboardInterrupt(f"stopped after {k + 1} trials (test hook)")
+    candidates = fixed(cfg.search, names, cfg.seed) if fixed is not None else None
+    done_before = len(_finished(study, pruned=True))
+    if done_before:
+        print(f"search: resuming, {done_before} trials finished")
+    bar = tqdm(desc="search", unit="trial", leave=False)
+    ran, waited = 0, False
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        if candidates is None:
+            if sum(t.state in _DONE + _LIVE for t in trials) >= cfg.search.n_trials:
+                if not any(t.state in _LIVE for t in trials):
+                    break
+                waited = _wait_for_others(cfg, waited)
+                continue
+            trial = study.ask(dists)
+            before = [t for t in study.get_trials(deepcopy=False)
+                      if t.number < trial.number and t.state in _DONE + _LIVE]
+            if len(before) >= cfg.search.n_trials:  # another worker filled the budget first
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+        else:
+            state = {}
+            for t in trials:
+                i = t.user_attrs.get("candidate")
+                if i is not None and t.state in _DONE + _LIVE:
+                    state.setdefault(i, set()).add(t.state)
+            missing = [i for i in range(len(candidates)) if i not in state]
+            for i in missing:
+                study.enqueue_trial(candidates[i], user_attrs={"candidate": i},
+                                    skip_if_exists=False)
+            waiting = missing or any(optuna.trial.TrialState.WAITING in s for s in state.values())
+            if not waiting:
+                if not any(optuna.trial.TrialState.RUNNING in s for s in state.values()):
+                    break
+                waited = _wait_for_others(cfg, waited)
+                continue
+            trial = study.ask(dists)
+            index = trial.user_attrs.get("candidate")
+            twin = index is None or any(
+                t.user_attrs.get("candidate") == index and t.number < trial.number
+                and t.state in _DONE + _LIVE for t in study.get_trials(deepcopy=False))
+            if twin:  # popped a duplicate (or nothing was left to pop): not run
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+        _score_trial(study, trial, names, evaluate, prunable=True)
+        ran += 1
+        bar.update(1)
+        if stop_after is not None and ran >= stop_after:
+            bar.close()
+            raise KeyboardInterrupt(f"stopped after {ran} trials (test hook)")
+    bar.close()
+
+
+def _wait_for_others(cfg: RunConfig, waited: bool) -> bool:
+    """Nothing left to claim but other workers' trials are running: wait for them."""
+    if not waited:
+        print(f"search: waiting for trials running in other workers (or stale after "
+              f"{cfg.search.stale_after_s:g} s)")
+    time.sleep(min(2.0, cfg.search.stale_after_s / 4))
+    return True
 
 
 def learn_trials(cfg: RunConfig, study: optuna.Study, model, objective, evaluate, names) -> None:
@@ -206,6 +311,10 @@ def search_weights(cfg: RunConfig, force: bool = False, stop_after: int | None =
               "adapters": names, "best_weights": best["weights"], "best_score": best["score"],
               "best_per_dataset": best["per_dataset"], "n_trials": len(trials),
               "n_pruned": pruned}
+    manifest = read_manifest(layout.search)
+    if not force and manifest and manifest.get("fingerprint") == fp:
+        print("search: another worker wrote the result")
+        return json.loads((layout.search / "best.json").read_text())
     with atomic_dir(layout.search) as tmp:
         write_json(tmp / "trials.json", trials)
         with open(tmp / "trials.csv", "w", newline="") as fh:
