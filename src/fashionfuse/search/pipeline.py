@@ -57,8 +57,15 @@ def open_study(cfg: RunConfig, fp: str) -> optuna.Study:
     # heartbeats are recorded by our own thread around ask/tell trials (see _Heartbeat)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = optuna.storages.RDBStorage(url, heartbeat_interval=beat,
-                                         grace_period=int(cfg.search.stale_after_s))
+    for attempt in range(5):  # workers starting together race to create the schema: retry
+        try:
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=beat,
+                                                 grace_period=int(cfg.search.stale_after_s))
+            break
+        except Exception as exc:  # sqlalchemy IntegrityError / ProgrammingError
+            if attempt == 4 or not ("already exists" in str(exc) or "duplicate key" in str(exc)):
+                raise
+            time.sleep(0.5 + attempt)
     sampler_factory = SAMPLERS.get(cfg.search.method)
     sampler = sampler_factory(cfg.seed) if sampler_factory else optuna.samplers.RandomSampler(cfg.seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
