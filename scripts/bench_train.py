@@ -112,7 +112,6 @@ def main() -> None:
                         help="Tokens per packed row (default: --max-len)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     import yaml
 

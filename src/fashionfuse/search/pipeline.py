@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from ..base_model import base_fingerprint_parts, default_device, load_base_model, load_tokenizer
 from ..config import RunConfig, config_hash
 from ..lora import attach_adapters, fuse_adapters, load_saved_adapter, save_peft_adapter, set_fusion_weights
-from ..rundir import RunLayout, atomic_dir, fingerprint, read_manifest, write_json, write_manifest
+from ..rundir import (RunLayout, atomic_dir, fingerprint, is_up_to_date, read_manifest, write_json,
+                      write_manifest)
 from .objectives import LmEvalObjective, ValidationLoss
 from .samplers import CANDIDATE_LISTS, SAMPLERS, distributions
 
@@ -260,8 +261,7 @@ def search_weights(cfg: RunConfig, force: bool = False, stop_after: int | None =
     layout = RunLayout(cfg.run_dir)
     names = cfg.search_adapters
     fp = search_fingerprint(cfg)
-    manifest = read_manifest(layout.search)
-    if not force and manifest and manifest.get("fingerprint") == fp:
+    if not force and is_up_to_date(layout.search, fp):
         print("search: up to date")
         return json.loads((layout.search / "best.json").read_text())
     adapter_dirs = {n: layout.adapter(n) for n in names}
@@ -318,8 +318,7 @@ def search_weights(cfg: RunConfig, force: bool = False, stop_after: int | None =
               "adapters": names, "best_weights": best["weights"], "best_score": best["score"],
               "best_per_dataset": best["per_dataset"], "n_trials": len(trials),
               "n_pruned": pruned}
-    manifest = read_manifest(layout.search)
-    if not force and manifest and manifest.get("fingerprint") == fp:
+    if not force and is_up_to_date(layout.search, fp):
         print("search: another worker wrote the result")
         return json.loads((layout.search / "best.json").read_text())
     with atomic_dir(layout.search) as tmp:

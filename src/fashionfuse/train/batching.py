@@ -84,8 +84,7 @@ def plan_micro_batches(indices: list[int], lengths: list[int], micro_batch_size:
     """
     if pack_length:
         return [[row] for row in pack_balanced(indices, lengths, micro_batch_size * pack_length)]
-    rows = [[i] for i in indices]
-    rows.sort(key=lambda r: (-sum(lengths[i] for i in r), r))
+    rows = [[i] for i in sorted(indices, key=lambda i: (-lengths[i], i))]
     return [rows[k:k + micro_batch_size] for k in range(0, len(rows), micro_batch_size)]
 
 
@@ -106,10 +105,11 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
     """Concatenate each row's examples, restarting position ids at 0 for every example.
 
-    No attention mask is passed: transformers then derives a block-diagonal causal mask from the
-    position resets (flash-attention varlen on GPU), so no token attends across examples. Each
-    example's first label is masked so no loss crosses a boundary; the padding tail is its own
-    block with masked labels.
+    No attention mask is passed: the training model attends per example (varlen_attention), and
+    plain transformers attention derives a block-diagonal causal mask from the position resets,
+    so no token attends across examples either way. Each example's first label is masked so no
+    loss crosses a boundary; a padding tail (rows of unequal length) is its own block with
+    masked labels.
     """
     width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 from ..base_model import base_fingerprint_parts, load_tokenizer
 from ..chat_template import install_chat_template
 from ..config import RunConfig, config_hash
-from ..rundir import (RunLayout, atomic_dir, fingerprint, read_manifest, write_json,
+from ..rundir import (RunLayout, atomic_dir, fingerprint, is_up_to_date, read_manifest, write_json,
                       write_manifest)
 from ..chat_template import IGNORE_INDEX
 from ..lora import fuse_adapters, load_saved_adapter, save_peft_adapter
@@ -285,12 +284,11 @@ def train_adapters(cfg: RunConfig, datasets: list[str] | None = None, force: boo
     results = {}
     for name in names:
         cfg.adapter_spec(name)  # KeyError for unknown names
-        manifest = read_manifest(layout.adapter(name))
-        if not force and manifest and manifest.get("fingerprint") == train_fingerprint(cfg, name):
+        if not force and is_up_to_date(layout.adapter(name), train_fingerprint(cfg, name)):
             print(f"train {name}: up to date")
-            results[name] = manifest["metrics"]
+            results[name] = read_manifest(layout.adapter(name))["metrics"]
             continue
         results[name] = train_one_adapter(cfg, name, tokenizer)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if init_world().is_main:
         write_json(layout.root / "adapters" / "summary.json", results)
     return results
