@@ -101,3 +101,23 @@ def test_resolved_config_saved_in_run_dir(make_config, tmp_path):
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((tmp_path / "run" / "config.resolved.yaml").read_text())
     assert saved["training"]["lora"]["r"] == 4 and saved["seed"] == 7
+
+
+@pytest.mark.parametrize("name", ["base", "fused", "merged", "Base"])
+def test_reserved_dataset_and_adapter_names_are_refused(make_config, name):
+    """eval labels its rows base/fused/merged: an adapter of that name would collide."""
+    with pytest.raises(ConfigError, match=f"datasets.0.name: .*'{name}' is reserved"):
+        load_config(make_config(), [f"datasets.0.name={name}"])
+    with pytest.raises(ConfigError, match=f"adapters.0.name: .*'{name}' is reserved"):
+        load_config(make_config(adapters=[{"name": name, "datasets": ["chat"]}]))
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden"])
+def test_adapter_names_must_be_plain_file_names(make_config, name):
+    with pytest.raises(ConfigError, match="adapters.0.name: String should match pattern"):
+        load_config(make_config(adapters=[{"name": name, "datasets": ["chat"]}]))
+
+
+def test_search_step_must_divide_the_range(make_config):
+    with pytest.raises(ConfigError, match="search: .*step 0.3 must divide high - low"):
+        load_config(make_config(), ["search.method=tpe", "search.step=0.3"])

@@ -77,8 +77,49 @@ def test_identity_filter_replaces_or_drops():
     assert out.messages[1]["content"] == "I am FashionGPT by FashionGPT."
     assert out.messages[0]["content"] == "Are you FashionGPT?"
     drop = filters.identity(cfg.patterns, "drop", "x")
-    assert isinstance(drop(rec("q", "openai said so")), Rejection)
+    assert isinstance(drop(rec("q", "OpenAI said so")), Rejection)
     assert isinstance(drop(rec("q", "nothing to see")), Record)
+
+
+def test_identity_filter_leaves_code_and_identifiers_alone():
+    """Proper names as written in prose are replaced; code (fenced, inline, or lower-case
+    identifiers such as a package name or a model id string) is never rewritten."""
+    replace = filters.identity(IdentityFilterConfig().patterns, "replace", "FashionGPT")
+    answer = ("I am ChatGPT, made by OpenAI (like GPT-4 and Chat GPT; chatGPT, GPT4).\n"
+              "Call it with `import openai`:\n"
+              "```python\nimport openai\nclient = OpenAI()\nclient.create(model='GPT-4')\n```\n"
+              "In prose: openai is a package; the model id is gpt-4; GPT-4o is another model.")
+    out = replace(rec("q", answer)).messages[1]["content"]
+    assert out.startswith("I am FashionGPT, made by FashionGPT (like FashionGPT and FashionGPT; "
+                          "FashionGPT, FashionGPT).")
+    assert "`import openai`" in out
+    assert "```python\nimport openai\nclient = OpenAI()\nclient.create(model='GPT-4')\n```" in out
+    assert out.endswith("In prose: openai is a package; the model id is gpt-4; GPT-4o is another model.")
+    drop = filters.identity(IdentityFilterConfig().patterns, "drop", "x")
+    assert isinstance(drop(rec("q", "```\nfrom openai import OpenAI\n```")), Record)
+
+
+def test_refusal_filter_matches_curly_apostrophes_and_cant():
+    f = filters.refusal(FilterConfig().refusal_patterns)
+    assert isinstance(f(rec("q", "I\u2019m sorry, but I can\u2019t help with that.")), Rejection)
+    assert isinstance(f(rec("q", "I'm sorry, but I can't help with that.")), Rejection)
+    assert isinstance(f(rec("q", "I\u2019m sorry,\nbut I cannot do it.")), Rejection)
+    assert isinstance(f(rec("q", "I can\u2019t wait to see Paris!")), Record)
+
+
+def test_split_segments_of_one_chat_stay_in_one_split():
+    """A chat split to fit the context yields segments `id#k`; all land on the same side."""
+    records = []
+    for i in range(40):
+        turns = [f"question {i}.{t}" if t % 2 == 0 else f"answer {i}.{t}" for t in range(8)]
+        whole = rec(*turns, rid=f"chat{i}")
+        pieces = split_to_fit(whole, lambda msgs, system: 10 * len(msgs), 40)
+        assert isinstance(pieces, list) and len(pieces) == 2
+        records += pieces
+    train, val = train_validation_split(records, 0.25, seed=3)
+    parents = lambda rs: {r.meta["parent"] for r in rs}  # noqa: E731
+    assert val and train and not parents(train) & parents(val)
+    assert len(val) == 20 and len(train) + len(val) == 80
 
 
 def test_length_filter():

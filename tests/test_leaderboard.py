@@ -101,3 +101,55 @@ def test_preset_on_shared_benchmark_data(make_config, tmp_path):
 def test_benchmark_data_requires_preset(make_config):
     result = runner.invoke(app, ["validate", str(make_config()), "--set", "eval.benchmark_data=/x"])
     assert result.exit_code == 2 and "benchmark_data is only used with a preset" in result.output
+
+
+# Original-schema rows (ctx_a, ctx_b as in the HF dataset), written for this test.
+_HELLASWAG_ORIGINALS = [
+    ("Kayaking", "A woman paddles a kayak across a lake. She waves at the camera.", "then, she"),
+    ("Cooking", "A chef slices onions on a board.", "the chef named Bob"),
+    ("Walking the dog", "A man walks a dog in a park! The dog barks.", "a second dog"),
+    ("Tying a tie", "How to tie a tie. Drape the tie around your neck. Keep the wide end long.", ""),
+    ("Juggling", 'A boy says "watch this." He throws three balls.', "he"),
+    ("Painting", "Two kids paint a fence? No, they paint a wall.", "the girl"),
+    ("Rowing", "A team rows a boat on a river.", "they"),
+    ("Skiing", "A skier goes down a slope. The skier turns left (carefully).", "the skier"),
+    ("Baking", "A man [title] puts dough in an oven.", "he"),
+    ("Surfing", "A surfer rides a wave. Another surfer paddles out.", "both surfers"),
+    ("Knitting", "How to knit a scarf. Choose a soft yarn.", ""),
+]
+
+
+def test_hellaswag_prompts_equal_lm_evals_on_the_original_schema():
+    """The local converter only has `ctx`; splitting it back must give lm-eval's own prompt,
+    which capitalises ctx_b ('...roof. he' -> '...roof. He')."""
+    import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    from fashionfuse.evaluate.benchmarks import split_hellaswag_ctx
+
+    originals, converted = [], []
+    for label, ctx_a, ctx_b in _HELLASWAG_ORIGINALS:
+        endings = ["ends here.", "goes on.", "stops.", "falls."]
+        originals.append({"activity_label": label, "ctx_a": ctx_a, "ctx_b": ctx_b,
+                          "endings": endings, "label": "0"})
+        a, b = split_hellaswag_ctx(f"{ctx_a} {ctx_b}" if ctx_b else ctx_a)
+        converted.append({"activity_label": label, "ctx_a": a, "ctx_b": b, "endings": endings,
+                          "label": "0"})
+    want = process_docs(datasets.Dataset.from_list(originals))["query"]
+    got = process_docs(datasets.Dataset.from_list(converted))["query"]
+    assert got == want
+    assert "Kayaking: A woman paddles a kayak across a lake. She waves at the camera. Then, she" in got
+
+
+@pytest.mark.skipif(not (SHARED / "benchmarks" / "hellaswag").is_dir(), reason="no ../shared")
+def test_hellaswag_split_is_lossless_on_shared_data():
+    from fashionfuse.evaluate.benchmarks import split_hellaswag_ctx
+
+    rows = [json.loads(x) for x in
+            (SHARED / "benchmarks" / "hellaswag" / "validation.jsonl").read_text().splitlines()]
+    capitalised = 0
+    for r in rows:
+        a, b = split_hellaswag_ctx(r["ctx"])
+        assert (f"{a} {b}" if b else a) == r["ctx"].rstrip()
+        capitalised += b[:1].islower()
+    assert capitalised > 3000  # about a third of the items get lm-eval's capital letter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import optuna
@@ -138,7 +139,9 @@ def test_merged_export_uses_dequantised_nf4_weights(pipeline_run, tmp_path):
 
     cfg = load_config(pipeline_run["config"])
     fused_dir = pipeline_run["run_dir"] / "search" / "fused"
-    out = export_merged_model(cfg.model, fused_dir, tmp_path / "merged", dtype=torch.float32)
+    out = tmp_path / "merged"
+    report = export_merged_model(cfg.model, fused_dir, out, dtype=torch.float32)
+    assert report["dtype"] == "float32" and report["update_relative_error"] < 1e-3
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     original = AutoModelForCausalLM.from_pretrained(cfg.model.base, dtype=torch.float32)
     quantized = load_base_model(cfg.model, device="cpu")
@@ -261,3 +264,112 @@ def test_two_workers_share_one_study_on_postgresql(pipeline_run, tmp_path, postg
     assert indices == list(range(64)), "a candidate ran twice or was lost"
     assert len({t.user_attrs["worker"] for t in complete}) == 2, "one worker did everything"
     assert json.loads((run / "search" / "best.json").read_text())["n_trials"] == 64
+
+
+def test_halving_with_two_fractions_prunes_at_the_first_rung(pipeline_run, tmp_path):
+    """Reports count from step 1, the pruner's first rung: with [0.5, 1.0] weak candidates are
+    stopped after half the data (before the fix nothing was ever pruned)."""
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval*"))
+    cfg = load_config(pipeline_run["config"], [
+        f"run_dir={run}", "search.grid_values=[0.0, 0.25, 0.5, 0.75, 1.0]", "search.batch_size=1",
+        "search.halving_fractions=[0.5, 1.0]"])
+    result = search_weights(cfg)
+    assert result["n_trials"] + result["n_pruned"] == 25 and result["n_pruned"] > 0
+
+
+def test_halving_stages_are_a_seeded_random_sample(pipeline_run, tmp_path):
+    """The first stage is not the shortest examples (a biased slice) but a seeded shuffle;
+    every example is scored exactly once over the stages."""
+    from fashionfuse.base_model import load_tokenizer
+    from fashionfuse.search.objectives import ValidationLoss
+
+    cfg = load_config(pipeline_run["config"], [
+        "search.batch_size=1", "search.objective.max_samples_per_dataset=null",
+        "search.halving_fractions=[0.5, 1.0]"])
+    tok = load_tokenizer(cfg.model)
+    obj = ValidationLoss.from_config(cfg, tok, "cpu")
+    again = ValidationLoss.from_config(cfg, tok, "cpu")
+    shortest_first = []
+    for name, batches in obj.batches.items():
+        lengths = [int(b["input_ids"].shape[1]) for b in batches]
+        first = lengths[:obj.stage_ends[name][0]]
+        assert len(lengths) == obj.stage_ends[name][-1] >= 6
+        shortest_first.append(sorted(first) == sorted(lengths)[:len(first)])
+        assert [b["input_ids"].tolist() for b in again.batches[name]] == \
+            [b["input_ids"].tolist() for b in batches]  # seeded
+    assert not all(shortest_first), "the first stage holds the shortest examples"
+
+
+def test_tpe_workers_get_their_own_seeds_and_respect_step():
+    """Two workers on one study must not propose the same points; TPE stays on the step grid."""
+    from fashionfuse.search.samplers import SAMPLERS, distributions, worker_seed
+
+    cfg = SearchConfig(method="tpe", low=0.0, high=1.0, step=0.05)
+    dists = distributions(cfg, ["a", "b", "c"])
+    assert worker_seed(7, None) == 7
+    seeds = {worker_seed(7, w) for w in ("host:1", "host:2")}
+    assert len(seeds) == 2
+    study = optuna.create_study(sampler=SAMPLERS["tpe"](0))
+    asked = []
+    for seed in seeds:
+        other = optuna.load_study(study_name=study.study_name, storage=study._storage,
+                                  sampler=SAMPLERS["tpe"](seed))
+        asked.append([other.ask(dists).params for _ in range(4)])
+    assert asked[0] != asked[1]
+    for params in asked[0] + asked[1]:
+        for v in params.values():
+            assert abs(v / 0.05 - round(v / 0.05)) < 1e-9
+
+
+def test_search_worker_ids(pipeline_run, monkeypatch):
+    from fashionfuse.search.pipeline import search_worker_id
+
+    cfg = load_config(pipeline_run["config"])
+    monkeypatch.delenv("FASHIONFUSE_WORKER", raising=False)
+    assert search_worker_id(cfg) is None  # a lone worker on the run dir's SQLite: seed as given
+    shared = load_config(pipeline_run["config"], ["search.storage=sqlite:///x.db"])
+    assert search_worker_id(shared).endswith(f":{os.getpid()}")
+    monkeypatch.setenv("FASHIONFUSE_WORKER", "w3")
+    assert search_worker_id(shared) == "w3"
+
+
+def test_retrained_adapter_with_new_weights_invalidates_search(pipeline_run, tmp_path, monkeypatch):
+    """Downstream fingerprints hash the adapter *weights*: an adapter retrained to other bytes
+    (nondeterministic GPU kernels, say) makes the search stale even with the same config."""
+    from fashionfuse.rundir import is_up_to_date
+    from fashionfuse.search.pipeline import search_fingerprint
+    from fashionfuse.train import trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("eval*"))
+    cfg = load_config(pipeline_run["config"], [f"run_dir={run}"])
+    assert is_up_to_date(run / "search", search_fingerprint(cfg))
+    real_seed = trainer._seed_everything
+    monkeypatch.setattr(trainer, "_seed_everything", lambda seed: real_seed(seed + 1))
+    trainer.train_adapters(cfg, ["chat"], force=True)
+    assert not is_up_to_date(run / "search", search_fingerprint(cfg))
+
+
+def test_force_starts_a_fresh_study(pipeline_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("eval*"))
+    result = runner.invoke(app, ["search-weights", str(pipeline_run["config"]),
+                                 "--set", f"run_dir={run}", "--force"])
+    assert result.exit_code == 0, result.output
+    assert "resuming" not in result.output and "4 trials" in result.output
+    storage = f"sqlite:///{run / 'search.work' / 'study.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.n_trials == 4  # the old trials were discarded, not reused
+
+
+def test_eval_fingerprint_hashes_task_files(pipeline_run, tmp_path, demo_data):
+    from fashionfuse.evaluate.harness import eval_fingerprint, models_to_evaluate
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(demo_data["tasks"], tasks)
+    cfg = load_config(pipeline_run["config"], [f"eval.include_paths=[{tasks}]"])
+    before = eval_fingerprint(cfg, models_to_evaluate(cfg))
+    yaml_file = tasks / "demo_colours.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("acc_norm", "acc"))
+    assert eval_fingerprint(cfg, models_to_evaluate(cfg)) != before

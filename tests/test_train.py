@@ -271,3 +271,12 @@ def test_ddp_training_on_two_cpu_processes_matches_one_process(make_config, tmp_
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key].float(), one[key].float(), rtol=2e-2, atol=2e-4)
+
+
+def test_reductions_run_on_the_process_device():
+    """all_sum's tensor lives where the process group can reduce it (cuda:N under NCCL)."""
+    from fashionfuse.train.distributed import World, reduction_tensor
+
+    t = reduction_tensor(World(rank=1, size=2, device="meta"), [1.0, 2.0])
+    assert t.device.type == "meta" and t.dtype == torch.float64
+    assert reduction_tensor(World(rank=0, size=2, device="cpu"), [3.0]).device.type == "cpu"

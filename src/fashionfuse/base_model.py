@@ -49,7 +49,8 @@ def default_device() -> str:
 
 
 def load_base_model(cfg: ModelConfig, *, quantized: bool | None = None, device: str | None = None):
-    """The frozen base model: 4-bit NF4 when `quantization.bits == 4` (or `quantized=True`)."""
+    """The frozen base model: 4-bit NF4 when `quantization.bits == 4` (or `quantized=True`),
+    with `model.merge_adapters` merged into its full-precision weights before quantisation."""
     from transformers import AutoModelForCausalLM
 
     q = cfg.quantization
@@ -63,18 +64,57 @@ def load_base_model(cfg: ModelConfig, *, quantized: bool | None = None, device: 
     model = AutoModelForCausalLM.from_pretrained(cfg.base, **kwargs)
     if not quantized:
         model.to(device)
-    model = merge_into_base(model, cfg.merge_adapters)
+    if cfg.merge_adapters:
+        merge_into_base(model, cfg, adapter_deltas(cfg.merge_adapters))
     model.config.use_cache = False
     return model
 
 
-def merge_into_base(model, adapter_dirs: list[str]):
-    """Merge each PEFT adapter into `model`'s weights, in order (a 4-bit base is dequantised,
-    updated and re-quantised by PEFT, as when a fused model becomes the next round's base)."""
-    from peft import PeftModel
+def load_full_precision(cfg: ModelConfig, dtype: torch.dtype | str = "auto"):
+    """The base model as stored (no quantisation, no merged adapters), on the CPU."""
+    from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(cfg.base, revision=cfg.revision,
+                                                trust_remote_code=cfg.trust_remote_code,
+                                                dtype=dtype)
+
+
+def adapter_deltas(adapter_dirs: list[str]) -> dict[str, torch.Tensor]:
+    """The summed dense update (float64) of PEFT LoRA adapters, keyed by module name."""
+    from .lora import load_saved_adapter, weighted_delta
+
+    total: dict[str, torch.Tensor] = {}
     for path in adapter_dirs:
         if not (Path(path) / "adapter_config.json").exists():
             raise FileNotFoundError(f"model.merge_adapters: {path}: not a PEFT adapter directory")
-        model = PeftModel.from_pretrained(model, path, is_trainable=False).merge_and_unload()
+        for key, delta in weighted_delta([load_saved_adapter(path)], [1.0]).items():
+            name = key.removeprefix("base_model.model.")
+            total[name] = total[name] + delta if name in total else delta
+    return total
+
+
+@torch.no_grad()
+def merge_into_base(model, cfg: ModelConfig, deltas: dict[str, torch.Tensor]):
+    """Add dense updates to `model`'s weights, starting from the *stored* full-precision weights.
+
+    A 4-bit layer is re-quantised from `W0 + delta` (quantised once), never dequantised, updated
+    and re-quantised: on the NF4 grid a small update mostly rounds back to the old weight. A
+    16-bit layer gets `W0 + delta` computed in float32 and cast once.
+    """
+    import bitsandbytes as bnb
+
+    full = load_full_precision(cfg)
+    for name, delta in deltas.items():
+        module = model.get_submodule(name)
+        merged = full.get_submodule(name).weight.detach().double() + delta.to("cpu")
+        weight = module.weight
+        if isinstance(module, bnb.nn.Linear4bit):
+            old = weight.quant_state
+            module.weight = bnb.nn.Params4bit(
+                merged.to(old.dtype), requires_grad=False, blocksize=weight.blocksize,
+                compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
+                quant_storage=weight.quant_storage, module=module)._quantize(weight.device)
+        else:
+            weight.data.copy_(merged.to(weight.dtype))
+    del full
     return model

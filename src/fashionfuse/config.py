@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -112,8 +113,12 @@ class FilterConfig(_Strict):
         "as an ai language model",
         "i'm sorry, but i cannot",
         "i am sorry, but i cannot",
+        "i'm sorry, but i can't",
+        "i am sorry, but i can't",
         "i cannot fulfill",
+        "i can't fulfill",
         "i can't assist with",
+        "i cannot assist with",
     ]
     identity: IdentityFilterConfig = IdentityFilterConfig()
     min_response_chars: Annotated[int, Field(ge=0)] = 1
@@ -126,8 +131,22 @@ class FilterConfig(_Strict):
     near_dedup: NearDedupConfig = NearDedupConfig()
 
 
+# Labels `fashionfuse eval` gives its rows; an adapter with one of these names would collide.
+RESERVED_NAMES = ("base", "fused", "merged")
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # a plain file name: no '/', no leading '.'
+
+
+def _not_reserved(name: str) -> str:
+    if name.lower() in RESERVED_NAMES:
+        raise ValueError(f"{name!r} is reserved (eval labels its rows {', '.join(RESERVED_NAMES)})")
+    return name
+
+
+AdapterName = Annotated[str, Field(pattern=NAME_PATTERN), AfterValidator(_not_reserved)]
+
+
 class DatasetConfig(_Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    name: AdapterName
     kind: Literal["qa", "chat"]
     source: SourceConfig
     filters: FilterConfig = FilterConfig()
@@ -188,7 +207,7 @@ class TrainingConfig(_Strict):
 class AdapterSpec(_Strict):
     """An adapter beyond the default one-per-dataset: the baselines of the paper's Table 8."""
 
-    name: str
+    name: AdapterName
     datasets: list[str] = Field(
         description="Curated datasets trained together (>1: the fused-dataset baseline)")
     on_top_of: list[str] = Field(
@@ -249,6 +268,9 @@ class SearchConfig(_Strict):
                                   "pruning weak candidates between them (e.g. [0.25, 0.5, 1.0])")
     export_merged: bool = Field(
         default=False, description="Also save base + fused adapter merged (search/merged/)")
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="dtype of search/merged/ (auto: the base checkpoint's own; "
+        "16-bit loses updates much smaller than the weights, see export_report.json)")
 
     @model_validator(mode="after")
     def _bounds(self) -> "SearchConfig":
@@ -256,6 +278,10 @@ class SearchConfig(_Strict):
             raise ValueError("high must be greater than low")
         if not self.grid_values:
             raise ValueError("grid_values must not be empty")
+        span = self.high - self.low
+        if (self.method in ("random", "tpe") and self.step
+                and abs(span / self.step - round(span / self.step)) > 1e-9):
+            raise ValueError(f"step {self.step} must divide high - low ({span:g})")
         h = self.halving_fractions
         if h is not None and (sorted(h) != h or h[-1] != 1.0):
             raise ValueError("halving_fractions must increase and end at 1.0")

@@ -169,20 +169,35 @@ def set_fusion_weights(peft_model, weights: dict[str, float]) -> None:
 
 
 # --------------------------------------------------------------------------- full merge
-def export_merged_model(model_cfg, adapter_dir: Path, out_dir: Path, dtype=torch.bfloat16) -> Path:
-    """Merge an adapter into the base and save a plain transformers model (safetensors).
+def stored_dtype(model_cfg) -> torch.dtype:
+    """The dtype the base checkpoint is stored in (float32 when its config does not say)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_cfg.base, revision=model_cfg.revision,
+                                        trust_remote_code=model_cfg.trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def export_merged_model(model_cfg, adapter_dir: Path, out_dir: Path,
+                        dtype: torch.dtype | None = None) -> dict:
+    """Merge an adapter into the base and save a plain transformers model (safetensors) in
+    `dtype` (default: the base checkpoint's own dtype); returns the export report.
 
     With a 4-bit base the merge starts from the *dequantised NF4 weights* the adapters were
-    trained against, not the original full-precision ones: W = dequant(quant(W0)) + delta.
+    trained against (earlier rounds' adapters included), not the original full-precision ones:
+    W = dequant(quant(W0 + earlier)) + delta. The report gives, per module and overall, the
+    relative error of the saved update: |W_saved - W_exact| / |delta| (Frobenius norms), the
+    share of the update lost to the export dtype's rounding.
     """
     import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM
 
-    from .base_model import load_base_model, load_tokenizer, merge_into_base
+    from .base_model import adapter_deltas, load_base_model, load_full_precision, load_tokenizer, merge_into_base
 
-    full = AutoModelForCausalLM.from_pretrained(model_cfg.base, revision=model_cfg.revision,
-                                                trust_remote_code=model_cfg.trust_remote_code,
-                                                dtype=torch.float32)
+    dtype = dtype or stored_dtype(model_cfg)
+    full = load_full_precision(model_cfg, torch.float32)
     if model_cfg.quantization.bits == 4:
         quantized = load_base_model(model_cfg, device="cpu")
         for name, module in quantized.named_modules():
@@ -191,12 +206,25 @@ def export_merged_model(model_cfg, adapter_dir: Path, out_dir: Path, dtype=torch
                 full.get_submodule(name).weight.data = w.float().reshape(
                     full.get_submodule(name).weight.shape)
         del quantized  # earlier rounds' merged adapters are in these weights already
-    else:
-        full = merge_into_base(full, list(model_cfg.merge_adapters))
+    elif model_cfg.merge_adapters:
+        merge_into_base(full, model_cfg, adapter_deltas(list(model_cfg.merge_adapters)))
     adapter = load_saved_adapter(adapter_dir)
+    errors: dict[str, float] = {}
+    err_sq = delta_sq = 0.0
     with torch.no_grad():
         for key, delta in weighted_delta([adapter], [1.0]).items():
-            full.get_submodule(key.removeprefix("base_model.model.")).weight += delta.float()
+            module = full.get_submodule(key.removeprefix("base_model.model."))
+            exact = module.weight.double() + delta
+            module.weight.data = exact.to(dtype)
+            err = float((module.weight.double() - exact).norm())
+            norm = float(delta.norm())
+            errors[key.removeprefix("base_model.model.")] = err / norm if norm else 0.0
+            err_sq, delta_sq = err_sq + err ** 2, delta_sq + norm ** 2
     full.to(dtype).save_pretrained(out_dir)
     load_tokenizer(model_cfg).save_pretrained(out_dir)
-    return out_dir
+    report = {"dtype": str(dtype).removeprefix("torch."),
+              "update_relative_error": (err_sq ** 0.5) / (delta_sq ** 0.5) if delta_sq else 0.0,
+              "update_relative_error_max": max(errors.values(), default=0.0),
+              "per_module": errors}
+    (Path(out_dir) / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -154,11 +154,16 @@ def write_manifest(
     seed: int,
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    content: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write `manifest.json` describing one artifact."""
+    """Write `manifest.json` describing one artifact. `content` names the files (relative to
+    `directory`) whose bytes are the artifact's payload: their hash is stored as `content_hash`,
+    which downstream stages fingerprint (so a rebuilt artifact with new bytes invalidates them)."""
+    directory = Path(directory)
     manifest = {
         "stage": stage,
         "fingerprint": fingerprint,
+        "content_hash": content_digest(directory, content) if content else None,
         "config_hash": config_hash,
         "inputs": inputs,
         "seed": seed,
@@ -178,6 +183,23 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def content_digest(directory: Path, files: list[str]) -> str:
+    """Hash of the named files' bytes (absent files count as absent)."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        path = Path(directory) / name
+        h.update(f"{name}:{file_digest(path) if path.is_file() else 'absent'}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def artifact_id(directory: Path) -> str | None:
+    """What downstream stages fingerprint an artifact by: the hash of its payload files (the
+    adapter weights, the curated splits) when its manifest has one, else its fingerprint; None
+    when the artifact is missing."""
+    manifest = read_manifest(directory) or {}
+    return manifest.get("content_hash") or manifest.get("fingerprint")
 
 
 def is_up_to_date(directory: Path, expected_fingerprint: str) -> bool:

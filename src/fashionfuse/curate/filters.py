@@ -55,13 +55,22 @@ def blank_response(rec: Record) -> Record | Rejection:
     return rec
 
 
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\uff07": "'"})
+
+
+def _normalise_prose(text: str) -> str:
+    """Lower case, typographic apostrophes as ', runs of whitespace as one space."""
+    return " ".join(text.translate(_APOSTROPHES).lower().split())
+
+
 def refusal(patterns: list[str]) -> Filter:
-    """Drop records where the assistant refuses (case-insensitive substring patterns)."""
-    lowered = [p.lower() for p in patterns]
+    """Drop records where the assistant refuses (case-insensitive substring patterns; curly
+    apostrophes and line breaks in the response match the plain pattern)."""
+    lowered = [_normalise_prose(p) for p in patterns]
 
     def apply(rec: Record) -> Record | Rejection:
         for i, r in enumerate(rec.responses):
-            low = r.lower()
+            low = _normalise_prose(r)
             for p in lowered:
                 if p in low:
                     return Rejection(rec.id, "refusal", f"assistant turn {i} matches {p!r}")
@@ -70,20 +79,54 @@ def refusal(patterns: list[str]) -> Filter:
     return apply
 
 
+# fenced blocks (``` or ~~~, to the closing fence or the end) and inline `code` spans
+_CODE = re.compile(r"(```.*?(?:```|\Z)|~~~.*?(?:~~~|\Z)|`[^`\n]+`)", re.DOTALL)
+
+
+def _name_regex(name: str) -> str:
+    """A proper name as written in prose: case-sensitive, with its usual spellings (an optional
+    space or hyphen where the name has one or changes case: 'Chat GPT', 'GPT4', 'Open AI'), and
+    a lower-case first letter when the rest carries capitals ('chatGPT', 'openAI')."""
+    parts = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+(?:\.\d+)?|[^\w\s-]", name)
+    if not parts or "".join(parts) != re.sub(r"[\s-]", "", name):
+        return re.escape(name)
+    first = parts[0]
+    if len(parts) > 1 and first[0].isupper() and any(c.isupper() for c in "".join(parts[1:])):
+        parts[0] = f"[{first[0]}{first[0].lower()}]{re.escape(first[1:])}"
+    else:
+        parts[0] = re.escape(first)
+    return r"[- ]?".join([parts[0], *map(re.escape, parts[1:])])
+
+
 def identity(patterns: list[str], action: str, replacement: str) -> Filter:
-    """Replace (or drop records with) identity mentions such as OpenAI or ChatGPT."""
-    regex = re.compile(r"\b(" + "|".join(re.escape(p) for p in patterns) + r")\b", re.IGNORECASE)
+    """Replace (or drop records with) identity mentions such as OpenAI or ChatGPT in prose.
+
+    Names match as written (see `_name_regex`), never inside fenced or inline code and never as
+    part of a longer word or identifier, so `import openai` or `model='gpt-4'` stay as they are.
+    """
+    regex = re.compile(r"(?<![\w./-])(?:" + "|".join(_name_regex(p) for p in patterns)
+                       + r")(?![\w])")
+
+    def prose_hit(text: str) -> str | None:
+        for k, part in enumerate(_CODE.split(text)):
+            if k % 2 == 0 and (m := regex.search(part)):
+                return m.group(0)
+        return None
+
+    def replace(text: str) -> str:
+        return "".join(part if k % 2 else regex.sub(replacement, part)
+                       for k, part in enumerate(_CODE.split(text)))
 
     def apply(rec: Record) -> Record | Rejection:
         texts = [m["content"] for m in rec.messages] + [rec.system or ""]
-        hit = next((m.group(0) for t in texts if (m := regex.search(t))), None)
+        hit = next((h for t in texts if (h := prose_hit(t))), None)
         if hit is None:
             return rec
         if action == "drop":
             return Rejection(rec.id, "identity", f"mentions {hit!r}")
-        rec.messages = [dict(m, content=regex.sub(replacement, m["content"])) for m in rec.messages]
+        rec.messages = [dict(m, content=replace(m["content"])) for m in rec.messages]
         if rec.system:
-            rec.system = regex.sub(replacement, rec.system)
+            rec.system = replace(rec.system)
         rec.meta["identity_replaced"] = True
         return rec
 

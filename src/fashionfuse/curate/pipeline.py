@@ -257,7 +257,8 @@ def curate(cfg: RunConfig, force: bool = False) -> dict[str, dict]:
             write_manifest(tmp, stage="curate", fingerprint=fp, config_hash=config_hash(ds),
                            inputs={ds.source.path or ds.source.hub: path_fingerprint(ds.source.path)
                                    if ds.source.path else ds.source.revision or "hub"},
-                           seed=cfg.seed, metrics=stats)
+                           seed=cfg.seed, metrics=stats,
+                           content=["train.jsonl", "validation.jsonl"])
         shutil.rmtree(work, ignore_errors=True)
         table[ds.name] = stats
         f = stats["funnel"]

@@ -29,15 +29,31 @@ def split_to_fit(rec: Record, count_tokens: Callable[[list[dict], str | None], i
     if len(segments) == 1:
         return [rec]
     return [Record(id=f"{rec.id}#{k}", source=rec.source, kind=rec.kind, system=rec.system,
-                   messages=seg, meta=dict(rec.meta, segment=k)) for k, seg in enumerate(segments)]
+                   messages=seg, meta=dict(rec.meta, segment=k, parent=rec.id))
+            for k, seg in enumerate(segments)]
 
 
 def train_validation_split(records: list[Record], fraction: float, seed: int
                            ) -> tuple[list[Record], list[Record]]:
-    """Deterministic split: the records with the smallest seeded id-hashes go to validation."""
-    def rank(rec: Record) -> str:
-        return hashlib.sha256(f"{seed}:{rec.id}".encode()).hexdigest()
+    """Deterministic split by conversation: the conversations with the smallest seeded
+    id-hashes go to validation until it holds `fraction` of the records. The segments of a
+    chat split to fit the context (`meta.parent`) always land in the same split."""
+    def group(rec: Record) -> str:
+        return rec.meta.get("parent", rec.id)
 
-    n_val = max(1, round(len(records) * fraction)) if len(records) > 1 else 0
-    val_ids = {r.id for r in sorted(records, key=rank)[:n_val]}
-    return [r for r in records if r.id not in val_ids], [r for r in records if r.id in val_ids]
+    def rank(gid: str) -> str:
+        return hashlib.sha256(f"{seed}:{gid}".encode()).hexdigest()
+
+    sizes: dict[str, int] = {}
+    for r in records:
+        sizes[group(r)] = sizes.get(group(r), 0) + 1
+    n_val = max(1, round(len(records) * fraction)) if len(sizes) > 1 else 0
+    val_groups: set[str] = set()
+    taken = 0
+    for gid in sorted(sizes, key=rank):
+        if taken >= n_val or len(val_groups) == len(sizes) - 1:  # train keeps at least one
+            break
+        val_groups.add(gid)
+        taken += sizes[gid]
+    return ([r for r in records if group(r) not in val_groups],
+            [r for r in records if group(r) in val_groups])

@@ -9,8 +9,9 @@ Expected layout (that of `../shared/benchmarks/`):
 
 Each file is converted to the schema of the Hugging Face dataset lm-eval's own task reads, and
 a task YAML is written that `include`s lm-eval's built-in task (same prompt, target and metric
-code) and only swaps the data source. Deviations forced by the local data: ARC and HellaSwag
-draw few-shot examples from the evaluated split itself (lm-eval never uses the current document
+code) and only swaps the data source. HellaSwag's `ctx` is split back into `ctx_a`/`ctx_b`
+(`split_hellaswag_ctx`) so lm-eval's own preprocessing gives its usual prompt. Deviations
+forced by the local data: ARC and HellaSwag draw few-shot examples from the evaluated split itself (lm-eval never uses the current document
 as its own example); TruthfulQA mc2 targets come from the CSV's answer lists.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -52,11 +54,33 @@ def _arc(src: Path, out: Path) -> None:
                 test_split="test", fewshot_split="test", tag=["local_leaderboard"])
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s")
+
+
+def split_hellaswag_ctx(ctx: str) -> tuple[str, str]:
+    """(ctx_a, ctx_b) of a HellaSwag context given as one string (`ctx = ctx_a + " " + ctx_b`).
+
+    In the original dataset `ctx_b` is the unfinished last sentence the endings complete (empty
+    when the context ends with a full sentence); lm-eval capitalises it, so it must be split off
+    exactly for the prompt to match lm-eval's: everything after the last sentence end.
+    """
+    text = ctx.rstrip()
+    if not text or re.search(r"[.!?][\"')\]]*$", text):
+        return ctx, ""
+    ends = list(_SENTENCE_END.finditer(text))
+    if not ends:
+        return ctx, ""
+    cut = ends[-1].end()
+    return text[:cut - 1], text[cut:]
+
+
 def _hellaswag(src: Path, out: Path) -> None:
     rows = []
     for line in (src / "hellaswag" / "validation.jsonl").read_text().splitlines():
         r = json.loads(line)
-        rows.append({"activity_label": r["activity_label"], "ctx_a": r["ctx"], "ctx_b": "",
+        ctx_a, ctx_b = ((r["ctx_a"], r["ctx_b"]) if "ctx_a" in r  # the HF dataset's own schema
+                        else split_hellaswag_ctx(r["ctx"]))
+        rows.append({"activity_label": r["activity_label"], "ctx_a": ctx_a, "ctx_b": ctx_b,
                      "endings": r["endings"], "label": str(r["label"])})
     data = out / "data" / "hellaswag_validation.jsonl"
     _write_jsonl(data, rows)

@@ -14,11 +14,11 @@ import json
 import os
 from pathlib import Path
 
-from ..base_model import default_device, load_base_model, load_tokenizer
+from ..base_model import base_fingerprint_parts, default_device, load_base_model, load_tokenizer
 from ..config import RunConfig, config_hash
 from ..lora import attach_adapters, set_fusion_weights
-from ..rundir import (RunLayout, atomic_dir, fingerprint, path_fingerprint, read_manifest,
-                      write_json, write_manifest, write_text)
+from ..rundir import (RunLayout, artifact_id, atomic_dir, fingerprint, is_up_to_date,
+                      path_fingerprint, write_json, write_manifest, write_text)
 from .benchmarks import PREFIX, write_local_leaderboard_tasks
 from .presets import PRESETS, TaskSpec, custom_specs
 from .table import build_table, plot_table, to_csv, to_markdown
@@ -65,6 +65,13 @@ def models_to_evaluate(cfg: RunConfig) -> dict[str, Path | None]:
     return out
 
 
+def activate(model, label: str, adapter_names: list[str]) -> None:
+    """Make the resident PeftModel the model `label` names: `base` (no adapter), `fused` or
+    `adapter:NAME` (that adapter alone, weight 1)."""
+    active = None if label == "base" else label.split(":", 1)[-1]
+    set_fusion_weights(model, {n: (1.0 if n == active else 0.0) for n in adapter_names})
+
+
 def task_specs(cfg: RunConfig) -> list[TaskSpec]:
     """Every task to run: the preset's (local copies when benchmark_data is set) then custom ones."""
     specs: list[TaskSpec] = []
@@ -90,14 +97,17 @@ def _merge_results(parts: list[dict]) -> dict:
 
 
 def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
+    """Everything the scores depend on: eval section, base weights, the evaluated artifacts'
+    contents, the benchmark files, the task YAMLs under include_paths and the task code."""
     from . import benchmarks  # the generated task YAMLs are part of the input
 
     return fingerprint({
         "benchmark_data": path_fingerprint(cfg.eval.benchmark_data) if cfg.eval.benchmark_data else None,
         "task_code": path_fingerprint(benchmarks.__file__),
+        "include_paths": {p: path_fingerprint(p) for p in cfg.eval.include_paths},
         "stage": "eval", "eval": cfg.eval.model_dump(mode="json"), "seed": cfg.seed,
-        "model": cfg.model.model_dump(mode="json"),
-        "adapters": {k: (read_manifest(v.parent if k in ("fused", "merged") else v) or {}).get("fingerprint")
+        "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
+        "adapters": {k: artifact_id(v.parent if k in ("fused", "merged") else v)
                      for k, v in models.items() if v is not None},
     })
 
@@ -113,8 +123,7 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
     layout = RunLayout(cfg.run_dir)
     models = models_to_evaluate(cfg)
     fp = eval_fingerprint(cfg, models)
-    manifest = read_manifest(layout.eval)
-    if not force and manifest and manifest.get("fingerprint") == fp:
+    if not force and is_up_to_date(layout.eval, fp):
         print("eval: up to date")
         return json.loads((layout.eval / "table.json").read_text())
 
@@ -134,7 +143,7 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
     device = str(accelerator.device) if accelerator is not None else default_device()
     base = load_base_model(cfg.model, quantized=quantized, device=device)
     adapters = {label.split(":", 1)[-1]: path for label, path in models.items()
-                if path is not None and label != "merged"}
+                if path is not None and label != "merged"}  # adapter:NAME -> NAME, fused -> fused
     model = attach_adapters(base, adapters) if adapters else base
     results_by_model: dict[str, dict] = {}
     for label in models:
@@ -148,8 +157,7 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
         else:
             target = model
             if adapters:
-                active = label.split(":", 1)[-1]
-                set_fusion_weights(model, {n: (1.0 if n == active else 0.0) for n in adapters})
+                activate(model, label, list(adapters))
         lm = HFLM(pretrained=target, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
         if accelerator is not None:  # lm-eval shards requests by rank and gathers on rank 0
             lm._rank, lm._world_size, lm.accelerator = rank, world, accelerator

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -16,54 +17,64 @@ class ValidationLoss:
     """Token-weighted validation loss per dataset, combined by a weighted mean across datasets.
 
     The validation splits are tokenised and batched once; each candidate costs only forward
-    passes of the resident model.
+    passes of the resident model. For successive halving the examples are put in a seeded random
+    order and cut into growing stages (`fractions`), so an early stage is an unbiased sample;
+    within a stage they are sorted by length so batches pad little.
     """
 
     batches: dict[str, list[dict[str, torch.Tensor]]]
     weights: dict[str, float]
+    fractions: list[float]
+    stage_ends: dict[str, list[int]]  # per dataset: batches finished after each stage
 
     @classmethod
     def from_config(cls, cfg: RunConfig, tokenizer, device: str) -> "ValidationLoss":
         layout = RunLayout(cfg.run_dir)
         obj = cfg.search.objective
-        names = cfg.objective_datasets
-        batches = {}
-        for name in names:
+        fractions = list(cfg.search.halving_fractions or [1.0])
+        batches, stage_ends = {}, {}
+        for name in cfg.objective_datasets:
             path = layout.curated(name) / "validation.jsonl"
             if not path.exists():
                 raise FileNotFoundError(f"{path}: validation split missing (run curate)")
             ex = tokenize_records(load_records(path, obj.max_samples_per_dataset), tokenizer,
                                   cfg.model.system_message, cfg.model.max_input_len)
-            ex.sort(key=lambda e: len(e["input_ids"]))
-            bs = cfg.search.batch_size
-            batches[name] = [{k: v.to(device) for k, v in collate(ex[i:i + bs], tokenizer.pad_token_id).items()}
-                             for i in range(0, len(ex), bs)]
-        weights = {n: (obj.dataset_weights or {}).get(n, 1.0) for n in names}
-        return cls(batches, weights)
+            random.Random(f"{cfg.seed}:{name}").shuffle(ex)
+            batches[name], stage_ends[name] = [], []
+            done = 0
+            for frac in fractions:
+                upto = max(done, min(len(ex), max(1, round(len(ex) * frac))))
+                stage = sorted(ex[done:upto], key=lambda e: len(e["input_ids"]))
+                bs = cfg.search.batch_size
+                batches[name] += [{k: v.to(device) for k, v in
+                                   collate(stage[i:i + bs], tokenizer.pad_token_id).items()}
+                                  for i in range(0, len(stage), bs)]
+                stage_ends[name].append(len(batches[name]))
+                done = upto
+        weights = {n: (obj.dataset_weights or {}).get(n, 1.0) for n in cfg.objective_datasets}
+        return cls(batches, weights, fractions, stage_ends)
 
     @torch.no_grad()
     def per_dataset(self, model) -> dict[str, float]:
         """Token-weighted loss of every validation split (the last stage of `staged`)."""
-        *_, (_, losses) = self.staged(model, [1.0])
+        *_, (_, losses) = self.staged(model)
         return losses
 
     @torch.no_grad()
-    def staged(self, model, fractions: list[float]):
-        """Yield (fraction, per-dataset losses) on growing slices of every validation split.
+    def staged(self, model):
+        """Yield (fraction, per-dataset losses) on the growing stages of every validation split.
 
         Each stage only runs the batches the previous stages did not, so a candidate stopped
         after the first stage costs only that stage's share of the full evaluation.
         """
         sums = {n: [0.0, 0] for n in self.batches}
-        done = {n: 0 for n in self.batches}
-        for frac in fractions:
+        for k, frac in enumerate(self.fractions):
             for name, batches in self.batches.items():
-                upto = max(1, round(len(batches) * frac))
-                for b in batches[done[name]:upto]:
+                start = self.stage_ends[name][k - 1] if k else 0
+                for b in batches[start:self.stage_ends[name][k]]:
                     s, n = token_losses(model, b)
                     sums[name][0] += s.item()
                     sums[name][1] += n
-                done[name] = max(done[name], upto)
             yield frac, {n: v[0] / max(v[1], 1) for n, v in sums.items()}
 
     def combine(self, losses: dict[str, float]) -> float:

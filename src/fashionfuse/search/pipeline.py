@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from ..base_model import base_fingerprint_parts, default_device, load_base_model, load_tokenizer
 from ..config import RunConfig, config_hash
 from ..lora import attach_adapters, fuse_adapters, load_saved_adapter, save_peft_adapter, set_fusion_weights
-from ..rundir import (RunLayout, atomic_dir, fingerprint, is_up_to_date, read_manifest, write_json,
+from ..rundir import (RunLayout, artifact_id, atomic_dir, fingerprint, is_up_to_date, read_manifest, write_json,
                       write_manifest)
 from .objectives import LmEvalObjective, ValidationLoss
-from .samplers import CANDIDATE_LISTS, SAMPLERS, distributions
+from .samplers import CANDIDATE_LISTS, SAMPLERS, distributions, worker_seed
 
 
 class SearchError(RuntimeError):
@@ -40,15 +40,23 @@ def search_fingerprint(cfg: RunConfig) -> str:
     return fingerprint({
         "stage": "search", "search": cfg.search.model_dump(mode="json"), "seed": cfg.seed,
         "base": base_fingerprint_parts(cfg.model), "model": cfg.model.model_dump(mode="json"),
-        "adapters": {n: (read_manifest(layout.adapter(n)) or {}).get("fingerprint")
-                     for n in cfg.search_adapters},
-        "curated": {n: (read_manifest(layout.curated(n)) or {}).get("fingerprint")
-                    for n in cfg.objective_datasets},
+        "adapters": {n: artifact_id(layout.adapter(n)) for n in cfg.search_adapters},
+        "curated": {n: artifact_id(layout.curated(n)) for n in cfg.objective_datasets},
     })
 
 
-def open_study(cfg: RunConfig, fp: str) -> optuna.Study:
-    """The persistent study of this search (created on first use, reopened on resume)."""
+def search_worker_id(cfg: RunConfig) -> str | None:
+    """Who this search worker is, for its sampler seed: `FASHIONFUSE_WORKER` when set, the
+    host and pid when the study lives in a shared `search.storage`, else None (a lone worker,
+    seeded with `seed` itself so its run is reproducible)."""
+    if os.environ.get("FASHIONFUSE_WORKER"):
+        return os.environ["FASHIONFUSE_WORKER"]
+    return f"{socket.gethostname()}:{os.getpid()}" if cfg.search.storage else None
+
+
+def open_study(cfg: RunConfig, fp: str, fresh: bool = False) -> optuna.Study:
+    """The persistent study of this search (created on first use, reopened on resume);
+    `fresh` discards its stored trials first (`search-weights --force`)."""
     url = cfg.search.storage
     if url is None:
         work = RunLayout(cfg.run_dir).search_work
@@ -68,10 +76,16 @@ def open_study(cfg: RunConfig, fp: str) -> optuna.Study:
                 raise
             time.sleep(0.5 + attempt)
     sampler_factory = SAMPLERS.get(cfg.search.method)
-    sampler = sampler_factory(cfg.seed) if sampler_factory else optuna.samplers.RandomSampler(cfg.seed)
+    seed = worker_seed(cfg.seed, search_worker_id(cfg))
+    sampler = sampler_factory(seed) if sampler_factory else optuna.samplers.RandomSampler(seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
               if cfg.search.halving_fractions else optuna.pruners.NopPruner())
+    if fresh:
+        try:
+            optuna.delete_study(study_name=f"fusion-{fp}", storage=storage)
+        except KeyError:  # nothing stored yet
+            pass
     return optuna.create_study(study_name=f"fusion-{fp}", storage=storage, direction="minimize",
                                sampler=sampler, pruner=pruner, load_if_exists=True)
 
@@ -296,14 +310,15 @@ def search_weights(cfg: RunConfig, force: bool = False, stop_after: int | None =
         if not fractions or trial is None:
             per = objective.per_dataset(model)
             return {"per_dataset": per, "score": objective.combine(per)}
-        for step, (frac, per) in enumerate(objective.staged(model, fractions)):
+        # steps count from 1: SuccessiveHalvingPruner's first rung is at step min_resource=1
+        for step, (frac, per) in enumerate(objective.staged(model), start=1):
             trial.report(objective.combine(per), step)
             trial.set_user_attr("fraction_evaluated", frac)
             if frac < 1.0 and trial.should_prune():
                 return None
         return {"per_dataset": per, "score": objective.combine(per)}
 
-    study = open_study(cfg, fp)
+    study = open_study(cfg, fp, fresh=force)
     if cfg.search.method == "gradient":
         learn_trials(cfg, study, model, objective, evaluate, names)
     else:
@@ -336,16 +351,19 @@ def search_weights(cfg: RunConfig, force: bool = False, stop_after: int | None =
             if (adapter_dirs[names[0]] / f).exists():
                 shutil.copy(adapter_dirs[names[0]] / f, tmp / "fused" / f)
         _plots(trials, names, tmp / "search.png")
+        metrics = {"best_score": best["score"], "n_trials": len(trials)}
         if cfg.search.export_merged:
             from ..base_model import DTYPES
             from ..lora import export_merged_model
 
-            export_merged_model(cfg.model, tmp / "fused", tmp / "merged",
-                                DTYPES[cfg.model.quantization.compute_dtype])
+            report = export_merged_model(cfg.model, tmp / "fused", tmp / "merged",
+                                         DTYPES.get(cfg.search.export_dtype))
+            metrics["merged_update_relative_error"] = report["update_relative_error"]
+            metrics["merged_dtype"] = report["dtype"]
         write_manifest(tmp, stage="search", fingerprint=fp, config_hash=config_hash(cfg.search),
-                       inputs={n: (read_manifest(adapter_dirs[n]) or {}).get("fingerprint", "")
-                               for n in names},
-                       seed=cfg.seed, metrics={"best_score": best["score"], "n_trials": len(trials)},
-                       extra={"best_weights": best["weights"]})
+                       inputs={n: artifact_id(adapter_dirs[n]) for n in names},
+                       seed=cfg.seed, metrics=metrics,
+                       extra={"best_weights": best["weights"]},
+                       content=["fused/adapter_model.safetensors", "fused/adapter_config.json"])
     print(f"search: {len(trials)} trials ({pruned} pruned), best {best['weights']} -> {best['score']:.4f}")
     return result

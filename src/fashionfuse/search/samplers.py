@@ -7,6 +7,7 @@ function to `CANDIDATE_LISTS` (fixed lists) or `SAMPLERS` (adaptive optuna sampl
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from typing import Callable
 
@@ -35,13 +36,38 @@ CANDIDATE_LISTS: dict[str, Callable[[SearchConfig, list[str], int], list[dict[st
     "random": random_candidates,
 }
 
+def tpe_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    """optuna's TPE; `constant_liar` makes workers sharing a study avoid each other's running
+    candidates (each worker must also have its own seed, see `worker_seed`)."""
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+
+
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
-    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+    "tpe": tpe_sampler,
 }
 
 
+def worker_seed(seed: int, worker: str | None) -> int:
+    """The sampler seed of one search worker: `seed` itself for a lone worker (`worker` None),
+    a distinct seed derived from it for each named worker, so workers sharing a study do not
+    propose the same points."""
+    if worker is None:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{worker}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 def distributions(cfg: SearchConfig, names: list[str]) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The weight space optuna records for each adapter."""
+    """The weight space optuna records for each adapter. Sampler-driven methods (tpe) draw on the
+    `step` lattice of [low, high]; fixed lists (grid) may hold any value in the space."""
+    if cfg.method in SAMPLERS:
+        step = cfg.step if cfg.step and _divides(cfg.high - cfg.low, cfg.step) else None
+        return {n: optuna.distributions.FloatDistribution(cfg.low, cfg.high, step=step)
+                for n in names}
     low = min(cfg.low, *cfg.grid_values)
     high = max(cfg.high, *cfg.grid_values)
     return {n: optuna.distributions.FloatDistribution(low, high) for n in names}
+
+
+def _divides(span: float, step: float) -> bool:
+    return abs(span / step - round(span / step)) < 1e-9

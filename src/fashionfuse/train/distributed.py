@@ -42,9 +42,15 @@ def all_sum(world: World, values: list[float]) -> list[float]:
     """Sum a few numbers over every process."""
     if world.size == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = reduction_tensor(world, values)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def reduction_tensor(world: World, values: list[float]) -> torch.Tensor:
+    """`values` as a tensor on the process's own device: an NCCL group (GPU) cannot reduce CPU
+    tensors, a gloo group (CPU) can only reduce CPU ones."""
+    return torch.tensor(values, dtype=torch.float64, device=world.device)
 
 
 def gather(world: World, obj):
@@ -69,7 +75,3 @@ def wrap(world: World, model):
 
     ids = [torch.device(world.device).index] if world.device.startswith("cuda") else None
     return DistributedDataParallel(model, device_ids=ids)
-
-
-def unwrap(model):
-    return getattr(model, "module", model)

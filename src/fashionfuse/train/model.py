@@ -16,9 +16,17 @@ def lora_config(train: TrainingConfig):
 
 
 def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=None,
-                          device: str | None = None):
-    """Quantised base (or the given one) prepared for k-bit training, with a new LoRA adapter;
-    with packing, attention runs per example of each packed row (see varlen_attention)."""
+                          device: str | None = None, frozen_adapters: list[str] = ()):
+    """Quantised base (or the given one) prepared for k-bit training, with a new LoRA adapter
+    ("default"); with packing, attention runs per example of each packed row (see
+    varlen_attention).
+
+    `frozen_adapters` (sequential fine-tuning) are attached as frozen LoRA layers that stay
+    active beside the new one, so the trained model is exactly `base + earlier + new`, the
+    concatenated adapter that is saved and evaluated (merging them into a 4-bit base instead
+    would round most of their update away).
+    """
+    import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from .varlen_attention import use_varlen_attention
@@ -31,7 +39,22 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
             base, use_gradient_checkpointing=train.gradient_checkpointing)
     elif train.gradient_checkpointing:
         base.gradient_checkpointing_enable()
-    return get_peft_model(base, lora_config(train))
+    model = get_peft_model(base, lora_config(train))
+    if frozen_adapters:
+        from peft.tuners.lora import LoraLayer
+
+        names = [f"frozen_{k}" for k in range(len(frozen_adapters))]
+        for name, path in zip(names, frozen_adapters):
+            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        model.base_model.set_adapter(["default", *names])
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for name in names:
+                    if name in module.lora_A:
+                        module.lora_dropout[name] = torch.nn.Identity()
+                        module.lora_A[name].requires_grad_(False)
+                        module.lora_B[name].requires_grad_(False)
+    return model
 
 
 def build_optimizer(params, train: TrainingConfig):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..base_model import base_fingerprint_parts, load_tokenizer
 from ..chat_template import install_chat_template
 from ..config import RunConfig, config_hash
-from ..rundir import (RunLayout, atomic_dir, fingerprint, is_up_to_date, read_manifest, write_json,
+from ..rundir import (RunLayout, artifact_id, atomic_dir, fingerprint, is_up_to_date, read_manifest, write_json,
                       write_manifest)
 from ..chat_template import IGNORE_INDEX
 from ..lora import fuse_adapters, load_saved_adapter, save_peft_adapter
@@ -40,10 +40,8 @@ def train_fingerprint(cfg: RunConfig, name: str) -> str:
         "stage": "train", "adapter": spec.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
         "training": cfg.training.model_dump(mode="json"), "seed": cfg.seed,
-        "curated": {d: (read_manifest(layout.curated(d)) or {}).get("fingerprint")
-                    for d in spec.datasets},
-        "on_top_of": {n: (read_manifest(layout.adapter(n)) or {}).get("fingerprint")
-                      for n in spec.on_top_of},
+        "curated": {d: artifact_id(layout.curated(d)) for d in spec.datasets},
+        "on_top_of": {n: artifact_id(layout.adapter(n)) for n in spec.on_top_of},
     })
 
 
@@ -133,7 +131,7 @@ def _save_adapter(cfg: RunConfig, name: str, model, tokenizer, out: Path, histor
     spec = cfg.adapter_spec(name)
     with atomic_dir(out) as tmp:
         if spec.on_top_of:
-            model.save_pretrained(tmp / "trained")
+            model.save_pretrained(tmp / "trained", selected_adapters=["default"])
             parts = [load_saved_adapter(layout.adapter(n)) for n in spec.on_top_of]
             parts.append(load_saved_adapter(tmp / "trained"))
             config, tensors = fuse_adapters(parts, [1.0] * len(parts))
@@ -147,11 +145,11 @@ def _save_adapter(cfg: RunConfig, name: str, model, tokenizer, out: Path, histor
         _plot_loss(history, tmp / "loss.png")
         write_manifest(tmp, stage="train", fingerprint=fp,
                        config_hash=config_hash(cfg.model, cfg.training, spec),
-                       inputs={str(p): (read_manifest(p.parent) or {}).get("fingerprint", "")
-                               for p in splits},
+                       inputs={str(p): artifact_id(p.parent) for p in splits},
                        seed=cfg.seed, metrics=metrics,
                        extra={"adapter": name, "datasets": spec.datasets,
-                              "on_top_of": spec.on_top_of})
+                              "on_top_of": spec.on_top_of},
+                       content=["adapter_model.safetensors", "adapter_config.json"])
 
 
 def train_one_adapter(cfg: RunConfig, name: str, tokenizer, stop_after: int | None = None
@@ -174,10 +172,9 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, stop_after: int | No
     per_epoch = math.ceil(len(examples) / t.batch_size)
     total = t.max_steps or max(1, math.ceil(per_epoch * t.epochs))
     pack_length = (t.pack_length or cfg.model.max_input_len) if t.packing else None
-    model_cfg = cfg.model.model_copy(update={"merge_adapters": list(cfg.model.merge_adapters) + [
-        str(layout.adapter(n)) for n in spec.on_top_of]})
     _seed_everything(cfg.seed + world.rank)
-    model = build_trainable_model(model_cfg, t, device=world.device)
+    model = build_trainable_model(cfg.model, t, device=world.device,
+                                  frozen_adapters=[layout.adapter(n) for n in spec.on_top_of])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, optimizer_name = build_optimizer(params, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer,
