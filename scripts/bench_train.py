@@ -73,7 +73,9 @@ def run_baseline(cfg, examples: list[dict], out: Path, steps: int) -> dict:
     t = cfg.training
     tok = load_tokenizer(cfg.model)
     torch.manual_seed(cfg.seed)
-    model = build_trainable_model(cfg.model, t, device="cpu")
+    # the plain setup: the model's own attention on padded batches (no packing)
+    model = build_trainable_model(cfg.model, t.model_copy(update={"packing": False}),
+                                  device="cpu").model
     seq2seq = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
     counts = {"real": 0, "padded": 0}
 

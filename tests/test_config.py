@@ -21,8 +21,7 @@ def test_valid_config_loads_with_table4_defaults(make_config):
     assert cfg.model.quantization.bits == 4 and cfg.model.quantization.double_quant
     assert cfg.training.lr_scheduler == "constant_with_warmup"
     assert cfg.training.warmup_ratio == 0.1
-    assert set(cfg.training.lora.target_modules) == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert cfg.training.lora.target_modules == "all-linear"  # = Table 4's list on Llama
 
 
 def test_unknown_key_is_one_line_naming_the_field(make_config):

@@ -72,7 +72,7 @@ def test_sequential_adapter_starts_from_base_plus_earlier_adapter(tiny_model, tm
     earlier = _small_update_adapter(tiny_model, tmp_path / "earlier", relative=0.02)
     cfg = ModelConfig(base=str(tiny_model))
     train = TrainingConfig(packing=False, lora={"r": 4, "alpha": 8, "target_modules": TARGETS})
-    model = build_trainable_model(cfg, train, device="cpu", frozen_adapters=[earlier]).eval()
+    model = build_trainable_model(cfg, train, device="cpu", frozen_adapters=[earlier]).model.eval()
     from peft import prepare_model_for_kbit_training
 
     def prepared():  # k-bit training keeps norms in float32: compare like with like

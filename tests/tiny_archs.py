@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=320, max_position_embeddings=256,
-               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+               num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)  # ids of the demo tokenizer
 
 # architecture -> config fields; windows are shorter than the test examples (40 and 50 tokens)
 ARCHS: dict[str, dict] = {
@@ -27,18 +27,28 @@ ARCHS: dict[str, dict] = {
 }
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, vocab_size: int = 512):
     from transformers import AutoConfig
 
-    fields = {k: v for k, v in {**_COMMON, **ARCHS[arch]}.items() if v is not None}
+    fields = {k: v for k, v in {**_COMMON, **ARCHS[arch], "vocab_size": vocab_size}.items()
+              if v is not None}
     if arch == "gpt_neox":
         fields.pop("num_key_value_heads", None)
     return AutoConfig.for_model(arch, **fields)
 
 
-def tiny_model(arch: str, seed: int = 0, dtype=torch.float32, attn_implementation: str | None = None):
+def tiny_model(arch: str, seed: int = 0, dtype=torch.float32, vocab_size: int = 512):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype, **kwargs).eval()
+    return AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size), dtype=dtype).eval()
+
+
+def save_tiny_model(arch: str, tokenizer_dir, out):
+    """A tiny random model of `arch` with the demo tokenizer, saved like a hub checkpoint."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tiny_model(arch, vocab_size=len(tok)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -75,15 +75,54 @@ def render(messages: list[dict], system: str, bos: str = "<s>", eos: str = "</s>
     return RenderedChat("".join(parts), spans)
 
 
+class ChatTemplateError(ValueError):
+    """The tokenizer's own chat template cannot be used for assistant-only training."""
+
+
+def render_with_tokenizer_template(tokenizer, messages: list[dict], system: str) -> RenderedChat:
+    """Render with the tokenizer's own chat template (`model.chat_template: model`) and locate
+    each assistant turn: the text that rendering the conversation through that turn adds to
+    rendering it up to the turn with a generation prompt (the reply and the template's
+    end-of-turn tokens). The template must render each turn as a prefix of the next, as chat
+    templates do; one that rewrites earlier turns is refused."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"{tokenizer.name_or_path}: has no chat template; use "
+                                "model.chat_template: table9")
+    msgs = list(messages)
+    if system and (not msgs or msgs[0]["role"] != "system"):
+        msgs.insert(0, {"role": "system", "content": system})
+
+    def text(upto: list[dict], generation: bool) -> str:
+        return tokenizer.apply_chat_template(upto, tokenize=False,
+                                             add_generation_prompt=generation)
+
+    full = text(msgs, False)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before, through = text(msgs[:i], True), text(msgs[:i + 1], False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ChatTemplateError(
+                f"{tokenizer.name_or_path}: its chat template renders earlier turns differently "
+                "once later ones follow, so assistant tokens cannot be located; use "
+                "model.chat_template: table9")
+        spans.append((len(before), len(through)))
+    return RenderedChat(full, spans)
+
+
 def tokenize_with_labels(
-    tokenizer, messages: list[dict], system: str, max_len: int | None = None
+    tokenizer, messages: list[dict], system: str, max_len: int | None = None,
+    template: str = "table9",
 ) -> dict[str, list[int]]:
     """Token ids and labels for one conversation; labels are -100 outside assistant spans.
 
-    A token is trained when its first character lies inside an assistant span, which works for
-    any fast tokenizer because it tokenises the whole text once (no boundary artefacts).
+    `template`: "table9" (the paper's) or "model" (the tokenizer's own chat template). A token
+    is trained when its first character lies inside an assistant span, which works for any fast
+    tokenizer because it tokenises the whole text once (no boundary artefacts).
     """
-    chat = render(messages, system, tokenizer.bos_token or "", tokenizer.eos_token or "")
+    chat = (render_with_tokenizer_template(tokenizer, messages, system) if template == "model"
+            else render(messages, system, tokenizer.bos_token or "", tokenizer.eos_token or ""))
     enc = tokenizer(chat.text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = []

@@ -45,6 +45,9 @@ class ModelConfig(_Strict):
     quantization: QuantizationConfig = QuantizationConfig()
     max_input_len: Annotated[int, Field(gt=8)] = 4096
     system_message: str = "You are an AI assistant named FashionGPT."
+    chat_template: Literal["table9", "model"] = Field(
+        default="table9", description="table9: the paper's modified LLaMA-2 template; model: the "
+        "base tokenizer's own chat template (keep an instruct model's format)")
     merge_adapters: list[str] = Field(
         default=[], description="PEFT adapter dirs merged into the base at load, in order "
         "(iterative fusion rounds; continuing from a fused model)")
@@ -176,9 +179,9 @@ class LoraConfig(_Strict):
     r: Annotated[int, Field(gt=0)] = 64
     alpha: Annotated[float, Field(gt=0)] = 16
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    target_modules: list[str] = [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    ]
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        default="all-linear", description="all-linear: every linear layer of the transformer "
+        "blocks, resolved per architecture (Table 4's list on Llama); or explicit module names")
 
 
 class TrainingConfig(_Strict):

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..base_model import base_fingerprint_parts, load_tokenizer
-from ..chat_template import render
+from ..chat_template import render, render_with_tokenizer_template
 from ..config import DatasetConfig, RunConfig, config_hash
 from ..rundir import (RunLayout, atomic_dir, fingerprint, is_up_to_date, path_fingerprint,
                       write_json, write_manifest, write_text)
@@ -33,6 +33,7 @@ def curate_fingerprint(cfg: RunConfig, ds: DatasetConfig) -> str:
         "stage": "curate", "dataset": ds.model_dump(mode="json"), "seed": cfg.seed,
         "curate": cfg.curate.model_dump(mode="json"), "max_input_len": cfg.model.max_input_len,
         "system": cfg.model.system_message, "tokenizer": base_fingerprint_parts(cfg.model),
+        "chat_template": cfg.model.chat_template,
         "source_file": path_fingerprint(ds.source.path) if ds.source.path else None,
         "benchmarks": [path_fingerprint(b) for b in cfg.curate.decontaminate.benchmarks],
     })
@@ -41,11 +42,16 @@ def curate_fingerprint(cfg: RunConfig, ds: DatasetConfig) -> str:
 class TokenCounter:
     """Token lengths with the configured tokenizer, batched (the Rust tokenizer runs in parallel)."""
 
-    def __init__(self, tokenizer, default_system: str, batch: int = 2048):
+    def __init__(self, tokenizer, default_system: str, batch: int = 2048,
+                 template: str = "table9"):
         self.tokenizer, self.default_system, self.batch = tokenizer, default_system, batch
+        self.template = template
 
     def render(self, messages: list[dict], system: str | None) -> str:
+        """The text training will tokenise (same template), so fitting counts the same tokens."""
         tok = self.tokenizer
+        if self.template == "model":
+            return render_with_tokenizer_template(tok, messages, system or self.default_system).text
         return render(messages, system or self.default_system, tok.bos_token or "",
                       tok.eos_token or "").text
 
@@ -176,7 +182,8 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
     per_record = [(n, f) for n, f in chain if n not in CROSS_RECORD_FILTERS]
     cross = [(n, f) for n, f in chain if n in CROSS_RECORD_FILTERS]
     _WORKER.update(chain=per_record, kind=ds.kind, strict=cfg.curate.strict, name=ds.name)
-    counter = TokenCounter(tokenizer, cfg.model.system_message)
+    counter = TokenCounter(tokenizer, cfg.model.system_message,
+                           template=cfg.model.chat_template)
     passed: list[tuple[Record, str]] = []
     src = ds.source
     rows = read_source(src.format, src.path, ds.name, fields=src.fields, hub=src.hub,

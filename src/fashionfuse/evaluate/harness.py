@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from ..architectures import check_tokenizer_fits
 from ..base_model import base_fingerprint_parts, default_device, load_base_model, load_tokenizer
 from ..config import RunConfig, config_hash
 from ..lora import attach_adapters, set_fusion_weights
@@ -23,6 +24,7 @@ from .benchmarks import PREFIX, write_local_leaderboard_tasks
 from .presets import PRESETS, TaskSpec, custom_specs
 from .table import build_table, plot_table, to_csv, to_markdown
 from .tasks import prepare_include_paths
+from .tasks import task_manager as task_manager_for
 
 
 class EvalError(RuntimeError):
@@ -116,7 +118,6 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
     """Run lm-eval on every configured model; write per-model results JSON and the table."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
     specs = task_specs(cfg)
@@ -136,12 +137,13 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
     by_shots: dict[int | None, list[str]] = {}
     for spec in specs:
         by_shots.setdefault(spec.num_fewshot, []).append(spec.task)
-    task_manager = TaskManager(include_path=include or None)
+    task_manager = task_manager_for(include, [spec.task for spec in specs])
     quantized = cfg.eval.load_in_4bit
     quantized = cfg.model.quantization.bits == 4 if quantized is None else quantized
     tokenizer = load_tokenizer(cfg.model)
     device = str(accelerator.device) if accelerator is not None else default_device()
     base = load_base_model(cfg.model, quantized=quantized, device=device)
+    check_tokenizer_fits(base, tokenizer)
     adapters = {label.split(":", 1)[-1]: path for label, path in models.items()
                 if path is not None and label != "merged"}  # adapter:NAME -> NAME, fused -> fused
     model = attach_adapters(base, adapters) if adapters else base

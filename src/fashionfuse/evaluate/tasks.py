@@ -47,3 +47,16 @@ def prepare_include_paths(include_paths: list[str], out_dir: Path) -> list[str]:
             (copied / yml.name).write_text(yaml.safe_dump(doc, sort_keys=False))
         result.append(str(copied if plain else src.resolve()))
     return result
+
+
+def task_manager(include_paths: list[str], task_names: list[str]):
+    """lm-eval's TaskManager for `task_names`. Indexing lm-eval's ~10k built-in task YAMLs takes
+    seconds, so when the include paths define every requested task (the demo tasks, the local
+    leaderboard copies) only they are indexed; built-in tasks are indexed when one is asked for."""
+    from lm_eval.tasks import TaskManager
+
+    if include_paths:
+        local = TaskManager(include_path=list(include_paths), include_defaults=False)
+        if set(task_names) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=list(include_paths) or None)

@@ -38,7 +38,8 @@ class ValidationLoss:
             if not path.exists():
                 raise FileNotFoundError(f"{path}: validation split missing (run curate)")
             ex = tokenize_records(load_records(path, obj.max_samples_per_dataset), tokenizer,
-                                  cfg.model.system_message, cfg.model.max_input_len)
+                                  cfg.model.system_message, cfg.model.max_input_len,
+                                  cfg.model.chat_template)
             random.Random(f"{cfg.seed}:{name}").shuffle(ex)
             batches[name], stage_ends[name] = [], []
             done = 0
@@ -91,13 +92,13 @@ class LmEvalObjective:
     """
 
     def __init__(self, cfg: RunConfig, tokenizer):
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import get_task_dict
 
-        from ..evaluate.tasks import prepare_include_paths
+        from ..evaluate.tasks import prepare_include_paths, task_manager
 
         obj = cfg.search.objective
         include = prepare_include_paths(obj.include_paths, RunLayout(cfg.run_dir).root / "search_tasks")
-        self.task_manager = TaskManager(include_path=include or None)
+        self.task_manager = task_manager(include, list(obj.tasks))
         self.tasks, self.tokenizer, self.obj, self.seed = list(obj.tasks), tokenizer, obj, cfg.seed
         self.batch_size = cfg.search.batch_size
         for name, task in _flatten(get_task_dict(self.tasks, self.task_manager)).items():

@@ -21,6 +21,7 @@ from pathlib import Path
 import optuna
 from tqdm.auto import tqdm
 
+from ..architectures import check_tokenizer_fits
 from ..base_model import base_fingerprint_parts, default_device, load_base_model, load_tokenizer
 from ..config import RunConfig, config_hash
 from ..lora import attach_adapters, fuse_adapters, load_saved_adapter, save_peft_adapter, set_fusion_weights
@@ -287,7 +288,9 @@ def search_weights(cfg: RunConfig, force: bool = False, stop_after: int | None =
 
     device = default_device()
     tokenizer = load_tokenizer(cfg.model)
-    model = attach_adapters(load_base_model(cfg.model, device=device), adapter_dirs)
+    base = load_base_model(cfg.model, device=device)
+    check_tokenizer_fits(base, tokenizer)
+    model = attach_adapters(base, adapter_dirs)
     obj_type = cfg.search.objective.type
     objective = ValidationLoss.from_config(cfg, tokenizer, device)
     task_objective = LmEvalObjective(cfg, tokenizer) if obj_type in ("lm_eval", "mix") else None

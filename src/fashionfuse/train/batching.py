@@ -26,11 +26,14 @@ def load_records(path: Path, limit: int | None = None) -> list[dict]:
     return out
 
 
-def tokenize_records(records: list[dict], tokenizer, system: str, max_len: int) -> list[dict]:
-    """Token ids + assistant-only labels for each record; records with nothing to learn dropped."""
+def tokenize_records(records: list[dict], tokenizer, system: str, max_len: int,
+                     template: str = "table9") -> list[dict]:
+    """Token ids + assistant-only labels for each record (Table 9 template, or the tokenizer's
+    own with `template="model"`); records with nothing to learn dropped."""
     out = []
     for rec in records:
-        ex = tokenize_with_labels(tokenizer, rec["messages"], rec.get("system") or system, max_len)
+        ex = tokenize_with_labels(tokenizer, rec["messages"], rec.get("system") or system, max_len,
+                                  template)
         if any(x != IGNORE_INDEX for x in ex["labels"][1:]):
             out.append(ex)
     return out

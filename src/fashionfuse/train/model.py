@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..base_model import load_base_model
 from ..config import ModelConfig, TrainingConfig
 
 
-def lora_config(train: TrainingConfig):
-    """PEFT LoraConfig from the training section (Table 4: r 64, alpha 16, dropout 0.05)."""
+def lora_config(train: TrainingConfig, targets: list[str]):
+    """PEFT LoraConfig from the training section (Table 4: r 64, alpha 16, dropout 0.05) on the
+    resolved target modules."""
     from peft import LoraConfig
 
     return LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha,
-                      lora_dropout=train.lora.dropout, target_modules=list(train.lora.target_modules),
+                      lora_dropout=train.lora.dropout, target_modules=list(targets),
                       bias="none", task_type="CAUSAL_LM")
 
 
+@dataclass
+class TrainableModel:
+    """The PEFT model to train, the LoRA targets it carries, and how packed rows attend
+    (`attention` None: packing is off for this model, micro-batches are padded instead)."""
+
+    model: object
+    targets: list[str]
+    attention: str | None
+
+
 def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=None,
-                          device: str | None = None, frozen_adapters: list[str] = ()):
+                          device: str | None = None, frozen_adapters: list[str] = (),
+                          log=print) -> TrainableModel:
     """Quantised base (or the given one) prepared for k-bit training, with a new LoRA adapter
     ("default"); with packing, attention runs per example of each packed row (see
     varlen_attention).
@@ -29,17 +43,18 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    from ..architectures import resolve_lora_targets
     from .varlen_attention import use_varlen_attention
 
     base = base if base is not None else load_base_model(model_cfg, device=device)
-    if train.packing:
-        use_varlen_attention(base)
+    targets = resolve_lora_targets(base, train.lora.target_modules)
+    attention = use_varlen_attention(base, log=log) if train.packing else None
     if model_cfg.quantization.bits == 4:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=train.gradient_checkpointing)
     elif train.gradient_checkpointing:
         base.gradient_checkpointing_enable()
-    model = get_peft_model(base, lora_config(train))
+    model = get_peft_model(base, lora_config(train, targets))
     if frozen_adapters:
         from peft.tuners.lora import LoraLayer
 
@@ -54,7 +69,7 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
                         module.lora_dropout[name] = torch.nn.Identity()
                         module.lora_A[name].requires_grad_(False)
                         module.lora_B[name].requires_grad_(False)
-    return model
+    return TrainableModel(model, targets, attention)
 
 
 def build_optimizer(params, train: TrainingConfig):

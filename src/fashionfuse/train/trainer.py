@@ -24,6 +24,7 @@ from ..lora import fuse_adapters, load_saved_adapter, save_peft_adapter
 from .batching import (collate, collate_packed, load_records, plan_micro_batches, step_windows,
                        token_losses, tokenize_records)
 from .distributed import World, all_sum, barrier, gather, init_world, wrap
+from ..architectures import check_tokenizer_fits
 from .model import build_optimizer, build_trainable_model
 
 
@@ -115,7 +116,7 @@ def _training_examples(cfg: RunConfig, name: str, tokenizer) -> tuple[list[dict]
         if not split.exists():
             raise TrainingError(f"{split}: curated data missing, run `fashionfuse curate` first")
         examples += tokenize_records(load_records(split), tokenizer, cfg.model.system_message,
-                                     cfg.model.max_input_len)
+                                     cfg.model.max_input_len, cfg.model.chat_template)
         splits.append(split)
     if not examples:
         raise TrainingError(f"{', '.join(map(str, splits))}: no trainable examples")
@@ -139,7 +140,8 @@ def _save_adapter(cfg: RunConfig, name: str, model, tokenizer, out: Path, histor
             save_peft_adapter(tmp, config, tensors)
         else:
             model.save_pretrained(tmp)
-        install_chat_template(tokenizer, cfg.model.system_message)
+        if cfg.model.chat_template == "table9":  # else the tokenizer keeps its own template
+            install_chat_template(tokenizer, cfg.model.system_message)
         tokenizer.save_pretrained(tmp)
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         _plot_loss(history, tmp / "loss.png")
@@ -171,10 +173,20 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, stop_after: int | No
     lengths = [len(e["input_ids"]) for e in examples]
     per_epoch = math.ceil(len(examples) / t.batch_size)
     total = t.max_steps or max(1, math.ceil(per_epoch * t.epochs))
-    pack_length = (t.pack_length or cfg.model.max_input_len) if t.packing else None
     _seed_everything(cfg.seed + world.rank)
-    model = build_trainable_model(cfg.model, t, device=world.device,
-                                  frozen_adapters=[layout.adapter(n) for n in spec.on_top_of])
+    built = build_trainable_model(cfg.model, t, device=world.device,
+                                  frozen_adapters=[layout.adapter(n) for n in spec.on_top_of],
+                                  log=print if world.is_main else (lambda *_: None))
+    model = built.model
+    check_tokenizer_fits(model, tokenizer)
+    pack_length = (t.pack_length or cfg.model.max_input_len) if built.attention else None
+    if world.is_main and cfg.model.chat_template == "table9" and tokenizer.bos_token is None:
+        print(f"train {name}: note: the tokenizer has no BOS token, so Table 9 prompts start "
+              "without <s> (as such models expect); set model.chat_template: model to train in "
+              "the model's own chat format")
+    if world.is_main:
+        print(f"train {name}: LoRA r={t.lora.r} on {len(built.targets)} linear kinds "
+              f"({', '.join(built.targets)}); packed attention: {built.attention or 'off'}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, optimizer_name = build_optimizer(params, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer,
@@ -259,6 +271,7 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, stop_after: int | No
     metrics = {"steps": total, "examples": len(examples), "final_loss": history[-1]["loss"],
                "first_loss": history[0]["loss"], "optimizer": optimizer_name,
                "processes": world.size, "packing": bool(pack_length),
+               "attention": built.attention, "target_modules": built.targets,
                "train_seconds": round(train_seconds, 2), "real_tokens": int(real_total),
                "padding_pct": round(100 * (1 - real_total / max(padded_total, 1)), 2)
                if padded_total else None}

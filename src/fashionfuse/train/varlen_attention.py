@@ -13,8 +13,8 @@ the softmax `scaling` (e.g. Gemma's `query_pre_attn_scalar`), per-layer `sliding
 causal blocks run on SDPA; softcap and sinks run the same arithmetic as transformers' eager
 attention. Anything else (an attention mask, a position bias, a non-causal module, an unknown
 argument) raises `UnsupportedAttention`; `use_varlen_attention` finds that out with one tiny
-forward pass before training and then keeps the model's own attention, which builds a
-block-diagonal mask from the same position ids (correct, slower), and says so once.
+forward pass before training, and training then runs unpacked (padded micro-batches, the
+model's own attention), saying so once.
 """
 
 from __future__ import annotations
@@ -145,23 +145,24 @@ def _features_seen(model) -> dict[str, object]:
     return seen
 
 
-def use_varlen_attention(model, log=print) -> str:
+def use_varlen_attention(model, log=print) -> str | None:
     """Switch `model` to per-example attention for packed training; returns the name used.
 
     flash-attention 2 where it is installed on CUDA and the model uses no attention sinks;
-    `varlen_attention` otherwise; the model's own attention (block-diagonal mask from the
-    position ids) when the model's attention does something `varlen_attention` does not.
+    `varlen_attention` otherwise. When the model's attention does something `varlen_attention`
+    does not implement, returns None and says so once: the caller trains on padded
+    micro-batches with the model's own attention instead (always exact; packing with the
+    model's own block-diagonal masks is not, e.g. gpt-oss's eager attention ignores them).
     """
     from transformers import AttentionInterface
 
-    own = model.config._attn_implementation
     try:
         features = _features_seen(model)
     except UnsupportedAttention as exc:
-        log(f"packed attention: {type(model).__name__} passes {exc} to its attention, which "
-            f"{NAME} does not implement; using its own '{own}' attention with a "
-            "block-diagonal mask (exact, slower)")
-        return own
+        log(f"packing off: {type(model).__name__} passes {exc} to its attention, which {NAME} "
+            "does not implement; training on padded micro-batches with the model's own "
+            f"'{model.config._attn_implementation}' attention")
+        return None
     if torch.cuda.is_available() and "s_aux" not in features:
         try:
             import flash_attn  # noqa: F401
