@@ -25,9 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fashionfuse.config import RunConfig
-from fashionfuse.curate.decontaminate import BenchmarkIndex, planted_paraphrase, read_benchmark_questions
 from fashionfuse.base_model import load_tokenizer
+from fashionfuse.config import RunConfig
+from fashionfuse.curate.decontaminate import (
+    BenchmarkIndex,
+    planted_paraphrase,
+    read_benchmark_questions,
+)
 from fashionfuse.curate.pipeline import curate_dataset
 from fashionfuse.demo import COLOURS, OPPOSITES, PEOPLE, SOUNDS
 

@@ -51,7 +51,7 @@ def held_out_loss(model_cfg, adapter_dir: Path, examples: list[dict], pad_id: in
     from peft import PeftModel
 
     from fashionfuse.base_model import load_base_model
-    from fashionfuse.train.batching import collate, token_losses
+    from fashionfuse.examples import collate, token_losses
 
     model = PeftModel.from_pretrained(load_base_model(model_cfg, device="cpu"), str(adapter_dir)).eval()
     total, n = 0.0, 0
@@ -119,7 +119,7 @@ def main() -> None:
 
     from fashionfuse.base_model import load_tokenizer
     from fashionfuse.config import load_config
-    from fashionfuse.train.batching import tokenize_records
+    from fashionfuse.examples import tokenize_records
     from fashionfuse.train.trainer import train_one_adapter
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -86,3 +86,13 @@ def pipeline_run(tmp_path_factory, tiny_model, demo_data):
         assert result.exit_code == 0, f"{stage} failed:\n{result.output}\n{result.exception!r}"
         outputs[stage] = result.output
     return {"config": cfg, "run_dir": root / "run", "outputs": outputs, "model": tiny_model}
+
+
+def stop_after(n: int):
+    """A progress callback that interrupts a stage (like Ctrl-C) after `n` finished units."""
+
+    def progress(done: int) -> None:
+        if done >= n:
+            raise KeyboardInterrupt(f"stopped after {done} (test)")
+
+    return progress

@@ -10,8 +10,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from fashionfuse.architectures import (ArchitectureError, check_tokenizer_fits,
-                                       linear_module_names, resolve_lora_targets)
+from fashionfuse.architectures import (
+    ArchitectureError,
+    check_tokenizer_fits,
+    linear_module_names,
+    resolve_lora_targets,
+)
 from fashionfuse.cli import app
 from fashionfuse.train.varlen_attention import NAME, use_varlen_attention
 

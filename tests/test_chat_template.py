@@ -6,7 +6,12 @@ import pytest
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from fashionfuse.chat_template import IGNORE_INDEX, install_chat_template, render, tokenize_with_labels
+from fashionfuse.chat_template import (
+    IGNORE_INDEX,
+    install_chat_template,
+    render,
+    tokenize_with_labels,
+)
 from fashionfuse.cli import app
 
 runner = CliRunner()

@@ -15,6 +15,8 @@ from fashionfuse.curate.records import MalformedRow, Record, Rejection
 from fashionfuse.curate.sources import read_source
 from fashionfuse.curate.split import split_to_fit, train_validation_split
 
+from .conftest import stop_after
+
 runner = CliRunner()
 
 
@@ -249,7 +251,7 @@ def test_interrupted_curation_resumes_from_finished_shards(make_config, tmp_path
     out.mkdir()
     with pytest.raises(KeyboardInterrupt):
         curate_dataset(cfg, cfg.dataset("orca"), load_tokenizer(cfg.model), out, work=work,
-                       stop_after_shards=2)
+                       progress=stop_after(2))
     finished = sorted(p.name for p in work.glob("shard-*.json"))
     assert finished == ["shard-000000.json", "shard-000001.json"]
     # mark the finished shards so re-filtering them would show

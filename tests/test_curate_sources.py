@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from fashionfuse.curate import filters
-from fashionfuse.curate.decontaminate import (BenchmarkIndex, jaccard, planted_paraphrase,
-                                              read_benchmark_questions, shingles)
+from fashionfuse.curate.decontaminate import (
+    BenchmarkIndex,
+    jaccard,
+    planted_paraphrase,
+    read_benchmark_questions,
+    shingles,
+)
 from fashionfuse.curate.records import Record, Rejection
 from fashionfuse.curate.sources import read_source
 
@@ -196,7 +201,11 @@ def test_oasst1_flat_message_table_becomes_best_thread(tmp_path):
 def test_toxicity_classifier_thresholds(tiny_model, tmp_path):
     """Plumbing of the optional classifier with a tiny random model: threshold decides."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(tiny_model, num_labels=2, id2label={0: "ok", 1: "toxic"},

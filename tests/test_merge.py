@@ -13,7 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from fashionfuse.base_model import load_base_model
 from fashionfuse.config import ModelConfig, TrainingConfig
-from fashionfuse.lora import attach_adapters, export_merged_model, load_saved_adapter, weighted_delta
+from fashionfuse.lora import (
+    attach_adapters,
+    export_merged_model,
+    load_saved_adapter,
+    weighted_delta,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 11, 40, 17, 23]])

@@ -14,8 +14,11 @@ from typer.testing import CliRunner
 from fashionfuse.cli import app
 from fashionfuse.config import SearchConfig, load_config
 from fashionfuse.lora import load_saved_adapter, weighted_delta
+from fashionfuse.search.methods.grid import candidates as grid_candidates
+from fashionfuse.search.methods.random import candidates as random_candidates
 from fashionfuse.search.pipeline import search_weights
-from fashionfuse.search.samplers import grid_candidates, random_candidates
+
+from .conftest import stop_after
 
 runner = CliRunner()
 
@@ -79,7 +82,7 @@ def test_killed_search_resumes_without_repeating_trials(pipeline_run, tmp_path):
     cfg = load_config(pipeline_run["config"], [f"run_dir={run}", "search.method=random",
                                                 "search.n_trials=5"])
     with pytest.raises(KeyboardInterrupt):
-        search_weights(cfg, stop_after=2)
+        search_weights(cfg, progress=stop_after(2))
     assert not (run / "search").exists()
     storage = f"sqlite:///{run / 'search.work' / 'study.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
@@ -303,18 +306,19 @@ def test_halving_stages_are_a_seeded_random_sample(pipeline_run, tmp_path):
 
 def test_tpe_workers_get_their_own_seeds_and_respect_step():
     """Two workers on one study must not propose the same points; TPE stays on the step grid."""
-    from fashionfuse.search.samplers import SAMPLERS, distributions, worker_seed
+    from fashionfuse.search.methods import tpe
+    from fashionfuse.search.study import worker_seed
 
     cfg = SearchConfig(method="tpe", low=0.0, high=1.0, step=0.05)
-    dists = distributions(cfg, ["a", "b", "c"])
+    dists = tpe.distributions(cfg, ["a", "b", "c"])
     assert worker_seed(7, None) == 7
     seeds = {worker_seed(7, w) for w in ("host:1", "host:2")}
     assert len(seeds) == 2
-    study = optuna.create_study(sampler=SAMPLERS["tpe"](0))
+    study = optuna.create_study(sampler=tpe.sampler(cfg, 0))
     asked = []
     for seed in seeds:
         other = optuna.load_study(study_name=study.study_name, storage=study._storage,
-                                  sampler=SAMPLERS["tpe"](seed))
+                                  sampler=tpe.sampler(cfg, seed))
         asked.append([other.ask(dists).params for _ in range(4)])
     assert asked[0] != asked[1]
     for params in asked[0] + asked[1]:
@@ -323,7 +327,7 @@ def test_tpe_workers_get_their_own_seeds_and_respect_step():
 
 
 def test_search_worker_ids(pipeline_run, monkeypatch):
-    from fashionfuse.search.pipeline import search_worker_id
+    from fashionfuse.search.study import search_worker_id
 
     cfg = load_config(pipeline_run["config"])
     monkeypatch.delenv("FASHIONFUSE_WORKER", raising=False)

@@ -15,9 +15,16 @@ from typer.testing import CliRunner
 
 from fashionfuse.cli import app
 from fashionfuse.config import load_config
-from fashionfuse.train.batching import (collate, collate_packed, pack_rows, plan_micro_batches,
-                                        step_windows, token_losses)
+from fashionfuse.examples import collate, token_losses
+from fashionfuse.train.batching import (
+    collate_packed,
+    pack_rows,
+    plan_micro_batches,
+    step_windows,
+)
 from fashionfuse.train.trainer import train_one_adapter
+
+from .conftest import stop_after
 
 runner = CliRunner()
 
@@ -160,7 +167,7 @@ def test_interrupted_training_resumes_to_the_same_adapter(make_config, tmp_path)
     cfg = load_config(path)
     tok = AutoTokenizer.from_pretrained(cfg.model.base)
     with pytest.raises(KeyboardInterrupt):
-        train_one_adapter(cfg, "orca", tok, stop_after=2)
+        train_one_adapter(cfg, "orca", tok, progress=stop_after(2))
     work = tmp_path / "run" / "adapters" / ".orca.work"
     assert (work / "checkpoint" / "state.pt").exists()
     assert not (tmp_path / "run" / "adapters" / "orca").exists()  # nothing half-written

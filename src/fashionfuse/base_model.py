@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, QuantizationConfig
+from .errors import MissingFileError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -86,7 +87,7 @@ def adapter_deltas(adapter_dirs: list[str]) -> dict[str, torch.Tensor]:
     total: dict[str, torch.Tensor] = {}
     for path in adapter_dirs:
         if not (Path(path) / "adapter_config.json").exists():
-            raise FileNotFoundError(f"model.merge_adapters: {path}: not a PEFT adapter directory")
+            raise MissingFileError(f"model.merge_adapters: {path}: not a PEFT adapter directory")
         for key, delta in weighted_delta([load_saved_adapter(path)], [1.0]).items():
             name = key.removeprefix("base_model.model.")
             total[name] = total[name] + delta if name in total else delta
@@ -109,6 +110,8 @@ def merge_into_base(model, cfg: ModelConfig, deltas: dict[str, torch.Tensor]):
         merged = full.get_submodule(name).weight.detach().double() + delta.to("cpu")
         weight = module.weight
         if isinstance(module, bnb.nn.Linear4bit):
+            # quantise now, as transformers does when loading (Params4bit quantises on its
+            # first move to a device; `_quantize` is that step without the move)
             old = weight.quant_state
             module.weight = bnb.nn.Params4bit(
                 merged.to(old.dtype), requires_grad=False, blocksize=weight.blocksize,

@@ -10,6 +10,7 @@ import typer
 import yaml
 
 from .config import ConfigError, RunConfig, load_config
+from .pipeline import run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multiple LoRA-adapter fusion fine-tuning (FashionGPT).")
@@ -72,12 +73,13 @@ def validate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> No
     typer.echo(f"{config}: ok ({len(cfg.datasets)} datasets, run_dir {cfg.run_dir})")
 
 
+RoundOpt = typer.Option(None, "--round", help="With `rounds`: this round only")
+
+
 @app.command()
 def curate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
     """Raw sources -> filtered, split datasets with Table 1 statistics."""
-    from .curate import curate as run
-
-    _run_stage(config, set_, lambda cfg: run(cfg, force=force))
+    _run_stage(config, set_, lambda cfg: run_stage(cfg, "curate", force=force))
 
 
 @app.command("train-adapter")
@@ -85,43 +87,20 @@ def train_adapter(
     config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
     adapter: Optional[list[str]] = typer.Option(
         None, "--adapter", "--dataset", help="Only these adapters (default: all)"),
-    round_: Optional[int] = typer.Option(None, "--round", help="With `rounds`: this round only"),
+    round_: Optional[int] = RoundOpt,
 ) -> None:
     """Train one QLoRA adapter per curated dataset, plus the configured baselines.
 
     Multi-process: `torchrun --nproc_per_node N -m fashionfuse train-adapter CONFIG`."""
-    from .train import train_adapters
-
-    _run_stage(config, set_, lambda cfg: _per_round(
-        cfg, round_, "train", lambda c: train_adapters(c, adapter, force=force)))
+    _run_stage(config, set_, lambda cfg: run_stage(cfg, "train", round_, force=force,
+                                                   adapters=adapter))
 
 
 @app.command("search-weights")
 def search_weights(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
-                   force: bool = ForceOpt,
-                   round_: Optional[int] = typer.Option(None, "--round",
-                                                        help="With `rounds`: this round only")
-                   ) -> None:
+                   force: bool = ForceOpt, round_: Optional[int] = RoundOpt) -> None:
     """Search fusion weights on the held-out objective; export the fused adapter."""
-    from .search import search_weights as run
-
-    _run_stage(config, set_, lambda cfg: _per_round(cfg, round_, "search",
-                                                     lambda c: run(c, force=force)))
-
-
-def _per_round(cfg: RunConfig, round_: Optional[int], stage: str, call: Callable):
-    """Without `rounds`: the stage on the run. With them: the stage of round `--round N`, whose
-    base holds the earlier rounds' fused adapters (`fashionfuse run` does every round)."""
-    if not cfg.rounds:
-        if round_ is not None:
-            raise ValueError("--round: the config has no `rounds`")
-        return call(cfg)
-    from .rounds import run_rounds
-
-    if round_ is None or not 1 <= round_ <= len(cfg.rounds):
-        raise ValueError(f"the config has rounds: pass --round N (1..{len(cfg.rounds)}), "
-                         "or use `fashionfuse run` for every round")
-    return run_rounds(cfg, (stage,), only=round_)
+    _run_stage(config, set_, lambda cfg: run_stage(cfg, "search", round_, force=force))
 
 
 @app.command("eval")
@@ -129,13 +108,10 @@ def eval_(
     config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
     limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (or fraction)"),
 ) -> None:
-    """Score base, adapters and fused model with lm-evaluation-harness, side by side."""
-    from .evaluate import evaluate
-
+    """Score base, adapters and fused model with lm-evaluation-harness, side by side (with
+    `rounds`: the last round's)."""
     overrides = list(set_ or []) + ([f"eval.limit={limit}"] if limit is not None else [])
-    from .rounds import final_config
-
-    _run_stage(config, overrides, lambda cfg: evaluate(final_config(cfg), force=force))
+    _run_stage(config, overrides, lambda cfg: run_stage(cfg, "eval", force=force))
 
 
 @app.command()

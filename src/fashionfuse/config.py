@@ -6,14 +6,18 @@ validates strictly (unknown keys are errors). Every error names the file and the
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -225,8 +229,23 @@ class RoundConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- search
+def _registered(kind: str):
+    """A validator: the name must be registered in `search.registry` (built in or a plugin)."""
+
+    def check(name: str) -> str:
+        from .search import registry
+
+        names = registry.method_names() if kind == "method" else registry.objective_names()
+        if name not in names:
+            raise ValueError(f"unknown {kind} {name!r} (known: {', '.join(names)})")
+        return name
+
+    return AfterValidator(check)
+
+
 class ObjectiveConfig(_Strict):
-    type: Literal["val_loss", "lm_eval", "mix"] = "val_loss"
+    type: Annotated[str, _registered("objective")] = Field(
+        default="val_loss", description="val_loss, lm_eval, mix, or a registered plugin")
     tasks: list[str] = Field(default=[], description="lm-eval tasks scored per candidate (lm_eval, mix)")
     include_paths: list[str] = []
     num_fewshot: Annotated[int, Field(ge=0)] | None = None
@@ -248,7 +267,8 @@ class ObjectiveConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    method: Literal["grid", "random", "tpe", "gradient"] = "grid"
+    method: Annotated[str, _registered("method")] = Field(
+        default="grid", description="grid, random, tpe, gradient, or a registered plugin")
     adapters: list[str] | None = Field(default=None, description="Default: every dataset")
     grid_values: list[float] = [0.0, 0.5, 1.0]
     n_trials: Annotated[int, Field(gt=0)] = 20
@@ -378,11 +398,14 @@ class RunConfig(_Strict):
         """The config of fusion round `index` (0-based): its own run dir, adapters and base.
 
         Round k's adapters are searched alone; the fused adapters of rounds < k are merged into
-        its base, in order. The caller links the round's `curate/` to the parent run's.
+        its base, in order. No side effects: `rounds.prepare_round` links the round's `curate/`
+        to the parent run's before a stage runs there.
         """
-        run_dir = str(Path(self.run_dir) / "rounds" / f"round-{index + 1}")
-        merged = [str(Path(self.run_dir) / "rounds" / f"round-{k + 1}" / "search" / "fused")
-                  for k in range(index)]
+        from .rundir import RunLayout
+
+        layout = RunLayout(self.run_dir)
+        run_dir = str(layout.round(index + 1))
+        merged = [str(RunLayout(layout.round(k + 1)).fused) for k in range(index)]
         data = self.model_dump(mode="json")
         data.update(run_dir=run_dir, rounds=[])
         data["model"]["merge_adapters"] = list(self.model.merge_adapters) + merged
@@ -480,9 +503,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def config_hash(*sections: Any) -> str:
     """Stable short hash of config sections (pydantic models or plain JSON-able values)."""
+    from .rundir import fingerprint
 
-    def plain(x: Any) -> Any:
-        return x.model_dump(mode="json") if isinstance(x, BaseModel) else x
-
-    blob = json.dumps([plain(s) for s in sections], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fingerprint([x.model_dump(mode="json") if isinstance(x, BaseModel) else x
+                        for x in sections])

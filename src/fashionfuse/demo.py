@@ -243,7 +243,14 @@ def pretraining_corpus(seed: int = 0, n_lines: int = 3000) -> list[str]:
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 1024):
     """A byte-level BPE tokenizer with Llama's special tokens, trained on `corpus`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -168,6 +168,28 @@ def set_fusion_weights(peft_model, weights: dict[str, float]) -> None:
         peft_model.base_model.disable_adapter_layers()
 
 
+def tensor_fusion_weights(peft_model, names: list[str]):
+    """For learning fusion weights: activate `names` and return `apply(w)`, which sets every
+    LoRA layer's scale of adapter i to the tensor `w[i] * alpha_i / r_i`, so autograd reaches w.
+    Call `set_fusion_weights` afterwards to put plain float scales back.
+
+    PEFT keeps each layer's scales in its `scaling` dict and multiplies by whatever is there;
+    writing tensors into it is the one place fashionfuse relies on that detail."""
+    from peft.tuners.lora import LoraLayer
+
+    set_fusion_weights(peft_model, {n: 1.0 for n in names})  # all active, unit scale
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    unit = [{i: float(m.scaling[n]) for i, n in enumerate(names) if n in m.scaling}
+            for m in layers]
+
+    def apply(w: torch.Tensor) -> None:
+        for module, scales in zip(layers, unit):
+            for i, scale in scales.items():
+                module.scaling[names[i]] = w[i] * scale
+
+    return apply
+
+
 # --------------------------------------------------------------------------- full merge
 def stored_dtype(model_cfg) -> torch.dtype:
     """The dtype the base checkpoint is stored in (float32 when its config does not say)."""
@@ -194,7 +216,13 @@ def export_merged_model(model_cfg, adapter_dir: Path, out_dir: Path,
     """
     import bitsandbytes as bnb
 
-    from .base_model import adapter_deltas, load_base_model, load_full_precision, load_tokenizer, merge_into_base
+    from .base_model import (
+        adapter_deltas,
+        load_base_model,
+        load_full_precision,
+        load_tokenizer,
+        merge_into_base,
+    )
 
     dtype = dtype or stored_dtype(model_cfg)
     full = load_full_precision(model_cfg, torch.float32)

@@ -61,6 +61,10 @@ class RunLayout:
     def eval(self) -> Path:
         return self.root / "eval"
 
+    def round(self, number: int) -> Path:
+        """The run dir of iterative-fusion round `number` (1-based)."""
+        return self.root / "rounds" / f"round-{number}"
+
 
 def library_versions() -> dict[str, str]:
     """Installed versions of the libraries that shape an artifact."""
@@ -100,8 +104,8 @@ def path_fingerprint(path: str | Path, max_hash_bytes: int = 256 << 20) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(parts: dict[str, Any]) -> str:
-    """Hash of everything a stage's output depends on."""
+def fingerprint(parts: Any) -> str:
+    """Hash of everything a stage's output depends on (any JSON-able value)."""
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MissingFileError
+
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
 
 
@@ -57,7 +59,7 @@ def read_benchmark_questions(path: str | Path) -> list[str]:
                 out += read_benchmark_questions(f)
         return out
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: benchmark file not found")
+        raise MissingFileError(f"curate.decontaminate.benchmarks: {p}: file not found")
     if p.suffix == ".jsonl":
         out = []
         for line in p.read_text(encoding="utf-8").splitlines():

@@ -7,14 +7,24 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 from tqdm.auto import tqdm
 
 from ..base_model import base_fingerprint_parts, load_tokenizer
 from ..chat_template import render, render_with_tokenizer_template
 from ..config import DatasetConfig, RunConfig, config_hash
-from ..rundir import (RunLayout, atomic_dir, fingerprint, is_up_to_date, path_fingerprint,
-                      write_json, write_manifest, write_text)
+from ..errors import UserError
+from ..rundir import (
+    RunLayout,
+    atomic_dir,
+    fingerprint,
+    is_up_to_date,
+    path_fingerprint,
+    write_json,
+    write_manifest,
+    write_text,
+)
 from .decontaminate import BenchmarkIndex, read_benchmark_questions
 from .filters import build_chain
 from .records import MalformedRow, Record, Rejection
@@ -23,7 +33,7 @@ from .split import split_to_fit, train_validation_split
 from .stats import dataset_stats, table1_markdown
 
 
-class CurationError(RuntimeError):
+class CurationError(UserError, RuntimeError):
     """A malformed row in strict mode, or an unreadable source."""
 
 
@@ -164,16 +174,11 @@ def _shards(rows, size: int, work: Path):
         yield (k, None if done.exists() else batch, done)
 
 
-def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
-                   benchmark_index=None, work: Path | None = None,
-                   stop_after_shards: int | None = None) -> dict:
-    """Read, filter, fit and split one dataset into `out`; return its statistics.
-
-    Rows are filtered in shards of `curate.shard_size` over `curate.num_proc` processes; each
-    finished shard is saved under `work`, so an interrupted run resumes from finished shards.
-    Duplicate removal then runs over the shards in order, so the output does not depend on the
-    number of processes.
-    """
+def _filter_shards(cfg: RunConfig, ds: DatasetConfig, benchmark_index, work: Path,
+                   progress: Callable[[int], None] | None):
+    """Read the source and run the filter chain over it in shards (per-record filters in worker
+    processes, cross-record ones here, in shard order); returns the passing records with their
+    file:line, the funnel and the rejects."""
     import multiprocessing as mp
 
     funnel: Counter = Counter()
@@ -182,19 +187,16 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
     per_record = [(n, f) for n, f in chain if n not in CROSS_RECORD_FILTERS]
     cross = [(n, f) for n, f in chain if n in CROSS_RECORD_FILTERS]
     _WORKER.update(chain=per_record, kind=ds.kind, strict=cfg.curate.strict, name=ds.name)
-    counter = TokenCounter(tokenizer, cfg.model.system_message,
-                           template=cfg.model.chat_template)
     passed: list[tuple[Record, str]] = []
     src = ds.source
     rows = read_source(src.format, src.path, ds.name, fields=src.fields, hub=src.hub,
                        hub_config=src.hub_config, split=src.split, revision=src.revision)
-    work = work or Path(out).parent / f".{ds.name}.work"
-    work.mkdir(parents=True, exist_ok=True)
     jobs = _shards(rows, cfg.curate.shard_size, work)
     nproc = cfg.curate.num_proc or (mp.cpu_count() or 1)
     pool = mp.get_context("fork").Pool(nproc) if nproc > 1 else None
     results = pool.imap(_filter_shard, jobs) if pool else map(_filter_shard, jobs)
     bar = tqdm(desc=f"curate {ds.name}", unit="row", leave=False, mininterval=0.5)
+    full = False
     try:
         for n_done, res in enumerate(results, 1):
             if "error" in res:
@@ -210,17 +212,36 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
                     rec.messages = rec.messages[:2]  # a QA dataset trains on its first exchange
                     funnel["qa_truncated"] += 1
                 passed.append((rec, where))
-                if ds.max_records and len(passed) >= ds.max_records:
+                full = bool(ds.max_records) and len(passed) >= ds.max_records
+                if full:
                     break
-            if ds.max_records and len(passed) >= ds.max_records:
+            if full:
                 break
-            if stop_after_shards is not None and n_done >= stop_after_shards:
-                raise KeyboardInterrupt(f"stopped after {n_done} shards (test hook)")
+            if progress is not None:
+                progress(n_done)
     finally:
         bar.close()
         if pool:
             pool.terminate()
             pool.join()
+    return passed, funnel, rejects
+
+
+def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
+                   benchmark_index=None, work: Path | None = None,
+                   progress: Callable[[int], None] | None = None) -> dict:
+    """Read, filter, fit and split one dataset into `out`; return its statistics.
+
+    Rows are filtered in shards of `curate.shard_size` over `curate.num_proc` processes; each
+    finished shard is saved under `work`, so an interrupted run resumes from finished shards
+    (`progress` is called with the number of finished shards). Duplicate removal then runs over
+    the shards in order, so the output does not depend on the number of processes.
+    """
+    work = work or Path(out).parent / f".{ds.name}.work"
+    work.mkdir(parents=True, exist_ok=True)
+    passed, funnel, rejects = _filter_shards(cfg, ds, benchmark_index, work, progress)
+    counter = TokenCounter(tokenizer, cfg.model.system_message,
+                           template=cfg.model.chat_template)
     kept = fit_to_context(passed, counter, cfg.model.max_input_len, funnel, rejects)
     if ds.max_records:
         kept = kept[: ds.max_records]

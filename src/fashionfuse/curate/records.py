@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import UserError
 
-class MalformedRow(ValueError):
+
+class MalformedRow(UserError, ValueError):
     """A raw row that cannot be turned into a record; the message says why."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import MissingFileError
 from .presets import lm_eval_tasks_dir, mmlu_subjects
 
 PREFIX = "local_"
@@ -141,11 +142,11 @@ def write_local_leaderboard_tasks(benchmark_dir: str | Path, out: Path) -> Path:
     """Convert the benchmark files and write the task YAMLs into `out`; return `out`."""
     src = Path(benchmark_dir)
     if not src.is_dir():
-        raise FileNotFoundError(f"eval.benchmark_data: {src}: folder not found")
+        raise MissingFileError(f"eval.benchmark_data: {src}: folder not found")
     out.mkdir(parents=True, exist_ok=True)
     for build in (_arc, _hellaswag, _mmlu, _truthfulqa):
         try:
             build(src, out)
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"eval.benchmark_data: {exc.filename}: file not found") from None
+            raise MissingFileError(f"eval.benchmark_data: {exc.filename}: file not found") from None
     return out

@@ -12,22 +12,38 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..architectures import check_tokenizer_fits
-from ..base_model import base_fingerprint_parts, default_device, load_base_model, load_tokenizer
+from ..base_model import (
+    DTYPES,
+    base_fingerprint_parts,
+    default_device,
+    load_base_model,
+    load_tokenizer,
+)
 from ..config import RunConfig, config_hash
+from ..errors import UserError
+from ..lm_eval_run import prepare_include_paths, run_tasks, task_manager, wrap_model
 from ..lora import attach_adapters, set_fusion_weights
-from ..rundir import (RunLayout, artifact_id, atomic_dir, fingerprint, is_up_to_date,
-                      path_fingerprint, write_json, write_manifest, write_text)
+from ..rundir import (
+    RunLayout,
+    artifact_id,
+    atomic_dir,
+    fingerprint,
+    is_up_to_date,
+    path_fingerprint,
+    write_json,
+    write_manifest,
+    write_text,
+)
 from .benchmarks import PREFIX, write_local_leaderboard_tasks
 from .presets import PRESETS, TaskSpec, custom_specs
 from .table import build_table, plot_table, to_csv, to_markdown
-from .tasks import prepare_include_paths
-from .tasks import task_manager as task_manager_for
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """Evaluation cannot run (no tasks, missing artifacts)."""
 
 
@@ -114,20 +130,27 @@ def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
     })
 
 
-def evaluate(cfg: RunConfig, force: bool = False) -> dict:
-    """Run lm-eval on every configured model; write per-model results JSON and the table."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.utils import handle_non_serializable
+@dataclass
+class EvalSetup:
+    """Everything shared by the models scored in one eval: tasks, the resident model with every
+    adapter attached, and the data-parallel world."""
 
-    specs = task_specs(cfg)
+    specs: list[TaskSpec]
+    by_shots: dict[int | None, list[str]]  # tasks grouped by few-shot count (one call each)
+    task_manager: object
+    tokenizer: object
+    model: object
+    adapters: dict[str, Path]  # adapter name (NAME of adapter:NAME, or fused) -> directory
+    device: str
+    rank: int
+    world: int
+    accelerator: object
+
+
+def _setup(cfg: RunConfig, models: dict[str, Path | None]) -> EvalSetup:
+    """Write the task folders, build the task manager, load the base once, attach adapters."""
     layout = RunLayout(cfg.run_dir)
-    models = models_to_evaluate(cfg)
-    fp = eval_fingerprint(cfg, models)
-    if not force and is_up_to_date(layout.eval, fp):
-        print("eval: up to date")
-        return json.loads((layout.eval / "table.json").read_text())
-
+    specs = task_specs(cfg)
     rank, world, accelerator = _data_parallel()
     tasks_dir = layout.root / ("eval_tasks" if rank == 0 else f"eval_tasks.rank{rank}")
     include = prepare_include_paths(cfg.eval.include_paths, tasks_dir)
@@ -137,7 +160,6 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
     by_shots: dict[int | None, list[str]] = {}
     for spec in specs:
         by_shots.setdefault(spec.num_fewshot, []).append(spec.task)
-    task_manager = task_manager_for(include, [spec.task for spec in specs])
     quantized = cfg.eval.load_in_4bit
     quantized = cfg.model.quantization.bits == 4 if quantized is None else quantized
     tokenizer = load_tokenizer(cfg.model)
@@ -145,41 +167,44 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
     base = load_base_model(cfg.model, quantized=quantized, device=device)
     check_tokenizer_fits(base, tokenizer)
     adapters = {label.split(":", 1)[-1]: path for label, path in models.items()
-                if path is not None and label != "merged"}  # adapter:NAME -> NAME, fused -> fused
+                if path is not None and label != "merged"}
     model = attach_adapters(base, adapters) if adapters else base
-    results_by_model: dict[str, dict] = {}
-    for label in models:
-        if label == "merged":  # a separate full model: loaded on its own, unquantised
-            from transformers import AutoModelForCausalLM
+    return EvalSetup(specs, by_shots, task_manager([*include], [s.task for s in specs]), tokenizer,
+                     model, adapters, device, rank, world, accelerator)
 
-            from ..base_model import DTYPES
 
-            target = AutoModelForCausalLM.from_pretrained(
-                models[label], dtype=DTYPES[cfg.model.quantization.compute_dtype]).to(device).eval()
-        else:
-            target = model
-            if adapters:
-                activate(model, label, list(adapters))
-        lm = HFLM(pretrained=target, tokenizer=tokenizer, batch_size=cfg.eval.batch_size)
-        if accelerator is not None:  # lm-eval shards requests by rank and gathers on rank 0
-            lm._rank, lm._world_size, lm.accelerator = rank, world, accelerator
-        parts = []
-        for shots, names in by_shots.items():
-            if rank == 0:
-                print(f"eval {label}: {len(names)} task(s), num_fewshot={shots}, processes={world}")
-            parts.append(lm_eval.simple_evaluate(
-                model=lm, tasks=names, num_fewshot=shots, limit=cfg.eval.limit,
-                task_manager=task_manager, log_samples=cfg.eval.log_samples, use_cache=None,
-                random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-                fewshot_random_seed=cfg.seed,
-            ))
-        if rank == 0:
-            res = _merge_results([dict(p) for p in parts])
-            results_by_model[label] = json.loads(json.dumps(res, default=handle_non_serializable))
-    if rank != 0:
-        return {}
+def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -> dict | None:
+    """lm-eval results of one model (on rank 0; None on the other ranks)."""
+    from lm_eval.utils import handle_non_serializable
+
+    if label == "merged":  # a separate full model: loaded on its own, unquantised
+        from transformers import AutoModelForCausalLM
+
+        target = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[cfg.model.quantization.compute_dtype]).to(ev.device).eval()
+    else:
+        target = ev.model
+        if ev.adapters:
+            activate(ev.model, label, list(ev.adapters))
+    lm = wrap_model(target, ev.tokenizer, cfg.eval.batch_size, ev.accelerator, ev.rank, ev.world)
+    parts = []
+    for shots, names in ev.by_shots.items():
+        if ev.rank == 0:
+            print(f"eval {label}: {len(names)} task(s), num_fewshot={shots}, processes={ev.world}")
+        parts.append(run_tasks(lm, names, ev.task_manager, num_fewshot=shots,
+                               limit=cfg.eval.limit, seed=cfg.seed,
+                               log_samples=cfg.eval.log_samples))
+    if ev.rank != 0:
+        return None
+    res = _merge_results([dict(p) for p in parts])
+    return json.loads(json.dumps(res, default=handle_non_serializable))
+
+
+def _write_eval(cfg: RunConfig, fp: str, models: dict, results_by_model: dict, specs,
+                world: int) -> dict:
+    """Per-model results JSON, the side-by-side table (MD, CSV, JSON, PNG), the manifest."""
     table = build_table(results_by_model, specs)
-    with atomic_dir(layout.eval) as tmp:
+    with atomic_dir(RunLayout(cfg.run_dir).eval) as tmp:
         for label, res in results_by_model.items():
             write_text(tmp / label.replace(":", "_") / "results.json", json.dumps(res, indent=2) + "\n")
         write_json(tmp / "table.json", table)
@@ -192,3 +217,19 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict:
                        extra={"processes": world})
     print(to_markdown(table))
     return table
+
+
+def evaluate(cfg: RunConfig, force: bool = False) -> dict:
+    """Run lm-eval on every configured model; write per-model results JSON and the table."""
+    layout = RunLayout(cfg.run_dir)
+    task_specs(cfg)  # no tasks: fail before loading anything
+    models = models_to_evaluate(cfg)
+    fp = eval_fingerprint(cfg, models)
+    if not force and is_up_to_date(layout.eval, fp):
+        print("eval: up to date")
+        return json.loads((layout.eval / "table.json").read_text())
+    ev = _setup(cfg, models)
+    results = {label: _score_model(cfg, ev, label, path) for label, path in models.items()}
+    if ev.rank != 0:
+        return {}
+    return _write_eval(cfg, fp, models, results, ev.specs, ev.world)

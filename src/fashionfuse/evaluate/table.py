@@ -5,15 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
-PREFERRED_METRICS = ("acc_norm,none", "acc,none", "mc2,none", "exact_match,none")
-
-
-def headline_metric(task_results: dict) -> tuple[str, float] | None:
-    """The task's headline metric (acc_norm, then acc, mc2, exact_match) and its value."""
-    for key in PREFERRED_METRICS:
-        if key in task_results and isinstance(task_results[key], (int, float)):
-            return key.split(",")[0], float(task_results[key])
-    return None
+from ..lm_eval_run import headline_metric
 
 
 def build_table(results_by_model: dict[str, dict], specs: list) -> dict:
@@ -82,11 +74,9 @@ def to_csv(table: dict) -> str:
 
 def plot_table(table: dict, path) -> None:
     """Grouped bar chart: one group per column, one bar per model."""
-    import matplotlib
+    from ..plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols, rows = table["columns"], table["rows"]
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2, 3.2))
@@ -97,6 +87,4 @@ def plot_table(table: dict, path) -> None:
     ax.set_xticklabels(cols, rotation=15)
     ax.set_ylabel("score (%)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

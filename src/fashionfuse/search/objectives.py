@@ -1,4 +1,5 @@
-"""Held-out objectives for fusion-weight search (lower is better)."""
+"""Held-out objectives for fusion-weight search (lower is better): the validation data, lm-eval
+task scores, and the objectives built on them (`val_loss`, `lm_eval`, `mix`; see `registry`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import RunConfig
+from ..errors import MissingFileError, UserError
+from ..examples import collate, load_records, token_losses, tokenize_records
 from ..rundir import RunLayout
-from ..train.batching import collate, load_records, token_losses, tokenize_records
 
 
 @dataclass
@@ -36,7 +38,7 @@ class ValidationLoss:
         for name in cfg.objective_datasets:
             path = layout.curated(name) / "validation.jsonl"
             if not path.exists():
-                raise FileNotFoundError(f"{path}: validation split missing (run curate)")
+                raise MissingFileError(f"{path}: validation split missing (run curate)")
             ex = tokenize_records(load_records(path, obj.max_samples_per_dataset), tokenizer,
                                   cfg.model.system_message, cfg.model.max_input_len,
                                   cfg.model.chat_template)
@@ -83,18 +85,15 @@ class ValidationLoss:
         return sum(self.weights[n] * losses[n] for n in losses) / z
 
 
-class LmEvalObjective:
-    """Mean headline metric of lm-eval tasks on the resident model (higher is better).
-
-    Runs lm-eval's Python API on the model in memory, with no response cache (its cache is
-    keyed by request only and would return one candidate's answers for another). Tasks scored
-    on their test split are refused unless `allow_test_split` is set.
-    """
+class TaskScores:
+    """Headline metric of each lm-eval task on the resident model (higher is better), run in
+    memory through `lm_eval_run`. Tasks scored on their test split are refused unless
+    `allow_test_split` is set."""
 
     def __init__(self, cfg: RunConfig, tokenizer):
         from lm_eval.tasks import get_task_dict
 
-        from ..evaluate.tasks import prepare_include_paths, task_manager
+        from ..lm_eval_run import prepare_include_paths, task_manager
 
         obj = cfg.search.objective
         include = prepare_include_paths(obj.include_paths, RunLayout(cfg.run_dir).root / "search_tasks")
@@ -103,23 +102,17 @@ class LmEvalObjective:
         self.batch_size = cfg.search.batch_size
         for name, task in _flatten(get_task_dict(self.tasks, self.task_manager)).items():
             if task.has_test_docs() and not obj.allow_test_split:
-                raise ValueError(
+                raise UserError(
                     f"search.objective.tasks: {name} is scored on its test split "
                     f"({task.config.test_split!r}); tuning weights on test data is refused "
                     "(use a validation split, or set search.objective.allow_test_split: true)")
 
     def score(self, model) -> dict[str, float]:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
+        from ..lm_eval_run import headline_metric, run_tasks, wrap_model
 
-        from ..evaluate.table import headline_metric
-
-        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
-        res = lm_eval.simple_evaluate(
-            model=lm, tasks=self.tasks, num_fewshot=self.obj.num_fewshot, limit=self.obj.limit,
-            task_manager=self.task_manager, use_cache=None, log_samples=False,
-            random_seed=self.seed, numpy_random_seed=self.seed, torch_random_seed=self.seed,
-            fewshot_random_seed=self.seed)
+        lm = wrap_model(model, self.tokenizer, self.batch_size)
+        res = run_tasks(lm, self.tasks, self.task_manager, num_fewshot=self.obj.num_fewshot,
+                        limit=self.obj.limit, seed=self.seed)
         out = {}
         for t in self.tasks:
             hm = headline_metric(res["results"].get(t, {}))
@@ -136,3 +129,71 @@ def _flatten(task_dict: dict) -> dict:
         else:
             out[getattr(key, "group_name", key) if not isinstance(key, str) else key] = value
     return out
+
+
+# --------------------------------------------------------------------------- the objectives
+# Each is built from (cfg, tokenizer, device) and scores the resident model as it is set now:
+# `score(model, trial)` -> {"score": lower is better, "per_dataset": {...}}, or None when a
+# pruner stopped the trial early. `differentiable` objectives can drive `method: gradient`.
+
+
+class ValLossObjective:
+    """`val_loss`: the token-weighted validation loss, combined across datasets; with
+    `halving_fractions` it is reported stage by stage and a pruner may stop a trial early."""
+
+    differentiable = True
+
+    def __init__(self, cfg: RunConfig, tokenizer, device: str):
+        self.data = ValidationLoss.from_config(cfg, tokenizer, device)
+        self.halving = bool(cfg.search.halving_fractions)
+
+    def score(self, model, trial=None) -> dict | None:
+        if not self.halving or trial is None:
+            per = self.data.per_dataset(model)
+            return {"per_dataset": per, "score": self.data.combine(per)}
+        # steps count from 1: SuccessiveHalvingPruner's first rung is at step min_resource=1
+        for step, (frac, per) in enumerate(self.data.staged(model), start=1):
+            trial.report(self.data.combine(per), step)
+            trial.set_user_attr("fraction_evaluated", frac)
+            if frac < 1.0 and trial.should_prune():
+                return None
+        return {"per_dataset": per, "score": self.data.combine(per)}
+
+
+class LmEvalObjective:
+    """`lm_eval`: minus the mean headline metric of `objective.tasks`."""
+
+    differentiable = False
+
+    def __init__(self, cfg: RunConfig, tokenizer, device: str):
+        self.tasks = TaskScores(cfg, tokenizer)
+
+    def score(self, model, trial=None) -> dict:
+        tasks = self.tasks.score(model)
+        return {"per_dataset": {f"task:{k}": v for k, v in tasks.items()},
+                "score": -sum(tasks.values()) / max(len(tasks), 1)}
+
+
+class MixObjective:
+    """`mix`: `(1 - mix_weight) * val_loss - mix_weight * mean task accuracy`."""
+
+    differentiable = False
+
+    def __init__(self, cfg: RunConfig, tokenizer, device: str):
+        self.data = ValidationLoss.from_config(cfg, tokenizer, device)
+        self.tasks = TaskScores(cfg, tokenizer)
+        self.mix = cfg.search.objective.mix_weight
+
+    def score(self, model, trial=None) -> dict:
+        per = self.data.per_dataset(model)
+        tasks = self.tasks.score(model)
+        accuracy = sum(tasks.values()) / max(len(tasks), 1)
+        return {"per_dataset": {**per, **{f"task:{k}": v for k, v in tasks.items()}},
+                "score": (1 - self.mix) * self.data.combine(per) - self.mix * accuracy}
+
+
+def build_objective(cfg: RunConfig, tokenizer, device: str):
+    """The objective `search.objective.type` names (see `registry`)."""
+    from .registry import objective_class
+
+    return objective_class(cfg.search.objective.type)(cfg, tokenizer, device)

@@ -1,42 +1,15 @@
-"""Tokenise curated records; plan steps, pack rows and collate (little padding, no attention
-across packed examples)."""
+"""Plan optimiser steps, pack examples into rows and collate packed rows (little padding, no
+attention across packed examples); tokenising and padded batches live in `examples.py`."""
 
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import random
-from pathlib import Path
 
 import torch
 
-from ..chat_template import IGNORE_INDEX, tokenize_with_labels
-
-
-def load_records(path: Path, limit: int | None = None) -> list[dict]:
-    """Curated records from a JSONL split."""
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                out.append(json.loads(line))
-                if limit is not None and len(out) >= limit:
-                    break
-    return out
-
-
-def tokenize_records(records: list[dict], tokenizer, system: str, max_len: int,
-                     template: str = "table9") -> list[dict]:
-    """Token ids + assistant-only labels for each record (Table 9 template, or the tokenizer's
-    own with `template="model"`); records with nothing to learn dropped."""
-    out = []
-    for rec in records:
-        ex = tokenize_with_labels(tokenizer, rec["messages"], rec.get("system") or system, max_len,
-                                  template)
-        if any(x != IGNORE_INDEX for x in ex["labels"][1:]):
-            out.append(ex)
-    return out
+from ..chat_template import IGNORE_INDEX
 
 
 def step_windows(n_examples: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -91,20 +64,6 @@ def plan_micro_batches(indices: list[int], lengths: list[int], micro_batch_size:
     return [rows[k:k + micro_batch_size] for k in range(0, len(rows), micro_batch_size)]
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to its longest example."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
     """Concatenate each row's examples, restarting position ids at 0 for every example.
 
@@ -130,23 +89,3 @@ def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over trained tokens, and how many tokens were trained.
-
-    `use_cache=False` matters for packed rows: transformers only derives the per-example
-    attention blocks from position ids when no KV cache is passed. For a single packed row the
-    vocabulary projection is computed only where a token is trained (`logits_to_keep`)."""
-    shift_labels = batch["labels"][:, 1:]
-    if batch["input_ids"].shape[0] == 1 and "position_ids" in batch:
-        keep = (shift_labels[0] != IGNORE_INDEX).nonzero().flatten()
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       use_cache=False, logits_to_keep=keep).logits[0].float()
-        loss_sum = torch.nn.functional.cross_entropy(logits, shift_labels[0, keep], reduction="sum")
-        return loss_sum, int(keep.numel())
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), use_cache=False).logits
-    shift_logits = logits[:, :-1, :].float()
-    loss_sum = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, int((shift_labels != IGNORE_INDEX).sum())

@@ -1,5 +1,10 @@
 """`train_adapters(cfg)`: one QLoRA adapter per curated dataset (plus the baselines of Table 8),
-packed, resumable from checkpoints, single-process or DDP."""
+packed, resumable from checkpoints, single-process or DDP.
+
+One adapter's training runs in phases: `resolve_job` (what to train: spec, fingerprint, paths,
+tokenised examples, step counts), `setup` (model, optimiser, scheduler, restored checkpoint),
+`fit` (the steps, each `train_step`), then `_save_adapter`.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +14,46 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from ..base_model import base_fingerprint_parts, load_tokenizer
-from ..chat_template import install_chat_template
-from ..config import RunConfig, config_hash
-from ..rundir import (RunLayout, artifact_id, atomic_dir, fingerprint, is_up_to_date, read_manifest, write_json,
-                      write_manifest)
-from ..chat_template import IGNORE_INDEX
-from ..lora import fuse_adapters, load_saved_adapter, save_peft_adapter
-from .batching import (collate, collate_packed, load_records, plan_micro_batches, step_windows,
-                       token_losses, tokenize_records)
-from .distributed import World, all_sum, barrier, gather, init_world, wrap
 from ..architectures import check_tokenizer_fits
+from ..base_model import base_fingerprint_parts, load_tokenizer
+from ..chat_template import IGNORE_INDEX, install_chat_template
+from ..config import AdapterSpec, RunConfig, config_hash
+from ..errors import UserError
+from ..examples import collate, load_records, token_losses, tokenize_records
+from ..lora import fuse_adapters, load_saved_adapter, save_peft_adapter
+from ..plots import pyplot, save_figure
+from ..rundir import (
+    RunLayout,
+    artifact_id,
+    atomic_dir,
+    fingerprint,
+    is_up_to_date,
+    read_manifest,
+    write_json,
+    write_manifest,
+)
+from .batching import collate_packed, plan_micro_batches, step_windows
+from .distributed import World, all_sum, barrier, gather, init_world, wrap
 from .model import build_optimizer, build_trainable_model
 
+# called with the number of finished steps after each step is stored (tests stop a run with it)
+Progress = Callable[[int], None]
 
-class TrainingError(RuntimeError):
+
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (non-finite loss, missing curated data)."""
 
 
 def train_fingerprint(cfg: RunConfig, name: str) -> str:
     """Everything one adapter depends on: model, training section, seed, curated data, and the
-    adapters it is trained on top of."""
+    adapters it is trained on top of (their contents)."""
     layout = RunLayout(cfg.run_dir)
     spec = cfg.adapter_spec(name)
     return fingerprint({
@@ -46,72 +65,33 @@ def train_fingerprint(cfg: RunConfig, name: str) -> str:
     })
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+# --------------------------------------------------------------------------- what to train
+@dataclass
+class TrainJob:
+    """One adapter to train, resolved once from the config."""
+
+    cfg: RunConfig
+    name: str
+    spec: AdapterSpec
+    fingerprint: str
+    out: Path  # the finished adapter directory
+    work: Path  # checkpoint and running metrics while training
+    examples: list[dict]
+    splits: list[Path]
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e["input_ids"]) for e in self.examples]
 
 
-def _save_checkpoint(work: Path, world: World, model, optimizer, scheduler, step: int,
-                     fp: str) -> None:
-    """Adapter weights, optimiser, scheduler, step and every rank's RNG, written by rank 0."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    rng = gather(world, {"torch": torch.get_rng_state(), "python": random.getstate(),
-                         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
-    if world.is_main:
-        with atomic_dir(work / "checkpoint") as tmp:
-            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()},
-                      str(tmp / "adapter_model.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "step": step, "rng": rng, "fingerprint": fp}, tmp / "state.pt")
-    barrier(world)
-
-
-def _load_checkpoint(work: Path, world: World, model, optimizer, scheduler, fp: str) -> int:
-    """Restore adapter, optimiser, scheduler and RNG; return the finished step (0 if none)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state_path = work / "checkpoint" / "state.pt"
-    if not state_path.exists():
-        return 0
-    state = torch.load(state_path, weights_only=False)
-    if state.get("fingerprint") != fp:
-        return 0
-    set_peft_model_state_dict(model, load_file(work / "checkpoint" / "adapter_model.safetensors"))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if len(state["rng"]) == world.size:  # a different process count cannot replay the RNG
-        rng = state["rng"][world.rank]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return int(state["step"])
-
-
-def _plot_loss(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss (per token)")
-    ax.set_title(path.parent.name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _training_examples(cfg: RunConfig, name: str, tokenizer) -> tuple[list[dict], list[Path]]:
-    """Tokenised train splits of every dataset the adapter learns (concatenated)."""
+def resolve_job(cfg: RunConfig, name: str, tokenizer) -> TrainJob:
+    """Read and tokenise the train splits of every dataset the adapter learns."""
     layout = RunLayout(cfg.run_dir)
+    spec = cfg.adapter_spec(name)
     examples, splits = [], []
-    for dataset in cfg.adapter_spec(name).datasets:
+    for dataset in spec.datasets:
         split = layout.curated(dataset) / "train.jsonl"
         if not split.exists():
             raise TrainingError(f"{split}: curated data missing, run `fashionfuse curate` first")
@@ -120,41 +100,248 @@ def _training_examples(cfg: RunConfig, name: str, tokenizer) -> tuple[list[dict]
         splits.append(split)
     if not examples:
         raise TrainingError(f"{', '.join(map(str, splits))}: no trainable examples")
-    return examples, splits
+    t = cfg.training
+    per_epoch = math.ceil(len(examples) / t.batch_size)
+    return TrainJob(cfg, name, spec, train_fingerprint(cfg, name), layout.adapter(name),
+                    layout.train_work(name), examples, splits, per_epoch,
+                    t.max_steps or max(1, math.ceil(per_epoch * t.epochs)))
 
 
-def _save_adapter(cfg: RunConfig, name: str, model, tokenizer, out: Path, history: list[dict],
-                  fp: str, splits: list[Path], metrics: dict) -> None:
-    """Write the adapter dir atomically: PEFT weights, tokenizer with the Table 9 template,
-    metrics, loss plot, manifest. A sequential adapter is saved together with the adapters it
-    was trained on top of (one exact concatenated LoRA on the plain base)."""
+# --------------------------------------------------------------------------- setup
+@dataclass
+class Session:
+    """The trainable model and its optimiser state on this process."""
+
+    world: World
+    model: object  # the PeftModel (saved, checkpointed)
+    ddp: object  # what the forward pass runs: the model, or DDP around it
+    params: list
+    optimizer: object
+    optimizer_name: str
+    scheduler: object
+    pack_length: int | None
+    targets: list[str]
+    attention: str | None
+    start: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(job: TrainJob, tokenizer, world: World) -> Session:
+    """Build the QLoRA model (beside frozen earlier adapters for `on_top_of`), the optimiser and
+    scheduler, and restore the last checkpoint of this job when there is one."""
+    from transformers import get_scheduler
+
+    cfg, t = job.cfg, job.cfg.training
     layout = RunLayout(cfg.run_dir)
-    spec = cfg.adapter_spec(name)
-    with atomic_dir(out) as tmp:
+    _seed_everything(cfg.seed + world.rank)
+    built = build_trainable_model(cfg.model, t, device=world.device,
+                                  frozen_adapters=[layout.adapter(n) for n in job.spec.on_top_of],
+                                  log=print if world.is_main else (lambda *_: None))
+    check_tokenizer_fits(built.model, tokenizer)
+    params = [p for p in built.model.parameters() if p.requires_grad]
+    optimizer, optimizer_name = build_optimizer(params, t)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer,
+                              num_warmup_steps=int(round(t.warmup_ratio * job.total_steps)),
+                              num_training_steps=job.total_steps)
+    pack_length = (t.pack_length or cfg.model.max_input_len) if built.attention else None
+    session = Session(world, built.model, built.model, params, optimizer, optimizer_name,
+                      scheduler, pack_length, built.targets, built.attention)
+    job.work.mkdir(parents=True, exist_ok=True)
+    session.start = _load_checkpoint(job, session)
+    history_path = job.work / "metrics.jsonl"
+    if session.start and history_path.exists():
+        session.history = [h for h in map(json.loads, history_path.read_text().splitlines())
+                           if h["step"] <= session.start]
+    session.ddp = wrap(world, built.model)
+    session.ddp.train()
+    return session
+
+
+def _announce(job: TrainJob, s: Session, tokenizer) -> None:
+    cfg = job.cfg
+    if cfg.model.chat_template == "table9" and tokenizer.bos_token is None:
+        print(f"train {job.name}: note: the tokenizer has no BOS token, so Table 9 prompts start "
+              "without <s> (as such models expect); set model.chat_template: model to train in "
+              "the model's own chat format")
+    print(f"train {job.name}: LoRA r={cfg.training.lora.r} on {len(s.targets)} linear kinds "
+          f"({', '.join(s.targets)}); packed attention: {s.attention or 'off'}")
+    if s.start:
+        print(f"train {job.name}: resuming from step {s.start}/{job.total_steps}")
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _save_checkpoint(job: TrainJob, s: Session, step: int) -> None:
+    """Adapter weights, optimiser, scheduler, step and every rank's RNG, written by rank 0."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    rng = gather(s.world, {"torch": torch.get_rng_state(), "python": random.getstate(),
+                           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+    if s.world.is_main:
+        with atomic_dir(job.work / "checkpoint") as tmp:
+            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(s.model).items()},
+                      str(tmp / "adapter_model.safetensors"))
+            torch.save({"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+                        "step": step, "rng": rng, "fingerprint": job.fingerprint}, tmp / "state.pt")
+    barrier(s.world)
+
+
+def _load_checkpoint(job: TrainJob, s: Session) -> int:
+    """Restore adapter, optimiser, scheduler and RNG; return the finished step (0 if none)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state_path = job.work / "checkpoint" / "state.pt"
+    if not state_path.exists():
+        return 0
+    # our own file (optimiser state holds non-tensor objects, so weights_only cannot load it)
+    state = torch.load(state_path, weights_only=False)
+    if state.get("fingerprint") != job.fingerprint:
+        return 0
+    set_peft_model_state_dict(s.model, load_file(job.work / "checkpoint" / "adapter_model.safetensors"))
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    if len(state["rng"]) == s.world.size:  # a different process count cannot replay the RNG
+        rng = state["rng"][s.world.rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------- the steps
+def _step_batches(job: TrainJob, s: Session, window: list[int], pad_id: int):
+    """This process's share of one step's examples as micro-batches, and its weight (0 when a
+    process has no example and runs one only to stay in sync)."""
+    world, t = s.world, job.cfg.training
+    mine, weight = window[world.rank::world.size], 1.0
+    if not mine:
+        mine, weight = window[:1], 0.0
+    plan = plan_micro_batches(mine, job.lengths, t.micro_batch_size, s.pack_length)
+    ex = job.examples
+    batches = [collate_packed([[ex[i] for i in row] for row in mb], pad_id) if s.pack_length
+               else collate([ex[row[0]] for row in mb], pad_id) for mb in plan]
+    return mine, weight, batches
+
+
+def train_step(job: TrainJob, s: Session, window: list[int], pad_id: int) -> dict:
+    """One optimiser step over `window` (the step's examples, all processes); returns its
+    record: loss (token-weighted mean over every process), trained tokens, padding."""
+    world, t = s.world, job.cfg.training
+    mine, weight, batches = _step_batches(job, s, window, pad_id)
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    (step_tokens,) = all_sum(world, [local_tokens * weight])
+    loss_local = 0.0
+    for k, b in enumerate(batches):
+        b = {key: v.to(world.device) for key, v in b.items()}
+        sync = world.size == 1 or k == len(batches) - 1
+        with (contextlib.nullcontext() if sync else s.ddp.no_sync()):
+            loss_sum, _ = token_losses(s.ddp, b)
+            (loss_sum * (weight * world.size / max(step_tokens, 1))).backward()
+        loss_local += loss_sum.item() * weight
+    lengths = job.lengths
+    real = sum(lengths[i] for i in mine) * weight
+    padded = sum(b["input_ids"].numel() for b in batches) * weight
+    loss_total, real, padded = all_sum(world, [loss_local, real, padded])
+    loss = loss_total / max(step_tokens, 1)
+    if not math.isfinite(loss):
+        return {"loss": loss}
+    torch.nn.utils.clip_grad_norm_(s.params, t.max_grad_norm)
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "trained_tokens": int(step_tokens), "real": real, "padded": padded}
+
+
+def fit(job: TrainJob, s: Session, pad_id: int, progress: Progress | None = None) -> dict:
+    """Run the remaining steps, logging, checkpointing; returns the token and time totals."""
+    t = job.cfg.training
+    history_path = job.work / "metrics.jsonl"
+    bar = tqdm(total=job.total_steps, initial=s.start, desc=f"train {job.name}", unit="step",
+               leave=False, disable=not s.world.is_main)
+    totals = {"real": 0.0, "padded": 0.0, "seconds": 0.0}
+    windows: list[list[int]] = []
+    step = s.start
+    try:
+        while step < job.total_steps:
+            epoch, within = divmod(step, job.steps_per_epoch)
+            if not windows or within == 0:
+                windows = step_windows(len(job.examples), t.batch_size, job.cfg.seed + epoch)
+            t0 = time.perf_counter()
+            rec = train_step(job, s, windows[within], pad_id)
+            if not math.isfinite(rec["loss"]):
+                raise TrainingError(f"train {job.name}: loss is {rec['loss']} at step {step + 1}; "
+                                    "stopping (lower training.learning_rate or check the data)")
+            step += 1
+            elapsed = time.perf_counter() - t0
+            for k, v in (("real", rec["real"]), ("padded", rec["padded"]), ("seconds", elapsed)):
+                totals[k] += v
+            s.history.append({
+                "step": step, "epoch": round(step / job.steps_per_epoch, 3),
+                "loss": round(rec["loss"], 5), "lr": s.scheduler.get_last_lr()[0],
+                "trained_tokens": rec["trained_tokens"],
+                "tokens_per_s": round(rec["real"] / max(elapsed, 1e-9), 1),
+                "padding_pct": round(100 * (1 - rec["real"] / max(rec["padded"], 1)), 2)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            if s.world.is_main and (step % t.logging_steps == 0 or step % t.checkpoint_steps == 0):
+                history_path.write_text("".join(json.dumps(h) + "\n" for h in s.history))
+            if step % t.checkpoint_steps == 0 and step < job.total_steps:
+                _save_checkpoint(job, s, step)
+            if progress is not None:
+                progress(step)
+    finally:
+        bar.close()
+    return totals
+
+
+# --------------------------------------------------------------------------- the adapter
+def _plot_loss(history: list[dict], path: Path) -> None:
+    fig, ax = pyplot().subplots(figsize=(5, 3))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (per token)")
+    ax.set_title(path.parent.name)
+    save_figure(fig, path)
+
+
+def _save_adapter(job: TrainJob, s: Session, tokenizer, metrics: dict) -> None:
+    """Write the adapter dir atomically: PEFT weights, tokenizer with its chat template,
+    metrics, loss plot, manifest. A sequential adapter is saved together with the adapters it
+    was trained beside (one exact concatenated LoRA on the plain base)."""
+    cfg, spec = job.cfg, job.spec
+    layout = RunLayout(cfg.run_dir)
+    with atomic_dir(job.out) as tmp:
         if spec.on_top_of:
-            model.save_pretrained(tmp / "trained", selected_adapters=["default"])
+            s.model.save_pretrained(tmp / "trained", selected_adapters=["default"])
             parts = [load_saved_adapter(layout.adapter(n)) for n in spec.on_top_of]
             parts.append(load_saved_adapter(tmp / "trained"))
             config, tensors = fuse_adapters(parts, [1.0] * len(parts))
             shutil.rmtree(tmp / "trained")
             save_peft_adapter(tmp, config, tensors)
         else:
-            model.save_pretrained(tmp)
+            s.model.save_pretrained(tmp)
         if cfg.model.chat_template == "table9":  # else the tokenizer keeps its own template
             install_chat_template(tokenizer, cfg.model.system_message)
         tokenizer.save_pretrained(tmp)
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        _plot_loss(history, tmp / "loss.png")
-        write_manifest(tmp, stage="train", fingerprint=fp,
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in s.history))
+        _plot_loss(s.history, tmp / "loss.png")
+        write_manifest(tmp, stage="train", fingerprint=job.fingerprint,
                        config_hash=config_hash(cfg.model, cfg.training, spec),
-                       inputs={str(p): artifact_id(p.parent) for p in splits},
+                       inputs={str(p): artifact_id(p.parent) for p in job.splits},
                        seed=cfg.seed, metrics=metrics,
-                       extra={"adapter": name, "datasets": spec.datasets,
+                       extra={"adapter": job.name, "datasets": spec.datasets,
                               "on_top_of": spec.on_top_of},
                        content=["adapter_model.safetensors", "adapter_config.json"])
 
 
-def train_one_adapter(cfg: RunConfig, name: str, tokenizer, stop_after: int | None = None
+def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress | None = None
                       ) -> dict:
     """Train one adapter (single process or DDP); rank 0 writes it with metrics and a loss plot.
 
@@ -162,137 +349,37 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, stop_after: int | No
     processes; each process packs its share into rows and runs them in micro-batches, and the
     loss is the mean over every trained token of the step (exactly as one process would).
     """
-    from transformers import get_scheduler
-
     world = init_world()
-    layout = RunLayout(cfg.run_dir)
-    t = cfg.training
-    spec = cfg.adapter_spec(name)
-    fp = train_fingerprint(cfg, name)
-    examples, splits = _training_examples(cfg, name, tokenizer)
-    lengths = [len(e["input_ids"]) for e in examples]
-    per_epoch = math.ceil(len(examples) / t.batch_size)
-    total = t.max_steps or max(1, math.ceil(per_epoch * t.epochs))
-    _seed_everything(cfg.seed + world.rank)
-    built = build_trainable_model(cfg.model, t, device=world.device,
-                                  frozen_adapters=[layout.adapter(n) for n in spec.on_top_of],
-                                  log=print if world.is_main else (lambda *_: None))
-    model = built.model
-    check_tokenizer_fits(model, tokenizer)
-    pack_length = (t.pack_length or cfg.model.max_input_len) if built.attention else None
-    if world.is_main and cfg.model.chat_template == "table9" and tokenizer.bos_token is None:
-        print(f"train {name}: note: the tokenizer has no BOS token, so Table 9 prompts start "
-              "without <s> (as such models expect); set model.chat_template: model to train in "
-              "the model's own chat format")
+    job = resolve_job(cfg, name, tokenizer)
+    s = setup(job, tokenizer, world)
     if world.is_main:
-        print(f"train {name}: LoRA r={t.lora.r} on {len(built.targets)} linear kinds "
-              f"({', '.join(built.targets)}); packed attention: {built.attention or 'off'}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, optimizer_name = build_optimizer(params, t)
-    scheduler = get_scheduler(t.lr_scheduler, optimizer,
-                              num_warmup_steps=int(round(t.warmup_ratio * total)),
-                              num_training_steps=total)
-    work = layout.train_work(name)
-    work.mkdir(parents=True, exist_ok=True)
-    start = _load_checkpoint(work, world, model, optimizer, scheduler, fp)
-    history_path = work / "metrics.jsonl"
-    history = ([json.loads(x) for x in history_path.read_text().splitlines()]
-               if start and history_path.exists() else [])
-    history = [h for h in history if h["step"] <= start]
-    if start and world.is_main:
-        print(f"train {name}: resuming from step {start}/{total}")
-    ddp = wrap(world, model)
-    ddp.train()
-    bar = tqdm(total=total, initial=start, desc=f"train {name}", unit="step", leave=False,
-               disable=not world.is_main)
-    step = start
-    windows: list[list[int]] = []
-    padded_total = real_total = 0
-    train_seconds = 0.0
-    t0 = time.perf_counter()
-    while step < total:
-        epoch, within = divmod(step, per_epoch)
-        if not windows or within == 0:
-            windows = step_windows(len(examples), t.batch_size, cfg.seed + epoch)
-        window = windows[within]
-        mine, weight = window[world.rank::world.size], 1.0
-        if not mine:  # fewer examples than processes: run one with zero weight to stay in sync
-            mine, weight = window[:1], 0.0
-        plan = plan_micro_batches(mine, lengths, t.micro_batch_size, pack_length)
-        batches = [collate_packed([[examples[i] for i in row] for row in mb], tokenizer.pad_token_id)
-                   if pack_length else collate([examples[row[0]] for row in mb],
-                                               tokenizer.pad_token_id) for mb in plan]
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        (step_tokens,) = all_sum(world, [local_tokens * weight])
-        loss_local = 0.0
-        for k, b in enumerate(batches):
-            b = {key: v.to(world.device) for key, v in b.items()}
-            sync = world.size == 1 or k == len(batches) - 1
-            with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                loss_sum, _ = token_losses(ddp, b)
-                (loss_sum * (weight * world.size / max(step_tokens, 1))).backward()
-            loss_local += loss_sum.item() * weight
-        real = sum(lengths[i] for i in mine) * weight
-        padded = sum(b["input_ids"].numel() for b in batches) * weight
-        loss_total, real, padded = all_sum(world, [loss_local, real, padded])
-        loss = loss_total / max(step_tokens, 1)
-        if not math.isfinite(loss):
-            bar.close()
-            raise TrainingError(f"train {name}: loss is {loss} at step {step + 1}; stopping "
-                                "(lower training.learning_rate or check the data)")
-        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        real_total += real
-        padded_total += padded
-        train_seconds += elapsed
-        history.append({"step": step, "epoch": round(step / per_epoch, 3), "loss": round(loss, 5),
-                        "lr": scheduler.get_last_lr()[0], "trained_tokens": int(step_tokens),
-                        "tokens_per_s": round(real / max(elapsed, 1e-9), 1),
-                        "padding_pct": round(100 * (1 - real / max(padded, 1)), 2)})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if world.is_main and (step % t.logging_steps == 0 or step % t.checkpoint_steps == 0):
-            with open(history_path, "w") as fh:
-                fh.write("".join(json.dumps(h) + "\n" for h in history))
-        if step % t.checkpoint_steps == 0 and step < total:
-            _save_checkpoint(work, world, model, optimizer, scheduler, step, fp)
-        if stop_after is not None and step >= stop_after:
-            bar.close()
-            if world.is_main:
-                history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-            _save_checkpoint(work, world, model, optimizer, scheduler, step, fp)
-            raise KeyboardInterrupt(f"stopped after step {step} (test hook)")
-    bar.close()
-    metrics = {"steps": total, "examples": len(examples), "final_loss": history[-1]["loss"],
-               "first_loss": history[0]["loss"], "optimizer": optimizer_name,
-               "processes": world.size, "packing": bool(pack_length),
-               "attention": built.attention, "target_modules": built.targets,
-               "train_seconds": round(train_seconds, 2), "real_tokens": int(real_total),
-               "padding_pct": round(100 * (1 - real_total / max(padded_total, 1)), 2)
-               if padded_total else None}
+        _announce(job, s, tokenizer)
+    totals = fit(job, s, tokenizer.pad_token_id, progress)
+    h = s.history
+    metrics = {"steps": job.total_steps, "examples": len(job.examples),
+               "final_loss": h[-1]["loss"], "first_loss": h[0]["loss"],
+               "optimizer": s.optimizer_name, "processes": world.size,
+               "packing": bool(s.pack_length), "attention": s.attention,
+               "target_modules": s.targets, "train_seconds": round(totals["seconds"], 2),
+               "real_tokens": int(totals["real"]),
+               "padding_pct": round(100 * (1 - totals["real"] / max(totals["padded"], 1)), 2)
+               if totals["padded"] else None}
     if world.is_main:
-        _save_adapter(cfg, name, model, tokenizer, layout.adapter(name), history, fp, splits,
-                      metrics)
-        shutil.rmtree(work, ignore_errors=True)
-        print(f"train {name}: {total} steps on {world.size} process(es), "
+        _save_adapter(job, s, tokenizer, metrics)
+        shutil.rmtree(job.work, ignore_errors=True)
+        print(f"train {name}: {job.total_steps} steps on {world.size} process(es), "
               f"loss {metrics['first_loss']} -> {metrics['final_loss']}")
     barrier(world)
     return metrics
 
 
-def train_adapters(cfg: RunConfig, datasets: list[str] | None = None, force: bool = False
+def train_adapters(cfg: RunConfig, names: list[str] | None = None, force: bool = False
                    ) -> dict[str, dict]:
-    """Train (or skip when up to date) the adapter of each dataset."""
+    """Train (or skip when up to date) each named adapter (default: every adapter)."""
     layout = RunLayout(cfg.run_dir)
-    names = datasets or cfg.adapter_names
     tokenizer = load_tokenizer(cfg.model)
     results = {}
-    for name in names:
+    for name in names or cfg.adapter_names:
         cfg.adapter_spec(name)  # KeyError for unknown names
         if not force and is_up_to_date(layout.adapter(name), train_fingerprint(cfg, name)):
             print(f"train {name}: up to date")

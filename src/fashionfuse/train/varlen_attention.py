@@ -132,7 +132,7 @@ def _features_seen(model) -> dict[str, object]:
         return varlen_attention(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(f"{NAME}_probe", recording)
-    previous = model.config._attn_implementation
+    previous = model.config._attn_implementation  # transformers' record of the active function
     model.set_attn_implementation(f"{NAME}_probe")
     device = next(p.device for p in model.parameters())
     ids = torch.full((1, 6), 1, dtype=torch.long, device=device)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ...errors import MissingFileError, UserError
 from ..records import MalformedRow, Record
 from . import alpaca, oasst1, openorca, sharegpt
 
@@ -46,7 +47,7 @@ def iter_rows(path: Path) -> Iterator[tuple[str, dict | MalformedRow]]:
     """Yield (where, row) from a local file: .jsonl (file:line), .json array, .csv, .parquet."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: source file not found")
+        raise MissingFileError(f"{path}: source file not found")
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -76,7 +77,7 @@ def iter_rows(path: Path) -> Iterator[tuple[str, dict | MalformedRow]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}:#{i}", row
     else:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r} "
+        raise UserError(f"{path}: unsupported file type {path.suffix!r} "
                          "(use .jsonl, .json, .csv or .parquet)")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from ..records import MalformedRow, Record
 
-
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
 

@@ -1,0 +1,102 @@
+"""lm-evaluation-harness on a model already in memory, shared by `eval` and the search's task
+objective: local task folders, the task manager, the HFLM wrapper (sharded by rank under data
+parallelism), one `simple_evaluate` call with every seed fixed and no response cache (lm-eval's
+cache is keyed by request only and would hand one model's answers to another), and a task's
+headline metric.
+
+Local task folders: lm-eval resolves `dataset_kwargs.data_files` against the working directory;
+to make shipped task folders work from anywhere, `prepare_include_paths` copies each folder's
+YAMLs into the run directory with those paths made absolute. YAMLs that plain `yaml.safe_load`
+cannot read (custom tags such as `!function`) keep their folder as an include path unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .errors import MissingFileError
+
+PREFERRED_METRICS = ("acc_norm,none", "acc,none", "mc2,none", "exact_match,none")
+
+
+def headline_metric(task_results: dict) -> tuple[str, float] | None:
+    """The task's headline metric (acc_norm, then acc, mc2, exact_match) and its value."""
+    for key in PREFERRED_METRICS:
+        if key in task_results and isinstance(task_results[key], (int, float)):
+            return key.split(",")[0], float(task_results[key])
+    return None
+
+
+def _absolutise(data_files, base: Path):
+    if isinstance(data_files, str):
+        p = Path(data_files)
+        return str(p if p.is_absolute() else (base / p).resolve())
+    if isinstance(data_files, list):
+        return [_absolutise(x, base) for x in data_files]
+    if isinstance(data_files, dict):
+        return {k: _absolutise(v, base) for k, v in data_files.items()}
+    return data_files
+
+
+def prepare_include_paths(include_paths: list[str], out_dir: Path) -> list[str]:
+    """Return include paths for lm-eval's TaskManager, rewriting relative data paths."""
+    result: list[str] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, folder in enumerate(include_paths):
+        src = Path(folder)
+        if not src.is_dir():
+            raise MissingFileError(f"include_paths: {folder}: folder not found")
+        copied = out_dir / f"{i}_{src.name}"
+        copied.mkdir(parents=True, exist_ok=True)
+        plain = True
+        for yml in sorted(src.glob("*.yaml")):
+            try:
+                doc = yaml.safe_load(yml.read_text())
+            except yaml.YAMLError:
+                plain = False
+                break
+            files = (doc or {}).get("dataset_kwargs", {}).get("data_files")
+            if files is not None:
+                doc["dataset_kwargs"]["data_files"] = _absolutise(files, yml.parent)
+            (copied / yml.name).write_text(yaml.safe_dump(doc, sort_keys=False))
+        result.append(str(copied if plain else src.resolve()))
+    return result
+
+
+def task_manager(include_paths: list[str], task_names: list[str]):
+    """lm-eval's TaskManager for `task_names`. Indexing lm-eval's ~10k built-in task YAMLs takes
+    seconds, so when the include paths define every requested task (the demo tasks, the local
+    leaderboard copies) only they are indexed; built-in tasks are indexed when one is asked for."""
+    from lm_eval.tasks import TaskManager
+
+    if include_paths:
+        local = TaskManager(include_path=list(include_paths), include_defaults=False)
+        if set(task_names) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=list(include_paths) or None)
+
+
+
+def wrap_model(model, tokenizer, batch_size, accelerator=None, rank: int = 0, world: int = 1):
+    """lm-eval's HFLM around a resident model. Under `accelerate launch`/`torchrun` it shards the
+    requests by rank and gathers them on rank 0: HFLM only does that itself for several GPUs, so
+    its rank, world size and accelerator (private attributes) are set here, on CPU too."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if accelerator is not None:
+        lm._rank, lm._world_size, lm.accelerator = rank, world, accelerator
+    return lm
+
+
+def run_tasks(lm, tasks: list[str], task_manager, *, num_fewshot: int | None,
+              limit: float | None, seed: int, log_samples: bool = False) -> dict:
+    """lm-eval's results dict for `tasks` on `lm`."""
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
+        log_samples=log_samples, use_cache=None, random_seed=seed, numpy_random_seed=seed,
+        torch_random_seed=seed, fewshot_random_seed=seed)

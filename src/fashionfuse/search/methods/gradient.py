@@ -1,0 +1,75 @@
+"""`gradient`: learnable fusion weights, eq. (13) of the paper solved by gradient descent.
+
+Base model and adapters stay frozen; the only parameters are the fusion weights w. Every LoRA
+layer's scale becomes the tensor `w_i * alpha_i / r_i` (`lora.tensor_fusion_weights`), so the
+forward pass is the exact fused model and autograd carries the validation loss back to w. Each
+step is one full pass over the validation batches (token-weighted, combined across datasets like
+the search objective), then an Adam step and a clamp to [low, high]. The start point and the
+learned weights are stored as two trials.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ...config import SearchConfig
+from ...examples import token_losses
+from ...lora import set_fusion_weights, tensor_fusion_weights
+from ..study import SearchContext, evaluate_candidate, finished
+from . import grid
+
+sampler = grid.sampler
+distributions = grid.distributions
+
+
+def learn_weights(model, objective, names: list[str], cfg: SearchConfig,
+                  init: dict[str, float]) -> tuple[dict[str, float], list[dict]]:
+    """Optimise the fusion weights on a validation-loss objective; return them and the per-step
+    history."""
+    data = objective.data
+    apply = tensor_fusion_weights(model, names)
+    w = torch.tensor([init[n] for n in names], dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=cfg.gradient_lr)
+    z = sum(data.weights.values())
+    counts = {d: sum(int((b["labels"][:, 1:] != -100).sum()) for b in bs)
+              for d, bs in data.batches.items()}
+    history = []
+    try:
+        for step in tqdm(range(cfg.gradient_steps), desc="learn weights", leave=False):
+            opt.zero_grad()
+            total = 0.0
+            for d, batches in data.batches.items():
+                for b in batches:
+                    apply(w)
+                    loss_sum, _ = token_losses(model, b)
+                    loss = loss_sum * data.weights[d] / (counts[d] * z)
+                    loss.backward()
+                    total += loss.item()
+            opt.step()
+            with torch.no_grad():
+                w.clamp_(cfg.low, cfg.high)
+            history.append({"step": step + 1, "objective": total,
+                            "weights": {n: round(float(x), 6) for n, x in zip(names, w.detach())}})
+    finally:
+        learned = {n: round(float(x), 6) for n, x in zip(names, w.detach())}
+        set_fusion_weights(model, learned)  # plain float scales again
+    return learned, history
+
+
+def run(ctx: SearchContext) -> None:
+    """Learn the weights from the start point; store both as trials (once)."""
+    from ..pipeline import SearchError
+
+    if not ctx.objective.differentiable:
+        raise SearchError(f"search.method: gradient needs a differentiable objective (val_loss), "
+                          f"not {ctx.cfg.search.objective.type}")
+    if any(t.user_attrs.get("point") == "learned" for t in finished(ctx.study)):
+        print("search: learned weights already stored")
+        return
+    cfg = ctx.cfg.search
+    start = (cfg.low + cfg.high) / 2 if cfg.gradient_init is None else cfg.gradient_init
+    init = {n: float(start) for n in ctx.names}
+    learned, history = learn_weights(ctx.model, ctx.objective, ctx.names, cfg, init)
+    evaluate_candidate(ctx, init, {"point": "start"})
+    evaluate_candidate(ctx, learned, {"point": "learned", "history": history})

@@ -1,0 +1,29 @@
+"""`grid` (the paper's method): every combination of `grid_values` across the adapters."""
+
+from __future__ import annotations
+
+import itertools
+
+import optuna
+
+from ...config import SearchConfig
+from ..study import SearchContext, run_trials
+
+
+def candidates(cfg: SearchConfig, names: list[str], seed: int) -> list[dict[str, float]]:
+    """Every combination of `grid_values` across the adapters (the seed is unused)."""
+    return [dict(zip(names, combo)) for combo in itertools.product(cfg.grid_values, repeat=len(names))]
+
+
+def sampler(cfg: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed)  # never asked: every candidate is enqueued
+
+
+def distributions(cfg: SearchConfig, names: list[str]) -> dict:
+    """A space holding every grid value (and [low, high])."""
+    low, high = min(cfg.low, *cfg.grid_values), max(cfg.high, *cfg.grid_values)
+    return {n: optuna.distributions.FloatDistribution(low, high) for n in names}
+
+
+def run(ctx: SearchContext) -> None:
+    run_trials(ctx, candidates=candidates(ctx.cfg.search, ctx.names, ctx.cfg.seed))
