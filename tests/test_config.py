@@ -60,7 +60,7 @@ def test_validate_reports_missing_source_file(make_config):
     result = runner.invoke(app, ["validate", str(make_config()),
                                  "--set", "datasets.0.source.path=/no/such.jsonl"])
     assert result.exit_code == 2
-    assert "datasets.chat.source.path: /no/such.jsonl: file not found" in result.output
+    assert "datasets.0.source.path: /no/such.jsonl: not found" in result.output
 
 
 def test_overrides_reach_nested_fields_and_list_items(make_config):

@@ -270,3 +270,23 @@ def test_interrupted_curation_resumes_from_finished_shards(make_config, tmp_path
     fresh = make_config(run_dir=tmp_path / "fresh", curate={"shard_size": 20, "num_proc": 1})
     assert runner.invoke(app, ["curate", str(fresh)]).exit_code == 0
     assert _curate_bytes(tmp_path / "run") == _curate_bytes(tmp_path / "fresh")
+
+
+def test_a_filter_dropping_most_rows_is_warned_and_the_funnel_reconciles(make_config, tmp_path):
+    """At a tiny context nearly every chat is too long: say so, naming the setting; rows read
+    but left out by max_records are counted too, so read = kept + rejected + unused."""
+    import yaml
+
+    base = yaml.safe_load(make_config().read_text())["model"]["base"]
+    path = make_config(model={"base": base, "max_input_len": 40})
+    result = runner.invoke(app, ["curate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "curate warning: orca: filter 'too_long' removed 60 of 80 rows (75 %)" in result.output
+    assert "check model.max_input_len" in result.output
+    for name in ("chat", "orca"):
+        stats = json.loads((tmp_path / "run" / "curate" / name / "stats.json").read_text())
+        f = stats["funnel"]
+        rejected = sum(v for k, v in f.items()
+                       if k not in ("read", "segments_added", "qa_truncated", "over_max_records"))
+        assert f["read"] + f.get("segments_added", 0) == (
+            stats["instances"] + rejected + f.get("over_max_records", 0))

@@ -32,17 +32,18 @@ def test_models_see_different_weights(pipeline_run):
     import torch
 
     from fashionfuse.base_model import load_base_model
-    from fashionfuse.evaluate.harness import activate, models_to_evaluate
+    from fashionfuse.evaluate.harness import activate, adapter_keys, models_to_evaluate
     from fashionfuse.lora import attach_adapters
 
     cfg = load_config(pipeline_run["config"])
     models = models_to_evaluate(cfg)
-    adapters = {label.split(":", 1)[-1]: p for label, p in models.items() if p is not None}
-    model = attach_adapters(load_base_model(cfg.model, device="cpu"), adapters)
+    keys = adapter_keys(models)
+    model = attach_adapters(load_base_model(cfg.model, device="cpu"),
+                            {keys[label]: models[label] for label in keys})
     ids = torch.tensor([[1, 20, 30, 40, 50, 60, 2]])
     logits = {}
     for label in models:
-        activate(model, label, list(adapters))
+        activate(model, keys.get(label), list(keys.values()))
         with torch.no_grad():
             logits[label] = model(input_ids=ids).logits
     labels = list(logits)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UserError
 
-class ArchitectureError(ValueError):
+
+class ArchitectureError(UserError, ValueError):
     """The model and the config (or the tokenizer) do not fit together; the message says how."""
 
 

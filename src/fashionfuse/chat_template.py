@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .errors import UserError
+
 IGNORE_INDEX = -100
 USER_PREFIX = "USER: "
 ASSISTANT_PREFIX = "ASSISTANT:"
@@ -75,7 +77,7 @@ def render(messages: list[dict], system: str, bos: str = "<s>", eos: str = "</s>
     return RenderedChat("".join(parts), spans)
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """The tokenizer's own chat template cannot be used for assistant-only training."""
 
 

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import typer
 import yaml
 
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, filesystem_problems, load_config
 from .pipeline import run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -19,22 +19,21 @@ ConfigArg = typer.Argument(..., help="Run config YAML", show_default=False)
 SetOpt = typer.Option(None, "--set", help="Override a field: dotted.key=value (repeatable)")
 ForceOpt = typer.Option(False, "--force", help="Rebuild even if the artifacts are up to date")
 
-# Errors a user can act on: printed as one line each, exit code 2.
-_USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, ValueError,
-                                              RuntimeError)
-
-
 def _fail(lines: list[str]) -> None:
     for line in lines:
         typer.echo(f"error: {line}", err=True)
     raise typer.Exit(code=2)
 
 
-def _load(config: Path, overrides: Optional[list[str]]) -> RunConfig:
+def _load(config: Path, overrides: Optional[list[str]], reads_sources: bool = True) -> RunConfig:
+    """The validated config, with everything it points to checked to exist (nothing written)."""
     try:
         cfg = load_config(config, overrides or [])
     except ConfigError as exc:
         _fail(exc.problems)
+    problems = filesystem_problems(cfg, reads_sources)
+    if problems:
+        _fail([f"{config}: {p}" for p in problems])
     return cfg
 
 
@@ -45,31 +44,38 @@ def _save_resolved(cfg: RunConfig) -> None:
     write_text(layout.resolved_config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-def _run_stage(config: Path, overrides: Optional[list[str]], stage: Callable[[RunConfig], object]):
-    cfg = _load(config, overrides)
-    _save_resolved(cfg)
+def _run_stage(config: Path, overrides: Optional[list[str]], stage: Callable[[RunConfig], object],
+               reads_sources: bool = True, shared_lock: Callable[[RunConfig], bool] = None):
+    """Validate, lock the run dir, save the resolved config, run. A `UserError` (or a full disk,
+    a permission problem) is one line and exit 2; any other exception is a bug and propagates
+    with its traceback (exit 1)."""
+    import os
+
+    from .errors import UserError, environment_problem
+    from .rundir import run_lock
+
+    cfg = _load(config, overrides, reads_sources)
+    shared = int(os.environ.get("WORLD_SIZE", "1")) > 1 or bool(shared_lock and shared_lock(cfg))
     try:
-        return stage(cfg)
+        with run_lock(cfg.run_dir, shared=shared):
+            _save_resolved(cfg)
+            return stage(cfg)
     except KeyboardInterrupt:
         typer.echo("interrupted: finished work is kept; run the same command to resume", err=True)
         raise typer.Exit(code=130)
-    except _USER_ERRORS as exc:
+    except UserError as exc:
         _fail([str(exc).splitlines()[0] if str(exc) else type(exc).__name__])
+    except OSError as exc:
+        line = environment_problem(exc)
+        if line is None:
+            raise
+        _fail([line])
 
 
 @app.command()
 def validate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
     """Check a config and print every problem at once."""
     cfg = _load(config, set_)
-    problems = []
-    for d in cfg.datasets:
-        if d.source.path and not Path(d.source.path).is_file():
-            problems.append(f"{config}: datasets.{d.name}.source.path: {d.source.path}: file not found")
-    for p in cfg.eval.include_paths:
-        if not Path(p).is_dir():
-            problems.append(f"{config}: eval.include_paths: {p}: folder not found")
-    if problems:
-        _fail(problems)
     typer.echo(f"{config}: ok ({len(cfg.datasets)} datasets, run_dir {cfg.run_dir})")
 
 
@@ -93,14 +99,15 @@ def train_adapter(
 
     Multi-process: `torchrun --nproc_per_node N -m fashionfuse train-adapter CONFIG`."""
     _run_stage(config, set_, lambda cfg: run_stage(cfg, "train", round_, force=force,
-                                                   adapters=adapter))
+                                                   adapters=adapter), reads_sources=False)
 
 
 @app.command("search-weights")
 def search_weights(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
                    force: bool = ForceOpt, round_: Optional[int] = RoundOpt) -> None:
     """Search fusion weights on the held-out objective; export the fused adapter."""
-    _run_stage(config, set_, lambda cfg: run_stage(cfg, "search", round_, force=force))
+    _run_stage(config, set_, lambda cfg: run_stage(cfg, "search", round_, force=force),
+               reads_sources=False, shared_lock=lambda cfg: cfg.search.storage is not None)
 
 
 @app.command("eval")
@@ -111,7 +118,19 @@ def eval_(
     """Score base, adapters and fused model with lm-evaluation-harness, side by side (with
     `rounds`: the last round's)."""
     overrides = list(set_ or []) + ([f"eval.limit={limit}"] if limit is not None else [])
-    _run_stage(config, overrides, lambda cfg: run_stage(cfg, "eval", force=force))
+    _run_stage(config, overrides, lambda cfg: run_stage(cfg, "eval", force=force),
+               reads_sources=False)
+
+
+@app.command()
+def ablate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
+           force: bool = ForceOpt) -> None:
+    """The paper's comparison (Tables 7-8): per-dataset adapters, one adapter on all datasets,
+    sequential fine-tuning, fusion with weights 1, uniform, searched and learned weights, scored
+    with the same eval; writes ablate/table.{md,csv,json,png}."""
+    from .ablate import ablate as run_ablation
+
+    _run_stage(config, set_, lambda cfg: run_ablation(cfg, force=force))
 
 
 @app.command()

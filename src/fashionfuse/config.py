@@ -19,8 +19,10 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config problem; `problems` holds one human-readable line per error."""
 
     def __init__(self, problems: list[str]):
@@ -256,7 +258,8 @@ class ObjectiveConfig(_Strict):
     datasets: list[str] | None = Field(
         default=None, description="Validation splits to score on (default: every searched adapter)"
     )
-    dataset_weights: dict[str, float] | None = None
+    dataset_weights: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        default=None, description="Weight of each dataset's loss in the mean (default: equal)")
     max_samples_per_dataset: Annotated[int, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
@@ -335,6 +338,22 @@ class EvalConfig(_Strict):
         return self
 
 
+# --------------------------------------------------------------------------- ablation
+ABLATION_VARIANTS = ("per_dataset", "fused_dataset", "sequential", "weights_one", "uniform",
+                     "searched", "gradient")
+
+
+class AblateConfig(_Strict):
+    """`fashionfuse ablate`: the Table 7/8 variants scored with the same eval."""
+
+    variants: list[Literal[ABLATION_VARIANTS]] = Field(  # type: ignore[valid-type]
+        default=list(ABLATION_VARIANTS),
+        description="per_dataset (V0.1), fused_dataset (V0.2/V0.3), sequential (V0.4), "
+        "weights_one (V0.5), uniform (1/n), searched (V1, search.method), gradient (learned)")
+    sequential_order: list[str] | None = Field(
+        default=None, description="Dataset order of the sequential variant (default: datasets)")
+
+
 class RunConfig(_Strict):
     run_dir: str
     seed: int = 1234
@@ -349,6 +368,7 @@ class RunConfig(_Strict):
         "base that round k+1's adapters are trained, searched and evaluated on")
     search: SearchConfig = SearchConfig()
     eval: EvalConfig = EvalConfig()
+    ablate: AblateConfig = AblateConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -372,11 +392,16 @@ class RunConfig(_Strict):
         for field, listed, known in (
             ("search.adapters", self.search.adapters, adapter_names),
             ("search.objective.datasets", self.search.objective.datasets, names),
+            ("search.objective.dataset_weights", list(self.search.objective.dataset_weights or {}),
+             names),
             *((f"rounds.{i}.adapters", r.adapters, adapter_names) for i, r in enumerate(self.rounds)),
         ):
             unknown = sorted(set(listed or []) - set(known))
             if unknown:
                 raise ValueError(f"{field}: unknown names {unknown} (known: {known})")
+        order = self.ablate.sequential_order
+        if order is not None and sorted(order) != sorted(names):
+            raise ValueError(f"ablate.sequential_order: must list every dataset once ({names})")
         if self.rounds and self.search.adapters:
             raise ValueError("search.adapters: not used with rounds (each round lists its adapters)")
         return self
@@ -433,6 +458,37 @@ class RunConfig(_Strict):
         for name in self.search_adapters:
             out += [d for d in self.adapter_spec(name).datasets if d not in out]
         return out
+
+
+# --------------------------------------------------------------------------- the filesystem
+def filesystem_problems(cfg: RunConfig, reads_sources: bool = True) -> list[str]:
+    """What the config points to that is not there (one line per problem, `field: path: why`);
+    checked before a stage writes anything. `reads_sources`: the raw source files are needed
+    (curation), not only the run dir's own artifacts."""
+    problems = []
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        problems.append(f"run_dir: {run_dir}: exists and is not a folder")
+    files = [(f"curate.decontaminate.benchmarks.{i}", p)
+             for i, p in enumerate(cfg.curate.decontaminate.benchmarks)]
+    if reads_sources:
+        files += [(f"datasets.{i}.source.path", d.source.path)
+                  for i, d in enumerate(cfg.datasets) if d.source.path]
+        files += [(f"datasets.{i}.filters.toxicity.wordlists", w) for i, d in enumerate(cfg.datasets)
+                  for w in d.filters.toxicity.wordlists or []]
+    for field, path in files:
+        if not Path(path).exists():
+            problems.append(f"{field}: {path}: not found")
+    folders = [(f"eval.include_paths.{i}", p) for i, p in enumerate(cfg.eval.include_paths)]
+    folders += [(f"search.objective.include_paths.{i}", p)
+                for i, p in enumerate(cfg.search.objective.include_paths)]
+    folders += [(f"model.merge_adapters.{i}", p) for i, p in enumerate(cfg.model.merge_adapters)]
+    if cfg.eval.benchmark_data:
+        folders.append(("eval.benchmark_data", cfg.eval.benchmark_data))
+    for field, path in folders:
+        if not Path(path).is_dir():
+            problems.append(f"{field}: {path}: folder not found")
+    return problems
 
 
 # --------------------------------------------------------------------------- loading

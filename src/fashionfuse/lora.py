@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-class FusionError(ValueError):
+class FusionError(UserError, ValueError):
     """Adapters that cannot be fused exactly; the message says which and why."""
 
 

@@ -9,11 +9,13 @@ sections and upstream artifacts it depends on); `is_up_to_date` compares fingerp
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
+import socket
 import time
 from importlib import metadata
 from pathlib import Path
@@ -60,6 +62,10 @@ class RunLayout:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    def ablation(self, name: str | None = None) -> Path:
+        """`ablate/` (the comparison) or one of its variant run dirs."""
+        return self.root / "ablate" / name if name else self.root / "ablate"
 
     def round(self, number: int) -> Path:
         """The run dir of iterative-fusion round `number` (1-based)."""
@@ -210,3 +216,37 @@ def is_up_to_date(directory: Path, expected_fingerprint: str) -> bool:
     """True when `directory` holds a finished artifact built from the same inputs."""
     manifest = read_manifest(directory)
     return manifest is not None and manifest.get("fingerprint") == expected_fingerprint
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, shared: bool = False) -> Iterator[None]:
+    """Hold the run dir's lock while a stage runs: a second stage or `run` on the same run dir
+    is refused at once, naming the holder's pid and host. `shared` holders (search workers on
+    one `search.storage`, the ranks of one torchrun job) coexist with each other but not with an
+    exclusive holder. The kernel drops the lock when its process dies, so a killed run never
+    leaves a stale lock behind."""
+    from .errors import UserError
+
+    root = Path(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ".lock"
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise UserError(f"{root}: in use by {holder}; wait for it to finish or stop it "
+                        "(a killed process releases the lock)") from None
+    try:
+        if not shared:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()

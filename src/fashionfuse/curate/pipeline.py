@@ -250,10 +250,47 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
         (out / f"{split}.jsonl").write_text(
             "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in recs))
     (out / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    rejected = sum(v for k, v in funnel.items() if k not in NOT_REJECTIONS)
+    unused = funnel["read"] + funnel["segments_added"] - len(kept) - rejected
+    if unused > 0:  # read, then left out once max_records was reached
+        funnel["over_max_records"] = unused
     stats = {"kind": ds.kind, **dataset_stats(kept),
-             "train": len(train), "validation": len(val), "funnel": dict(sorted(funnel.items()))}
+             "train": len(train), "validation": len(val), "funnel": dict(sorted(funnel.items())),
+             "warnings": funnel_warnings(ds, funnel)}
     write_json(out / "stats.json", stats)
     return stats
+
+
+# funnel counts that are not rows dropped by a filter
+NOT_REJECTIONS = ("read", "segments_added", "qa_truncated", "over_max_records")
+# the setting to look at when a filter drops most of a dataset
+FILTER_SETTINGS = {
+    "malformed": "datasets[].source.format / fields (or the file itself)",
+    "structure": "datasets[].source.format (roles must alternate user/assistant)",
+    "answering_model": "datasets[].filters.keep_models",
+    "blank_response": "datasets[].filters.drop_blank",
+    "refusal": "datasets[].filters.refusal_patterns / drop_refusals",
+    "identity": "datasets[].filters.identity.action",
+    "language": "datasets[].filters.languages",
+    "toxicity": "datasets[].filters.toxicity",
+    "toxicity_classifier": "datasets[].filters.toxicity.classifier_threshold",
+    "topic": "datasets[].filters.topics",
+    "response_length": "datasets[].filters.min_response_chars / max_response_chars",
+    "duplicate": "datasets[].filters.dedup",
+    "near_duplicate": "datasets[].filters.near_dedup.threshold",
+    "decontamination": "curate.decontaminate.threshold",
+    "too_long": "model.max_input_len",
+}
+
+
+def funnel_warnings(ds: DatasetConfig, funnel: Counter) -> list[str]:
+    """One line for each filter that removed more than half of the rows considered (read, less
+    those left out once `max_records` was reached)."""
+    seen = funnel.get("read", 0) - funnel.get("over_max_records", 0)
+    return [f"{ds.name}: filter {name!r} removed {n} of {seen} rows ({100 * n / seen:.0f} %); "
+            f"check {FILTER_SETTINGS.get(name, 'its settings')}"
+            for name, n in sorted(funnel.items())
+            if name not in NOT_REJECTIONS and seen > 0 and n > seen / 2]
 
 
 def curate(cfg: RunConfig, force: bool = False) -> dict[str, dict]:
@@ -292,7 +329,9 @@ def curate(cfg: RunConfig, force: bool = False) -> dict[str, dict]:
         f = stats["funnel"]
         print(f"curate {ds.name}: read {f.get('read', 0)}, kept {stats['instances']} "
               f"(train {stats['train']}, validation {stats['validation']}), "
-              f"rejected {sum(v for k, v in f.items() if k not in ('read', 'segments_added', 'qa_truncated'))}")
+              f"rejected {sum(v for k, v in f.items() if k not in NOT_REJECTIONS)}")
+        for line in stats["warnings"]:
+            print(f"curate warning: {line}")
     write_json(layout.root / "curate" / "table1.json", table)
     write_text(layout.root / "curate" / "table1.md", table1_markdown(table))
     return table

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,11 +84,17 @@ def models_to_evaluate(cfg: RunConfig) -> dict[str, Path | None]:
     return out
 
 
-def activate(model, label: str, adapter_names: list[str]) -> None:
-    """Make the resident PeftModel the model `label` names: `base` (no adapter), `fused` or
-    `adapter:NAME` (that adapter alone, weight 1)."""
-    active = None if label == "base" else label.split(":", 1)[-1]
-    set_fusion_weights(model, {n: (1.0 if n == active else 0.0) for n in adapter_names})
+def adapter_keys(models: dict[str, Path | None]) -> dict[str, str]:
+    """PEFT adapter name of each evaluated adapter: m0, m1, ... (labels such as `adapter:chat`
+    or `V0.4 sequential` are not valid module names)."""
+    labels = [label for label, path in models.items() if path is not None and label != "merged"]
+    return {label: f"m{i}" for i, label in enumerate(labels)}
+
+
+def activate(model, key: str | None, keys: list[str]) -> None:
+    """Make the resident PeftModel one evaluated model: adapter `key` alone at weight 1, or the
+    bare base (`key` None)."""
+    set_fusion_weights(model, {k: (1.0 if k == key else 0.0) for k in keys})
 
 
 def task_specs(cfg: RunConfig) -> list[TaskSpec]:
@@ -125,7 +132,7 @@ def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
         "include_paths": {p: path_fingerprint(p) for p in cfg.eval.include_paths},
         "stage": "eval", "eval": cfg.eval.model_dump(mode="json"), "seed": cfg.seed,
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
-        "adapters": {k: artifact_id(v.parent if k in ("fused", "merged") else v)
+        "adapters": {k: artifact_id(v) or artifact_id(v.parent)
                      for k, v in models.items() if v is not None},
     })
 
@@ -140,7 +147,7 @@ class EvalSetup:
     task_manager: object
     tokenizer: object
     model: object
-    adapters: dict[str, Path]  # adapter name (NAME of adapter:NAME, or fused) -> directory
+    keys: dict[str, str]  # label -> PEFT adapter name on the resident model
     device: str
     rank: int
     world: int
@@ -166,11 +173,10 @@ def _setup(cfg: RunConfig, models: dict[str, Path | None]) -> EvalSetup:
     device = str(accelerator.device) if accelerator is not None else default_device()
     base = load_base_model(cfg.model, quantized=quantized, device=device)
     check_tokenizer_fits(base, tokenizer)
-    adapters = {label.split(":", 1)[-1]: path for label, path in models.items()
-                if path is not None and label != "merged"}
-    model = attach_adapters(base, adapters) if adapters else base
+    keys = adapter_keys(models)
+    model = attach_adapters(base, {keys[label]: models[label] for label in keys}) if keys else base
     return EvalSetup(specs, by_shots, task_manager([*include], [s.task for s in specs]), tokenizer,
-                     model, adapters, device, rank, world, accelerator)
+                     model, keys, device, rank, world, accelerator)
 
 
 def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -> dict | None:
@@ -184,8 +190,8 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
             path, dtype=DTYPES[cfg.model.quantization.compute_dtype]).to(ev.device).eval()
     else:
         target = ev.model
-        if ev.adapters:
-            activate(ev.model, label, list(ev.adapters))
+        if ev.keys:
+            activate(ev.model, ev.keys.get(label), list(ev.keys.values()))
     lm = wrap_model(target, ev.tokenizer, cfg.eval.batch_size, ev.accelerator, ev.rank, ev.world)
     parts = []
     for shots, names in ev.by_shots.items():
@@ -201,12 +207,12 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
 
 
 def _write_eval(cfg: RunConfig, fp: str, models: dict, results_by_model: dict, specs,
-                world: int) -> dict:
+                world: int, out: Path) -> dict:
     """Per-model results JSON, the side-by-side table (MD, CSV, JSON, PNG), the manifest."""
     table = build_table(results_by_model, specs)
-    with atomic_dir(RunLayout(cfg.run_dir).eval) as tmp:
+    with atomic_dir(out) as tmp:
         for label, res in results_by_model.items():
-            write_text(tmp / label.replace(":", "_") / "results.json", json.dumps(res, indent=2) + "\n")
+            write_text(tmp / _folder(label) / "results.json", json.dumps(res, indent=2) + "\n")
         write_json(tmp / "table.json", table)
         write_text(tmp / "table.md", to_markdown(table))
         write_text(tmp / "table.csv", to_csv(table))
@@ -219,17 +225,24 @@ def _write_eval(cfg: RunConfig, fp: str, models: dict, results_by_model: dict, s
     return table
 
 
-def evaluate(cfg: RunConfig, force: bool = False) -> dict:
-    """Run lm-eval on every configured model; write per-model results JSON and the table."""
-    layout = RunLayout(cfg.run_dir)
+def _folder(label: str) -> str:
+    """A results folder name for a model label (`adapter:chat` -> `adapter_chat`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+
+
+def evaluate(cfg: RunConfig, force: bool = False, models: dict[str, Path | None] | None = None,
+             out: Path | None = None) -> dict:
+    """Run lm-eval on every configured model (or on `models`: label -> adapter directory, None
+    for the bare base); write per-model results JSON and the table into `eval/` (or `out`)."""
+    out = out or RunLayout(cfg.run_dir).eval
     task_specs(cfg)  # no tasks: fail before loading anything
-    models = models_to_evaluate(cfg)
+    models = models or models_to_evaluate(cfg)
     fp = eval_fingerprint(cfg, models)
-    if not force and is_up_to_date(layout.eval, fp):
+    if not force and is_up_to_date(out, fp):
         print("eval: up to date")
-        return json.loads((layout.eval / "table.json").read_text())
+        return json.loads((out / "table.json").read_text())
     ev = _setup(cfg, models)
     results = {label: _score_model(cfg, ev, label, path) for label, path in models.items()}
     if ev.rank != 0:
         return {}
-    return _write_eval(cfg, fp, models, results, ev.specs, ev.world)
+    return _write_eval(cfg, fp, models, results, ev.specs, ev.world, out)

@@ -150,10 +150,35 @@ class _Heartbeat:
 
 
 # --------------------------------------------------------------------------- trials
+_WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def fail_dead_local_trials(study: optuna.Study) -> int:
+    """Fail the running trials of workers on this host whose process is gone (killed), so their
+    candidates run again now rather than after `stale_after_s` without a heartbeat."""
+    host = socket.gethostname()
+    failed = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            failed += 1
+    return failed
 def score_trial(ctx: SearchContext, trial: optuna.Trial, prunable: bool = True) -> None:
     """Evaluate a claimed trial and tell the study; a trial interrupted mid-way is failed (its
     candidate stays to do)."""
     t0 = time.perf_counter()
+    trial.set_user_attr("worker", _WORKER)
     try:
         with _Heartbeat(ctx.study, trial):
             losses = ctx.evaluate({n: float(trial.params[n]) for n in ctx.names},
@@ -162,7 +187,6 @@ def score_trial(ctx: SearchContext, trial: optuna.Trial, prunable: bool = True) 
         ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     trial.set_user_attr("seconds", round(time.perf_counter() - t0, 4))
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     if losses is None:  # stopped early by successive halving
         ctx.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     else:
@@ -236,6 +260,7 @@ def run_trials(ctx: SearchContext, candidates: list[dict] | None = None,
     try:
         while True:
             optuna.storages.fail_stale_trials(ctx.study)
+            fail_dead_local_trials(ctx.study)
             trial = (_claim_candidate(ctx, candidates) if candidates is not None
                      else _claim_sampled(ctx, budget))
             if trial is None:

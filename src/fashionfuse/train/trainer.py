@@ -199,8 +199,7 @@ def _load_checkpoint(job: TrainJob, s: Session) -> int:
     state_path = job.work / "checkpoint" / "state.pt"
     if not state_path.exists():
         return 0
-    # our own file (optimiser state holds non-tensor objects, so weights_only cannot load it)
-    state = torch.load(state_path, weights_only=False)
+    state = torch.load(state_path, weights_only=True)  # tensors and plain values only
     if state.get("fingerprint") != job.fingerprint:
         return 0
     set_peft_model_state_dict(s.model, load_file(job.work / "checkpoint" / "adapter_model.safetensors"))

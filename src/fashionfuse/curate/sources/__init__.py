@@ -43,34 +43,74 @@ def _rename(row: dict, fields: dict[str, str] | None) -> dict:
     return out
 
 
+def _decode(raw: bytes, first: bool) -> str:
+    """One line of a file as text (a UTF-8 byte-order mark on the first line is dropped);
+    raises MalformedRow for bytes that are not UTF-8."""
+    if first and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedRow(f"invalid UTF-8 at byte {exc.start}") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | MalformedRow]]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = _decode(raw, lineno == 1)
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+            except MalformedRow as exc:
+                yield where, exc
+                continue
+            except json.JSONDecodeError as exc:
+                yield where, MalformedRow(f"invalid JSON: {exc.msg}")
+                continue
+            yield where, row if isinstance(row, dict) else MalformedRow("row is not an object")
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, dict | MalformedRow]]:
+    """A JSON array file; a file that cannot be parsed is one malformed entry at its error."""
+    try:
+        data = json.loads(_decode(path.read_bytes(), True))
+    except MalformedRow as exc:
+        yield f"{path}:1", exc
+        return
+    except json.JSONDecodeError as exc:
+        yield f"{path}:{exc.lineno}", MalformedRow(f"invalid JSON: {exc.msg} (column {exc.colno}); "
+                                                   "no row of this file could be read")
+        return
+    if not isinstance(data, list):
+        yield f"{path}:1", MalformedRow("expected a JSON array of records")
+        return
+    for i, row in enumerate(data):
+        yield f"{path}:#{i}", row if isinstance(row, dict) else MalformedRow("row is not an object")
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict | MalformedRow]]:
+    # undecodable bytes become lone surrogates, so one bad row does not stop the file
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
+        for lineno, row in enumerate(csv.DictReader(fh), 2):  # line 1 is the header
+            bad = any(isinstance(v, str) and any("\udc80" <= c <= "\udcff" for c in v)
+                      for v in row.values())
+            yield f"{path}:{lineno}", MalformedRow("invalid UTF-8") if bad else row
+
+
 def iter_rows(path: Path) -> Iterator[tuple[str, dict | MalformedRow]]:
-    """Yield (where, row) from a local file: .jsonl (file:line), .json array, .csv, .parquet."""
+    """Yield (where, row) from a local file: .jsonl (file:line), .json array, .csv, .parquet.
+    Undecodable or unparsable rows come as MalformedRow with their place; nothing raises."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: source file not found")
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield where, MalformedRow(f"invalid JSON: {exc.msg}")
-                    continue
-                yield where, row if isinstance(row, dict) else MalformedRow("row is not an object")
+        yield from _jsonl_rows(path)
     elif path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise MalformedRow(f"{path}: expected a JSON array of records")
-        for i, row in enumerate(data):
-            where = f"{path}:#{i}"
-            yield where, row if isinstance(row, dict) else MalformedRow("row is not an object")
+        yield from _json_rows(path)
     elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            for lineno, row in enumerate(csv.DictReader(fh), 2):  # line 1 is the header
-                yield f"{path}:{lineno}", row
+        yield from _csv_rows(path)
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -78,7 +118,7 @@ def iter_rows(path: Path) -> Iterator[tuple[str, dict | MalformedRow]]:
             yield f"{path}:#{i}", row
     else:
         raise UserError(f"{path}: unsupported file type {path.suffix!r} "
-                         "(use .jsonl, .json, .csv or .parquet)")
+                        "(use .jsonl, .json, .csv or .parquet)")
 
 
 def iter_hub_rows(name: str, config: str | None, split: str, revision: str | None
