@@ -62,5 +62,8 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
     assert len(results) == len(labels)  # every variant was really scored by lm-eval
     assert all(json.loads(p.read_text())["results"] for p in results)
 
+    page = (run / "report.html").read_text()  # ablate ends with the run's report
+    assert ">Ablation</h2>" in page and "vs best single" in page
+
     again = runner.invoke(app, args)  # everything up to date: nothing rebuilt
     assert again.exit_code == 0 and "eval: up to date" in again.output

@@ -130,15 +130,33 @@ def ablate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
     with the same eval; writes ablate/table.{md,csv,json,png}."""
     from .ablate import ablate as run_ablation
 
-    _run_stage(config, set_, lambda cfg: run_ablation(cfg, force=force))
+    _run_stage(config, set_, lambda cfg: _with_report(cfg, run_ablation(cfg, force=force)))
 
 
 @app.command()
 def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
-    """All stages in order, skipping those whose artifacts are up to date."""
+    """All stages in order, skipping those whose artifacts are up to date; then the report."""
     from .pipeline import run_all
 
-    _run_stage(config, set_, lambda cfg: run_all(cfg, force=force))
+    _run_stage(config, set_, lambda cfg: _with_report(cfg, run_all(cfg, force=force)))
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run dir", show_default=False)) -> None:
+    """Write RUN_DIR/report.html (self-contained) and report.md from the run's artifacts."""
+    from .report import write_report
+
+    if not run_dir.is_dir():
+        _fail([f"{run_dir}: not a run dir"])
+    typer.echo(f"report: {write_report(run_dir)}")
+
+
+def _with_report(cfg: RunConfig, result):
+    """Write the run's report after `run`/`ablate` and say where it is."""
+    from .report import write_report
+
+    typer.echo(f"report: {write_report(cfg.run_dir)}")
+    return result
 
 
 def main() -> None:  # pragma: no cover - console entry

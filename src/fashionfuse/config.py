@@ -369,6 +369,9 @@ class RunConfig(_Strict):
     search: SearchConfig = SearchConfig()
     eval: EvalConfig = EvalConfig()
     ablate: AblateConfig = AblateConfig()
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default=["tensorboard"], description="Experiment trackers for training and search "
+        "metrics: tensorboard (offline event files in the run dir), wandb, mlflow (if installed)")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":

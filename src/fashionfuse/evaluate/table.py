@@ -79,12 +79,12 @@ def plot_table(table: dict, path) -> None:
     plt = pyplot()
     cols, rows = table["columns"], table["rows"]
     width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2, 3.2))
+    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 4, 3.2))
     for i, r in enumerate(rows):
         xs = [j + i * width for j in range(len(cols))]
         ax.bar(xs, [r[c] or 0 for c in cols], width=width, label=r["model"])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))])
     ax.set_xticklabels(cols, rotation=15)
     ax.set_ylabel("score (%)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not on, bars
     save_figure(fig, path)

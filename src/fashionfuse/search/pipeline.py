@@ -39,6 +39,7 @@ from ..rundir import (
     write_json,
     write_manifest,
 )
+from ..tracking import Tracker
 from .objectives import build_objective
 from .registry import search_method
 from .study import SearchContext, finished, open_study
@@ -89,8 +90,12 @@ def search_weights(cfg: RunConfig, force: bool = False, progress=None) -> dict:
     check_tokenizer_fits(base, tokenizer)
     model = attach_adapters(base, adapter_dirs)
     ctx = SearchContext(cfg, open_study(cfg, fp, fresh=force), model,
-                        build_objective(cfg, tokenizer, device), cfg.search_adapters, progress)
-    search_method(cfg.search.method).run(ctx)
+                        build_objective(cfg, tokenizer, device), cfg.search_adapters, progress,
+                        Tracker(cfg, "search", cfg.search.method))
+    try:
+        search_method(cfg.search.method).run(ctx)
+    finally:
+        ctx.tracker.close()
     if not force and is_up_to_date(layout.search, fp):
         print("search: another worker wrote the result")
         return json.loads((layout.search / "best.json").read_text())

@@ -43,6 +43,7 @@ class SearchContext:
     objective: object
     names: list[str]
     progress: Callable[[int], None] | None = None
+    tracker: object = None  # tracking.Tracker: each finished trial's score and weights
 
     def evaluate(self, weights: dict[str, float], trial=None) -> dict | None:
         """Score the fused model with these weights (None: a pruner stopped it early)."""
@@ -192,6 +193,9 @@ def score_trial(ctx: SearchContext, trial: optuna.Trial, prunable: bool = True) 
     else:
         trial.set_user_attr("per_dataset", losses["per_dataset"])
         ctx.study.tell(trial, losses["score"])
+        if ctx.tracker is not None:
+            ctx.tracker.log(trial.number, {"search/score": losses["score"],
+                                           **{f"search/w_{n}": trial.params[n] for n in ctx.names}})
 
 
 def evaluate_candidate(ctx: SearchContext, params: dict, user_attrs: dict | None = None) -> None:

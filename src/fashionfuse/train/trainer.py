@@ -39,6 +39,7 @@ from ..rundir import (
     write_json,
     write_manifest,
 )
+from ..tracking import Tracker
 from .batching import collate_packed, plan_micro_batches, step_windows
 from .distributed import World, all_sum, barrier, gather, init_world, wrap
 from .model import build_optimizer, build_trainable_model
@@ -258,7 +259,8 @@ def train_step(job: TrainJob, s: Session, window: list[int], pad_id: int) -> dic
     return {"loss": loss, "trained_tokens": int(step_tokens), "real": real, "padded": padded}
 
 
-def fit(job: TrainJob, s: Session, pad_id: int, progress: Progress | None = None) -> dict:
+def fit(job: TrainJob, s: Session, pad_id: int, progress: Progress | None = None,
+        tracker=None) -> dict:
     """Run the remaining steps, logging, checkpointing; returns the token and time totals."""
     t = job.cfg.training
     history_path = job.work / "metrics.jsonl"
@@ -289,6 +291,11 @@ def fit(job: TrainJob, s: Session, pad_id: int, progress: Progress | None = None
                 "padding_pct": round(100 * (1 - rec["real"] / max(rec["padded"], 1)), 2)})
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            if tracker is not None:
+                h = s.history[-1]
+                tracker.log(step, {"train/loss": h["loss"], "train/lr": h["lr"],
+                                   "train/tokens_per_s": h["tokens_per_s"],
+                                   "train/padding_pct": h["padding_pct"]})
             if s.world.is_main and (step % t.logging_steps == 0 or step % t.checkpoint_steps == 0):
                 history_path.write_text("".join(json.dumps(h) + "\n" for h in s.history))
             if step % t.checkpoint_steps == 0 and step < job.total_steps:
@@ -301,12 +308,12 @@ def fit(job: TrainJob, s: Session, pad_id: int, progress: Progress | None = None
 
 
 # --------------------------------------------------------------------------- the adapter
-def _plot_loss(history: list[dict], path: Path) -> None:
+def _plot_loss(history: list[dict], path: Path, name: str) -> None:
     fig, ax = pyplot().subplots(figsize=(5, 3))
     ax.plot([h["step"] for h in history], [h["loss"] for h in history])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train loss (per token)")
-    ax.set_title(path.parent.name)
+    ax.set_title(name)
     save_figure(fig, path)
 
 
@@ -330,7 +337,7 @@ def _save_adapter(job: TrainJob, s: Session, tokenizer, metrics: dict) -> None:
             install_chat_template(tokenizer, cfg.model.system_message)
         tokenizer.save_pretrained(tmp)
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in s.history))
-        _plot_loss(s.history, tmp / "loss.png")
+        _plot_loss(s.history, tmp / "loss.png", job.name)
         write_manifest(tmp, stage="train", fingerprint=job.fingerprint,
                        config_hash=config_hash(cfg.model, cfg.training, spec),
                        inputs={str(p): artifact_id(p.parent) for p in job.splits},
@@ -351,9 +358,14 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress |
     world = init_world()
     job = resolve_job(cfg, name, tokenizer)
     s = setup(job, tokenizer, world)
+    tracker = Tracker(cfg, "train", name, resume_step=s.start) if world.is_main else None
     if world.is_main:
         _announce(job, s, tokenizer)
-    totals = fit(job, s, tokenizer.pad_token_id, progress)
+    try:
+        totals = fit(job, s, tokenizer.pad_token_id, progress, tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
     h = s.history
     metrics = {"steps": job.total_steps, "examples": len(job.examples),
                "final_loss": h[-1]["loss"], "first_loss": h[0]["loss"],

@@ -1,0 +1,112 @@
+"""`fashionfuse report`: one self-contained page (and a Markdown twin) from a run's artifacts."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from fashionfuse.cli import app
+
+runner = CliRunner()
+SECTIONS = ["Summary", "Evaluation", "Search", "Training", "Curation", "Versions and timings",
+            "Config"]
+
+
+@pytest.fixture
+def report_run(pipeline_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run)
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert f"report: {run / 'report.html'}" in result.output
+    return run
+
+
+def test_report_renders_every_section_with_valid_images(report_run):
+    from PIL import Image
+
+    page = (report_run / "report.html").read_text()
+    md = (report_run / "report.md").read_text()
+    for section in SECTIONS:
+        assert f">{section}</h2>" in page and f"## {section}" in md
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(images) >= 4  # eval chart, search plot, a loss curve per adapter
+    for data in images:
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()  # a valid PNG
+    assert "src='http" not in page and "src=\"http" not in page  # nothing fetched: mailable
+    assert "adapter:chat" in page and "fused" in page  # the eval rows
+    assert ".tmp-" not in page  # no temporary names leak into titles
+
+
+def test_report_says_what_is_missing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["report", str(tmp_path / "empty")])
+    assert result.exit_code == 0
+    page = (tmp_path / "empty" / "report.html").read_text()
+    assert "not curated yet" in page and "no search yet" in page and "not evaluated yet" in page
+
+
+def _browser() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless Chromium here (.ci/run installs it)")
+def test_report_opens_in_a_headless_browser(report_run, tmp_path):
+    url = (report_run / "report.html").as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([_browser(), *flags, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for section in SECTIONS:
+        assert f">{section}</h2>" in dom.stdout
+    assert dom.stdout.count("<img") >= 4 and "<table" in dom.stdout
+    console = [x for x in dom.stderr.splitlines() if "CONSOLE" in x or "Uncaught" in x]
+    assert not console, console
+    shot = tmp_path / "report.png"
+    subprocess.run([_browser(), *flags, "--window-size=1100,1600", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=120)
+    assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
+
+
+def test_tensorboard_event_files_load_with_tensorboards_reader(pipeline_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = pipeline_run["run_dir"]
+    train = EventAccumulator(str(run / "tensorboard" / "train" / "chat"))
+    train.Reload()
+    loss = train.Scalars("train/loss")
+    history = [__import__("json").loads(x) for x in
+               (run / "adapters" / "chat" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in loss] == [h["step"] for h in history]
+    assert [round(e.value, 4) for e in loss] == [round(h["loss"], 4) for h in history]
+    assert {"train/lr", "train/tokens_per_s", "train/padding_pct"} <= set(train.Tags()["scalars"])
+    search = EventAccumulator(str(run / "tensorboard" / "search" / "grid"))
+    search.Reload()
+    assert len(search.Scalars("search/score")) == 4 and "search/w_chat" in search.Tags()["scalars"]
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(make_config, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("no wandb here")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    path = make_config(report_to=["tensorboard", "wandb"],
+                       training={"batch_size": 8, "micro_batch_size": 4, "max_steps": 1,
+                                 "lora": {"r": 4, "alpha": 8}})
+    assert runner.invoke(app, ["curate", str(path)]).exit_code == 0
+    result = runner.invoke(app, ["train-adapter", str(path)])
+    assert result.exit_code == 2
+    assert "error: report_to: wandb is not installed" in result.output
