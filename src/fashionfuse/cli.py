@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -14,6 +16,21 @@ from .pipeline import run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multiple LoRA-adapter fusion fine-tuning (FashionGPT).")
+_CONSOLE = {"verbose": False, "quiet": False, "log_format": "text"}
+
+
+@app.callback()
+def _options(
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Show third-party logs and progress bars too"),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="Only errors and the summary; the rest goes to the log"),
+    log_format: str = typer.Option("text", "--log-format", help="text or json (one object a line)"),
+) -> None:
+    """Console options, before the command: `fashionfuse -q run CONFIG`."""
+    if log_format not in ("text", "json"):
+        _fail([f"--log-format: {log_format!r}: use text or json"])
+    _CONSOLE.update(verbose=verbose, quiet=quiet, log_format=log_format)
 
 ConfigArg = typer.Argument(..., help="Run config YAML", show_default=False)
 SetOpt = typer.Option(None, "--set", help="Override a field: dotted.key=value (repeatable)")
@@ -44,22 +61,32 @@ def _save_resolved(cfg: RunConfig) -> None:
     write_text(layout.resolved_config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-def _run_stage(config: Path, overrides: Optional[list[str]], stage: Callable[[RunConfig], object],
-               reads_sources: bool = True, shared_lock: Callable[[RunConfig], bool] = None):
+def _run_stage(command: str, config: Path, overrides: Optional[list[str]],
+               stage: Callable[[RunConfig], object], reads_sources: bool = True,
+               shared_lock: Callable[[RunConfig], bool] = None):
     """Validate, lock the run dir, save the resolved config, run. A `UserError` (or a full disk,
     a permission problem) is one line and exit 2; any other exception is a bug and propagates
     with its traceback (exit 1)."""
     import os
 
+    from .console import console
     from .errors import UserError, environment_problem
     from .rundir import run_lock
 
     cfg = _load(config, overrides, reads_sources)
     shared = int(os.environ.get("WORLD_SIZE", "1")) > 1 or bool(shared_lock and shared_lock(cfg))
+    started = time.perf_counter()
     try:
         with run_lock(cfg.run_dir, shared=shared):
             _save_resolved(cfg)
-            return stage(cfg)
+            with console(cfg.run_dir, command, **_CONSOLE) as log:
+                result = stage(cfg)
+            summary = (f"{command}: done in {time.perf_counter() - started:.0f} s; "
+                       f"third-party logs in {log}")
+            typer.echo(json.dumps({"time": round(time.time(), 3), "command": command,
+                                   "message": summary})
+                       if _CONSOLE["log_format"] == "json" else summary)
+            return result
     except KeyboardInterrupt:
         typer.echo("interrupted: finished work is kept; run the same command to resume", err=True)
         raise typer.Exit(code=130)
@@ -85,7 +112,7 @@ RoundOpt = typer.Option(None, "--round", help="With `rounds`: this round only")
 @app.command()
 def curate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
     """Raw sources -> filtered, split datasets with Table 1 statistics."""
-    _run_stage(config, set_, lambda cfg: run_stage(cfg, "curate", force=force))
+    _run_stage("curate", config, set_, lambda cfg: run_stage(cfg, "curate", force=force))
 
 
 @app.command("train-adapter")
@@ -98,15 +125,17 @@ def train_adapter(
     """Train one QLoRA adapter per curated dataset, plus the configured baselines.
 
     Multi-process: `torchrun --nproc_per_node N -m fashionfuse train-adapter CONFIG`."""
-    _run_stage(config, set_, lambda cfg: run_stage(cfg, "train", round_, force=force,
-                                                   adapters=adapter), reads_sources=False)
+    _run_stage("train-adapter", config, set_,
+               lambda cfg: run_stage(cfg, "train", round_, force=force, adapters=adapter),
+               reads_sources=False)
 
 
 @app.command("search-weights")
 def search_weights(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
                    force: bool = ForceOpt, round_: Optional[int] = RoundOpt) -> None:
     """Search fusion weights on the held-out objective; export the fused adapter."""
-    _run_stage(config, set_, lambda cfg: run_stage(cfg, "search", round_, force=force),
+    _run_stage("search-weights", config, set_,
+               lambda cfg: run_stage(cfg, "search", round_, force=force),
                reads_sources=False, shared_lock=lambda cfg: cfg.search.storage is not None)
 
 
@@ -118,7 +147,7 @@ def eval_(
     """Score base, adapters and fused model with lm-evaluation-harness, side by side (with
     `rounds`: the last round's)."""
     overrides = list(set_ or []) + ([f"eval.limit={limit}"] if limit is not None else [])
-    _run_stage(config, overrides, lambda cfg: run_stage(cfg, "eval", force=force),
+    _run_stage("eval", config, overrides, lambda cfg: run_stage(cfg, "eval", force=force),
                reads_sources=False)
 
 
@@ -130,7 +159,8 @@ def ablate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
     with the same eval; writes ablate/table.{md,csv,json,png}."""
     from .ablate import ablate as run_ablation
 
-    _run_stage(config, set_, lambda cfg: _with_report(cfg, run_ablation(cfg, force=force)))
+    _run_stage("ablate", config, set_,
+               lambda cfg: _with_report(cfg, run_ablation(cfg, force=force)))
 
 
 @app.command()
@@ -138,7 +168,7 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: boo
     """All stages in order, skipping those whose artifacts are up to date; then the report."""
     from .pipeline import run_all
 
-    _run_stage(config, set_, lambda cfg: _with_report(cfg, run_all(cfg, force=force)))
+    _run_stage("run", config, set_, lambda cfg: _with_report(cfg, run_all(cfg, force=force)))
 
 
 @app.command()

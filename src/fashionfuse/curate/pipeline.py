@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..base_model import base_fingerprint_parts, load_tokenizer
 from ..chat_template import render, render_with_tokenizer_template
 from ..config import DatasetConfig, RunConfig, config_hash
+from ..console import progress_file
 from ..errors import UserError
 from ..rundir import (
     RunLayout,
@@ -195,7 +196,8 @@ def _filter_shards(cfg: RunConfig, ds: DatasetConfig, benchmark_index, work: Pat
     nproc = cfg.curate.num_proc or (mp.cpu_count() or 1)
     pool = mp.get_context("fork").Pool(nproc) if nproc > 1 else None
     results = pool.imap(_filter_shard, jobs) if pool else map(_filter_shard, jobs)
-    bar = tqdm(desc=f"curate {ds.name}", unit="row", leave=False, mininterval=0.5)
+    bar = tqdm(desc=f"curate {ds.name}", unit="row", leave=False, mininterval=0.5,
+               file=progress_file())
     full = False
     try:
         for n_done, res in enumerate(results, 1):

@@ -23,6 +23,7 @@ from typing import Callable
 import optuna
 
 from ..config import RunConfig
+from ..console import progress_file
 from ..lora import set_fusion_weights
 from ..rundir import RunLayout
 from .registry import search_method
@@ -259,7 +260,8 @@ def run_trials(ctx: SearchContext, candidates: list[dict] | None = None,
     if done_before:
         print(f"search: resuming, {done_before} trials finished")
     total = len(candidates) if candidates is not None else budget
-    bar = tqdm(desc="search", unit="trial", total=total, initial=done_before, leave=False)
+    bar = tqdm(desc="search", unit="trial", total=total, initial=done_before, leave=False,
+               file=progress_file())
     ran, waited = 0, False
     try:
         while True:

@@ -25,6 +25,7 @@ from ..architectures import check_tokenizer_fits
 from ..base_model import base_fingerprint_parts, load_tokenizer
 from ..chat_template import IGNORE_INDEX, install_chat_template
 from ..config import AdapterSpec, RunConfig, config_hash
+from ..console import progress_file
 from ..errors import UserError
 from ..examples import collate, load_records, token_losses, tokenize_records
 from ..lora import fuse_adapters, load_saved_adapter, save_peft_adapter
@@ -265,6 +266,7 @@ def fit(job: TrainJob, s: Session, pad_id: int, progress: Progress | None = None
     t = job.cfg.training
     history_path = job.work / "metrics.jsonl"
     bar = tqdm(total=job.total_steps, initial=s.start, desc=f"train {job.name}", unit="step",
+               file=progress_file(),
                leave=False, disable=not s.world.is_main)
     totals = {"real": 0.0, "padded": 0.0, "seconds": 0.0}
     windows: list[list[int]] = []

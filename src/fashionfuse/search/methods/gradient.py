@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...config import SearchConfig
+from ...console import progress_file
 from ...examples import token_losses
 from ...lora import set_fusion_weights, tensor_fusion_weights
 from ..study import SearchContext, evaluate_candidate, finished
@@ -36,7 +37,8 @@ def learn_weights(model, objective, names: list[str], cfg: SearchConfig,
               for d, bs in data.batches.items()}
     history = []
     try:
-        for step in tqdm(range(cfg.gradient_steps), desc="learn weights", leave=False):
+        for step in tqdm(range(cfg.gradient_steps), desc="learn weights", leave=False,
+                         file=progress_file()):
             opt.zero_grad()
             total = 0.0
             for d, batches in data.batches.items():
