@@ -20,13 +20,12 @@ minus the best single adapter's.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
 from .evaluate.table import plot_table, to_csv, to_markdown
-from .rundir import RunLayout, write_json, write_text
+from .rundir import RunLayout, link_shared, write_json, write_text
 
 ALL_DATA = "ablate-all-datasets"
 
@@ -58,12 +57,7 @@ def ablation_config(cfg: RunConfig) -> RunConfig:
 def variant_config(cfg: RunConfig, name: str, **search) -> RunConfig:
     """A config whose run dir `ablate/<name>` shares the parent's curated data and adapters
     (links) and searches with `search` settings instead."""
-    root = RunLayout(cfg.run_dir).ablation(name)
-    root.mkdir(parents=True, exist_ok=True)
-    for shared in ("curate", "adapters"):
-        link = root / shared
-        if not link.exists():
-            os.symlink(os.path.relpath(RunLayout(cfg.run_dir).root / shared, root), link)
+    root = link_shared(cfg.run_dir, RunLayout(cfg.run_dir).ablation(name), ("curate", "adapters"))
     data = cfg.model_dump(mode="json")
     data["run_dir"] = str(root)
     data["search"].update(search)

@@ -95,16 +95,17 @@ def adapter_deltas(adapter_dirs: list[str]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def merge_into_base(model, cfg: ModelConfig, deltas: dict[str, torch.Tensor]):
-    """Add dense updates to `model`'s weights, starting from the *stored* full-precision weights.
+def merge_into_base(model, cfg: ModelConfig, deltas: dict[str, torch.Tensor], full=None):
+    """Add dense updates to `model`'s weights, starting from the *stored* full-precision weights
+    (`full`, the base as stored, or at least as precise; loaded when not given).
 
     A 4-bit layer is re-quantised from `W0 + delta` (quantised once), never dequantised, updated
     and re-quantised: on the NF4 grid a small update mostly rounds back to the old weight. A
-    16-bit layer gets `W0 + delta` computed in float32 and cast once.
+    16-bit layer gets `W0 + delta` computed in float64 and cast once.
     """
     import bitsandbytes as bnb
 
-    full = load_full_precision(cfg)
+    full = full if full is not None else load_full_precision(cfg)
     for name, delta in deltas.items():
         module = model.get_submodule(name)
         merged = full.get_submodule(name).weight.detach().double() + delta.to("cpu")
@@ -119,5 +120,4 @@ def merge_into_base(model, cfg: ModelConfig, deltas: dict[str, torch.Tensor]):
                 quant_storage=weight.quant_storage, module=module)._quantize(weight.device)
         else:
             weight.data.copy_(merged.to(weight.dtype))
-    del full
     return model

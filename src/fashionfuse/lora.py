@@ -228,16 +228,22 @@ def export_merged_model(model_cfg, adapter_dir: Path, out_dir: Path,
 
     dtype = dtype or stored_dtype(model_cfg)
     full = load_full_precision(model_cfg, torch.float32)
+    earlier = adapter_deltas(list(model_cfg.merge_adapters)) if model_cfg.merge_adapters else {}
     if model_cfg.quantization.bits == 4:
-        quantized = load_base_model(model_cfg, device="cpu")
+        # the 4-bit base the adapters were trained on, its earlier rounds merged from `full`
+        # (the same weights load_base_model would load a second copy of)
+        quantized = load_base_model(model_cfg.model_copy(update={"merge_adapters": []}),
+                                    device="cpu")
+        if earlier:
+            merge_into_base(quantized, model_cfg, earlier, full=full)
         for name, module in quantized.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
                 full.get_submodule(name).weight.data = w.float().reshape(
                     full.get_submodule(name).weight.shape)
         del quantized  # earlier rounds' merged adapters are in these weights already
-    elif model_cfg.merge_adapters:
-        merge_into_base(full, model_cfg, adapter_deltas(list(model_cfg.merge_adapters)))
+    elif earlier:
+        merge_into_base(full, model_cfg, earlier, full=full)
     adapter = load_saved_adapter(adapter_dir)
     errors: dict[str, float] = {}
     err_sq = delta_sq = 0.0

@@ -8,12 +8,11 @@ in (`model.merge_adapters`), so they learn on top of what earlier rounds fused.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .config import RunConfig
 from .errors import MissingFileError, UserError
-from .rundir import RunLayout
+from .rundir import link_shared
 
 
 def prepare_round(cfg: RunConfig, number: int) -> RunConfig:
@@ -22,11 +21,7 @@ def prepare_round(cfg: RunConfig, number: int) -> RunConfig:
     if not 1 <= number <= len(cfg.rounds):
         raise UserError(f"--round: {number} is not a round of this config (1..{len(cfg.rounds)})")
     rcfg = cfg.round_config(number - 1)
-    root = Path(rcfg.run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    link = RunLayout(root).root / "curate"
-    if not link.exists():
-        os.symlink(os.path.relpath(RunLayout(cfg.run_dir).root / "curate", root), link)
+    link_shared(cfg.run_dir, rcfg.run_dir, ("curate",))
     missing = [p for p in rcfg.model.merge_adapters if not Path(p).exists()]
     if missing:
         raise MissingFileError(f"round {number}: fused adapter of an earlier round missing: "

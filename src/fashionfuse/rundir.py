@@ -72,6 +72,18 @@ class RunLayout:
         return self.root / "rounds" / f"round-{number}"
 
 
+def link_shared(parent: str | Path, child: str | Path, folders: tuple[str, ...]) -> Path:
+    """Create run dir `child` with `folders` of run dir `parent` linked in (relative links), as
+    fusion rounds share curated data and ablation variants share data and adapters."""
+    child = Path(child)
+    child.mkdir(parents=True, exist_ok=True)
+    for name in folders:
+        link = child / name
+        if not link.exists():
+            os.symlink(os.path.relpath(Path(parent) / name, child), link)
+    return child
+
+
 def library_versions() -> dict[str, str]:
     """Installed versions of the libraries that shape an artifact."""
     out = {"python": platform.python_version()}

@@ -79,13 +79,10 @@ class TrainJob:
     out: Path  # the finished adapter directory
     work: Path  # checkpoint and running metrics while training
     examples: list[dict]
+    lengths: list[int]  # tokens of each example (packing plans and token counts use them)
     splits: list[Path]
     steps_per_epoch: int
     total_steps: int
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(e["input_ids"]) for e in self.examples]
 
 
 def resolve_job(cfg: RunConfig, name: str, tokenizer) -> TrainJob:
@@ -105,7 +102,8 @@ def resolve_job(cfg: RunConfig, name: str, tokenizer) -> TrainJob:
     t = cfg.training
     per_epoch = math.ceil(len(examples) / t.batch_size)
     return TrainJob(cfg, name, spec, train_fingerprint(cfg, name), layout.adapter(name),
-                    layout.train_work(name), examples, splits, per_epoch,
+                    layout.train_work(name), examples, [len(e["input_ids"]) for e in examples],
+                    splits, per_epoch,
                     t.max_steps or max(1, math.ceil(per_epoch * t.epochs)))
 
 
@@ -246,8 +244,7 @@ def train_step(job: TrainJob, s: Session, window: list[int], pad_id: int) -> dic
             loss_sum, _ = token_losses(s.ddp, b)
             (loss_sum * (weight * world.size / max(step_tokens, 1))).backward()
         loss_local += loss_sum.item() * weight
-    lengths = job.lengths
-    real = sum(lengths[i] for i in mine) * weight
+    real = sum(job.lengths[i] for i in mine) * weight
     padded = sum(b["input_ids"].numel() for b in batches) * weight
     loss_total, real, padded = all_sum(world, [loss_local, real, padded])
     loss = loss_total / max(step_tokens, 1)
