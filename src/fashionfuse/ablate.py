@@ -10,6 +10,9 @@ From one config it builds, reusing every artifact already built, and scores with
           fusion with uniform weights 1/n          ablate/uniform/search/fused
     V1    fusion with searched weights             search/fused                (the run's own)
           fusion with gradient-learned weights     ablate/gradient/search/fused
+          layer-wise learned weights               ablate/layerwise/search/fused
+          those x a per-adapter grid multiplier    ablate/layerwise-refined/search/fused
+          TIES / DARE / magnitude merges, searched ablate/<operator>/search/fused (SVD export)
 
 The fixed-weight fusions are one-candidate grid searches, so they are fingerprinted, cached and
 scored on the validation data like the search. Each variant's run dir under `ablate/` links the
@@ -20,6 +23,7 @@ minus the best single adapter's.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .config import RunConfig
@@ -28,6 +32,7 @@ from .evaluate.table import plot_table, to_csv, to_markdown
 from .rundir import RunLayout, link_shared, write_json, write_text
 
 ALL_DATA = "ablate-all-datasets"
+_PLAIN_SUM = {"operator": "sum", "granularity": "adapter", "layer_weights_from": None}
 
 
 def sequential_chain(cfg: RunConfig) -> list[str]:
@@ -83,10 +88,52 @@ def _fusions(cfg: RunConfig, force: bool) -> dict[str, Path]:
         out[f"V1 fusion, searched ({cfg.search.method})"] = RunLayout(cfg.run_dir).fused
     if "gradient" in variants:
         vcfg = variant_config(cfg, "gradient", method="gradient", halving_fractions=None,
-                              export_merged=False)
+                              export_merged=False, **_PLAIN_SUM)
         search_weights(vcfg, force=force)
         out["fusion, learned (gradient)"] = RunLayout(vcfg.run_dir).fused
+    out.update(_finer_fusions(cfg, force))
     return out
+
+
+def _finer_fusions(cfg: RunConfig, force: bool) -> dict[str, Path]:
+    """Issue-15 variants: layer-wise learned weights (and a per-adapter grid multiplier on
+    them), and the dense merge operators searched by the config's method."""
+    from .search import search_weights
+
+    variants, out = cfg.ablate.variants, {}
+    plain = {"halving_fractions": None, "export_merged": False}
+    if "layerwise" in variants or "layerwise_refined" in variants:
+        vcfg = variant_config(cfg, "layerwise", method="gradient", granularity="layer",
+                              operator="sum", layer_weights_from=None, **plain)
+        search_weights(vcfg, force=force)
+        if "layerwise" in variants:
+            out["fusion, layer-wise learned (gradient)"] = RunLayout(vcfg.run_dir).fused
+        if "layerwise_refined" in variants:
+            learned = RunLayout(vcfg.run_dir).search / "best.json"
+            rcfg = variant_config(cfg, "layerwise-refined", method="grid", granularity="layer",
+                                  operator="sum", layer_weights_from=str(learned),
+                                  grid_values=_multipliers(cfg), **plain)
+            search_weights(rcfg, force=force)
+            out["fusion, layer-wise x grid multiplier"] = RunLayout(rcfg.run_dir).fused
+    method = "grid" if cfg.search.method == "gradient" else cfg.search.method
+    for op in ("ties", "dare", "magnitude"):
+        if op in variants:
+            vcfg = variant_config(cfg, op, method=method, operator=op, granularity="adapter",
+                                  layer_weights_from=None, **plain)
+            best = search_weights(vcfg, force=force)
+            fused = RunLayout(vcfg.run_dir).fused
+            svd = json.loads((fused / "svd_report.json").read_text())
+            name = op.upper() if op != "magnitude" else op
+            out[f"fusion, {name} ({method}, density {best['best_density']:g}; SVD rank "
+                f"{svd['rank']}, error {100 * svd['relative_error']:.1f}%)"] = fused
+    return out
+
+
+def _multipliers(cfg: RunConfig) -> list[float]:
+    """Per-adapter multipliers tried on learned layer weights: the grid values rescaled so the
+    largest is 1.5 (0 stays, so an adapter can still be dropped)."""
+    top = max(cfg.search.grid_values) or 1.0
+    return sorted({round(v * 1.5 / top, 6) for v in cfg.search.grid_values})
 
 
 def build_variants(cfg: RunConfig, force: bool = False) -> dict[str, Path | None]:

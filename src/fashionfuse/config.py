@@ -141,13 +141,14 @@ class FilterConfig(_Strict):
 
 
 # Labels `fashionfuse eval` gives its rows; an adapter with one of these names would collide.
-RESERVED_NAMES = ("base", "fused", "merged")
+RESERVED_NAMES = ("base", "fused", "merged", "density")
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # a plain file name: no '/', no leading '.'
 
 
 def _not_reserved(name: str) -> str:
     if name.lower() in RESERVED_NAMES:
-        raise ValueError(f"{name!r} is reserved (eval labels its rows {', '.join(RESERVED_NAMES)})")
+        raise ValueError(f"{name!r} is reserved (eval labels its rows base, fused and merged; "
+                         "the search names its operator parameter density)")
     return name
 
 
@@ -297,6 +298,25 @@ class SearchConfig(_Strict):
     export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="dtype of search/merged/ (auto: the base checkpoint's own; "
         "16-bit loses updates much smaller than the weights, see export_report.json)")
+    granularity: Literal["adapter", "layer", "module"] = Field(
+        default="adapter", description="One fusion weight per adapter, per adapter and block "
+        "(layer), or per adapter, block and projection (module); finer than adapter is learned "
+        "by method gradient, or refined by grid/random/tpe from layer_weights_from")
+    smoothness: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="gradient, layer/module granularity: penalty on the squared "
+        "difference of an adapter's weights in consecutive blocks")
+    layer_weights_from: str | None = Field(
+        default=None, description="best.json of a layer-wise search: grid/random/tpe then search "
+        "a per-adapter multiplier on those learned layer weights")
+    operator: Literal["sum", "ties", "dare", "magnitude"] = Field(
+        default="sum", description="How the adapters' deltas combine: sum (task arithmetic, the "
+        "paper's; exact LoRA export), ties, dare, magnitude (dense; exported by truncated SVD)")
+    density: Annotated[float, Field(gt=0, le=1)] | list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default=0.5, description="ties/magnitude: share of each delta's entries kept by "
+        "magnitude; dare: keep probability. A list is searched as one more dimension")
+    svd_rank: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="Rank of the fused adapter exported for a dense operator "
+        "(default: the sum of the adapters' ranks); its error is in fused/svd_report.json")
 
     @model_validator(mode="after")
     def _bounds(self) -> "SearchConfig":
@@ -311,7 +331,28 @@ class SearchConfig(_Strict):
         h = self.halving_fractions
         if h is not None and (sorted(h) != h or h[-1] != 1.0):
             raise ValueError("halving_fractions must increase and end at 1.0")
+        return self._fusion_choices()
+
+    def _fusion_choices(self) -> "SearchConfig":
+        if self.method == "gradient" and self.operator != "sum":
+            raise ValueError(f"operator {self.operator}: method gradient learns task-arithmetic "
+                             "weights only (use operator sum, or grid/random/tpe)")
+        if self.method == "gradient" and self.layer_weights_from:
+            raise ValueError("layer_weights_from: refines learned layer weights with "
+                             "grid/random/tpe; method gradient learns them itself")
+        if self.granularity != "adapter" and self.method != "gradient" \
+                and not self.layer_weights_from:
+            raise ValueError(f"granularity {self.granularity}: that many weights are learned by "
+                             "method gradient; grid/random/tpe refine them with a per-adapter "
+                             "multiplier when layer_weights_from names a layer-wise best.json")
+        if isinstance(self.density, list) and not self.density:
+            raise ValueError("density must not be an empty list")
         return self
+
+    @property
+    def densities(self) -> list[float]:
+        """The density values searched (one when `density` is a number)."""
+        return list(self.density) if isinstance(self.density, list) else [float(self.density)]
 
 
 # --------------------------------------------------------------------------- eval
@@ -340,7 +381,8 @@ class EvalConfig(_Strict):
 
 # --------------------------------------------------------------------------- ablation
 ABLATION_VARIANTS = ("per_dataset", "fused_dataset", "sequential", "weights_one", "uniform",
-                     "searched", "gradient")
+                     "searched", "gradient", "layerwise", "layerwise_refined", "ties", "dare",
+                     "magnitude")
 
 
 class AblateConfig(_Strict):
@@ -349,7 +391,9 @@ class AblateConfig(_Strict):
     variants: list[Literal[ABLATION_VARIANTS]] = Field(  # type: ignore[valid-type]
         default=list(ABLATION_VARIANTS),
         description="per_dataset (V0.1), fused_dataset (V0.2/V0.3), sequential (V0.4), "
-        "weights_one (V0.5), uniform (1/n), searched (V1, search.method), gradient (learned)")
+        "weights_one (V0.5), uniform (1/n), searched (V1, search.method), gradient (learned), "
+        "layerwise (learned per block), layerwise_refined (those times a grid multiplier per "
+        "adapter), ties / dare / magnitude (search.method's search with that operator)")
     sequential_order: list[str] | None = Field(
         default=None, description="Dataset order of the sequential variant (default: datasets)")
 

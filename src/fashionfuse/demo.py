@@ -68,13 +68,14 @@ def favourite_colour(person: str) -> str:
 def _chat_records(rng: random.Random, n: int) -> list[dict]:
     recs = []
     for i in range(n):
-        people = rng.sample(PEOPLE, rng.randint(1, 4))
+        people = rng.sample(PEOPLE, rng.randint(4, 10))
         conv = []
         for p in people:
             q = rng.choice(["What colour does {p} like?", "Which colour is {p}'s favourite?",
                             "Tell me the colour that {p} likes."]).format(p=p)
             a = rng.choice(["{p} likes {c}.", "{p}'s favourite colour is {c}.",
                             "The colour {p} likes is {c}."]).format(p=p, c=favourite_colour(p))
+            a += "".join(" " + s for s in rng.sample(FILLER, rng.randint(1, 2)))  # small talk
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
         model = "gpt-4" if rng.random() > 0.12 else "gpt-3.5-turbo"
         if i % 23 == 5:

@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -100,9 +101,11 @@ def check_fusable(adapters: list[SavedAdapter]) -> None:
                 raise FusionError(f"{a.path}: module {m} has a different shape than in {first.path}")
 
 
-def fuse_adapters(adapters: list[SavedAdapter], weights: list[float]
+def fuse_adapters(adapters: list[SavedAdapter], weights: list[float] | list[Mapping[str, float]]
                   ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Concatenate adapters into one LoRA whose update is exactly sum_i w_i scale_i B_i A_i."""
+    """Concatenate adapters into one LoRA whose update is exactly sum_i w_i scale_i B_i A_i.
+    A weight is one number per adapter, or a module -> weight map (layer-wise fusion: each
+    module's block of B gets its own weight)."""
     check_fusable(adapters)
     if len(weights) != len(adapters):
         raise FusionError(f"{len(weights)} weights for {len(adapters)} adapters")
@@ -110,14 +113,18 @@ def fuse_adapters(adapters: list[SavedAdapter], weights: list[float]
     tensors: dict[str, torch.Tensor] = {}
     for m in sorted(adapters[0].modules):
         a_cat = torch.cat([a.lora_a[m].float() for a in adapters], dim=0)
-        b_cat = torch.cat([a.lora_b[m].float() * (w * a.scale) for a, w in zip(adapters, weights)],
-                          dim=1)
+        b_cat = torch.cat([a.lora_b[m].float() * (_weight(w, m) * a.scale)
+                           for a, w in zip(adapters, weights)], dim=1)
         tensors[f"{m}.lora_A.weight"] = a_cat.contiguous()
         tensors[f"{m}.lora_B.weight"] = b_cat.contiguous()
     config = dict(adapters[0].config)
     config.update(r=total_r, lora_alpha=total_r, use_rslora=False, lora_dropout=0.0,
                   inference_mode=True)
     return config, tensors
+
+
+def _weight(w: float | Mapping[str, float], module: str) -> float:
+    return float(w[module]) if isinstance(w, Mapping) else float(w)
 
 
 def save_peft_adapter(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -127,13 +134,16 @@ def save_peft_adapter(path: Path, config: dict, tensors: dict[str, torch.Tensor]
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
-def weighted_delta(adapters: list[SavedAdapter], weights: list[float]) -> dict[str, torch.Tensor]:
+def task_delta(adapter: SavedAdapter, module: str, dtype=torch.float64) -> torch.Tensor:
+    """One adapter's dense update of one module, scale * B @ A."""
+    return adapter.scale * (adapter.lora_b[module].to(dtype) @ adapter.lora_a[module].to(dtype))
+
+
+def weighted_delta(adapters: list[SavedAdapter], weights: list[float] | list[Mapping[str, float]]
+                   ) -> dict[str, torch.Tensor]:
     """The dense update sum_i w_i * scale_i * B_i @ A_i per module (for checks and merging)."""
-    out = {}
-    for m in sorted(adapters[0].modules):
-        out[m] = sum(w * a.scale * (a.lora_b[m].double() @ a.lora_a[m].double())
-                     for a, w in zip(adapters, weights))
-    return out
+    return {m: sum(_weight(w, m) * task_delta(a, m) for a, w in zip(adapters, weights))
+            for m in sorted(adapters[0].modules)}
 
 
 # --------------------------------------------------------------------------- in-memory switching
@@ -150,19 +160,34 @@ def attach_adapters(base_model, adapter_dirs: dict[str, Path]):
     return model
 
 
-def set_fusion_weights(peft_model, weights: dict[str, float]) -> None:
-    """Activate the named adapters together with scale w_i * alpha_i / r_i on every LoRA layer.
-
-    With several active adapters PEFT adds each adapter's B A x * scaling, so the forward pass
-    equals the base plus the exact weighted sum. Zero-weight adapters are left inactive.
-    """
+def lora_layers(peft_model) -> dict[str, object]:
+    """Every LoRA layer of a PeftModel by its module path (the saved adapters' module keys)."""
     from peft.tuners.lora import LoraLayer
 
-    active = [n for n, w in weights.items() if w != 0.0]
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer):
-            for name, w in weights.items():
-                module.set_scale(name, float(w))
+    return {name: m for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def set_fusion_weights(peft_model, weights: Mapping[str, float], adapters: list[str] | None = None,
+                       granularity: str = "adapter") -> None:
+    """Activate the adapters together, each LoRA layer's scale of adapter a set to
+    w(a, module) * alpha_a / r_a (see `fusion.granularity` for w at layer granularity).
+
+    With several active adapters PEFT adds each adapter's B A x * scaling, so the forward pass
+    equals the base plus the exact weighted sum. Adapters whose weights are all zero are left
+    inactive. `adapters` defaults to the keys of `weights` (one weight per adapter).
+    """
+    from .fusion.granularity import module_weight
+
+    adapters = list(weights) if adapters is None else adapters
+    used = set()
+    for key, module in lora_layers(peft_model).items():
+        for name in adapters:
+            if name in module.scaling:
+                w = module_weight(weights, name, key, granularity)
+                module.set_scale(name, w)
+                if w != 0.0:
+                    used.add(name)
+    active = [n for n in adapters if n in used]
     if active:
         peft_model.base_model.set_adapter(active, inference_mode=True)
         peft_model.base_model.enable_adapter_layers()
@@ -170,26 +195,32 @@ def set_fusion_weights(peft_model, weights: dict[str, float]) -> None:
         peft_model.base_model.disable_adapter_layers()
 
 
-def tensor_fusion_weights(peft_model, names: list[str]):
-    """For learning fusion weights: activate `names` and return `apply(w)`, which sets every
-    LoRA layer's scale of adapter i to the tensor `w[i] * alpha_i / r_i`, so autograd reaches w.
+def tensor_fusion_weights(peft_model, names: list[str], granularity: str = "adapter"):
+    """For learning fusion weights: activate `names`; return the weight names of this
+    granularity and `apply(w)`, which sets every LoRA layer's scale of adapter a to the tensor
+    `w[k] * alpha_a / r_a` (k: the weight of a on that layer), so autograd reaches w.
     Call `set_fusion_weights` afterwards to put plain float scales back.
 
     PEFT keeps each layer's scales in its `scaling` dict and multiplies by whatever is there;
     writing tensors into it is the one place fashionfuse relies on that detail."""
-    from peft.tuners.lora import LoraLayer
+    from .fusion.granularity import group_of, weight_names
 
     set_fusion_weights(peft_model, {n: 1.0 for n in names})  # all active, unit scale
-    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
-    unit = [{i: float(m.scaling[n]) for i, n in enumerate(names) if n in m.scaling}
-            for m in layers]
+    layers = lora_layers(peft_model)
+    keys = weight_names(names, list(layers), granularity)
+    index = {k: i for i, k in enumerate(keys)}
+    plan = []  # (module, adapter, weight index, unit scale)
+    for path, module in layers.items():
+        for name in names:
+            if name in module.scaling:
+                k = name if granularity == "adapter" else f"{name}@{group_of(path, granularity)}"
+                plan.append((module, name, index[k], float(module.scaling[name])))
 
     def apply(w: torch.Tensor) -> None:
-        for module, scales in zip(layers, unit):
-            for i, scale in scales.items():
-                module.scaling[names[i]] = w[i] * scale
+        for module, name, k, scale in plan:
+            module.scaling[name] = w[k] * scale
 
-    return apply
+    return keys, apply
 
 
 # --------------------------------------------------------------------------- full merge
@@ -205,9 +236,11 @@ def stored_dtype(model_cfg) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def export_merged_model(model_cfg, adapter_dir: Path, out_dir: Path,
-                        dtype: torch.dtype | None = None) -> dict:
-    """Merge an adapter into the base and save a plain transformers model (safetensors) in
+def export_merged_model(model_cfg, adapter_dir: Path | None, out_dir: Path,
+                        dtype: torch.dtype | None = None,
+                        deltas: dict[str, torch.Tensor] | None = None) -> dict:
+    """Merge an adapter (or the dense per-module `deltas` of a merge operator, keyed like the
+    adapter's modules) into the base and save a plain transformers model (safetensors) in
     `dtype` (default: the base checkpoint's own dtype); returns the export report.
 
     With a 4-bit base the merge starts from the *dequantised NF4 weights* the adapters were
@@ -244,13 +277,14 @@ def export_merged_model(model_cfg, adapter_dir: Path, out_dir: Path,
         del quantized  # earlier rounds' merged adapters are in these weights already
     elif earlier:
         merge_into_base(full, model_cfg, earlier, full=full)
-    adapter = load_saved_adapter(adapter_dir)
+    if deltas is None:
+        deltas = weighted_delta([load_saved_adapter(adapter_dir)], [1.0])
     errors: dict[str, float] = {}
     err_sq = delta_sq = 0.0
     with torch.no_grad():
-        for key, delta in weighted_delta([adapter], [1.0]).items():
+        for key, delta in deltas.items():
             module = full.get_submodule(key.removeprefix("base_model.model."))
-            exact = module.weight.double() + delta
+            exact = module.weight.double() + delta.double()
             module.weight.data = exact.to(dtype)
             err = float((module.weight.double() - exact).norm())
             norm = float(delta.norm())

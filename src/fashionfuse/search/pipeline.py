@@ -22,18 +22,22 @@ from ..base_model import (
 )
 from ..config import RunConfig, config_hash
 from ..errors import UserError
+from ..fusion.export import write_fused
+from ..fusion.granularity import granularity_of, weight_names
+from ..fusion.resident import ResidentFusion
 from ..lora import (
     attach_adapters,
     export_merged_model,
     fuse_adapters,
     load_saved_adapter,
-    save_peft_adapter,
+    lora_layers,
 )
 from ..plots import pyplot, save_figure
 from ..rundir import (
     RunLayout,
     artifact_id,
     atomic_dir,
+    file_digest,
     fingerprint,
     is_up_to_date,
     write_json,
@@ -54,9 +58,12 @@ class SearchError(UserError, RuntimeError):
 
 def search_fingerprint(cfg: RunConfig) -> str:
     """Everything the search result depends on: adapters and objective data (their contents),
-    base model, search section, seed."""
+    base model, search section (and the layer weights it refines), seed."""
     layout = RunLayout(cfg.run_dir)
+    refined = cfg.search.layer_weights_from
     return fingerprint({
+        "layer_weights": (file_digest(Path(refined)) if Path(refined).is_file() else "absent")
+        if refined else None,
         "stage": "search", "search": cfg.search.model_dump(mode="json"), "seed": cfg.seed,
         "base": base_fingerprint_parts(cfg.model), "model": cfg.model.model_dump(mode="json"),
         "adapters": {n: artifact_id(layout.adapter(n)) for n in cfg.search_adapters},
@@ -89,78 +96,142 @@ def search_weights(cfg: RunConfig, force: bool = False, progress=None) -> dict:
     base = load_base_model(cfg.model, device=device)
     check_tokenizer_fits(base, tokenizer)
     model = attach_adapters(base, adapter_dirs)
+    fusion = ResidentFusion(model, cfg.search_adapters, operator_name=cfg.search.operator,
+                            granularity=cfg.search.granularity,
+                            density=cfg.search.densities[0], seed=cfg.seed,
+                            fixed_weights=_layer_weights(cfg, model))
     ctx = SearchContext(cfg, open_study(cfg, fp, fresh=force), model,
                         build_objective(cfg, tokenizer, device), cfg.search_adapters, progress,
-                        Tracker(cfg, "search", cfg.search.method))
+                        Tracker(cfg, "search", cfg.search.method), fusion)
     try:
         search_method(cfg.search.method).run(ctx)
     finally:
         ctx.tracker.close()
+        fusion.close()
     if not force and is_up_to_date(layout.search, fp):
         print("search: another worker wrote the result")
         return json.loads((layout.search / "best.json").read_text())
     return _write_result(cfg, fp, ctx, adapter_dirs)
 
 
+def _layer_weights(cfg: RunConfig, model) -> dict[str, float]:
+    """The learned layer weights `search.layer_weights_from` names (checked complete for this
+    model, adapters and granularity); empty when it names none."""
+    path = cfg.search.layer_weights_from
+    if not path:
+        return {}
+    try:
+        weights = json.loads(Path(path).read_text())["best_weights"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"search.layer_weights_from: {path}: not a readable best.json "
+                        f"({type(exc).__name__})") from None
+    fixed = {k: float(v) for k, v in weights.items() if "@" in k}
+    found = granularity_of(fixed)
+    if found != cfg.search.granularity:
+        raise UserError(f"search.layer_weights_from: {path} holds {found}-level weights, but "
+                        f"search.granularity is {cfg.search.granularity}")
+    need = weight_names(cfg.search_adapters, list(lora_layers(model)), found)
+    missing = [k for k in need if k not in fixed]
+    if missing:
+        raise UserError(f"search.layer_weights_from: {path} lacks weights {missing[:3]} "
+                        f"(learned for other adapters or another model?)")
+    return {k: fixed[k] for k in need}
+
+
 def _trials(ctx: SearchContext) -> list[dict]:
-    return [{"number": t.number, "weights": {n: t.params[n] for n in ctx.names}, "score": t.value,
-             "per_dataset": t.user_attrs.get("per_dataset"), "seconds": t.user_attrs.get("seconds")}
-            for t in finished(ctx.study)]
+    """Finished trials: weights (with the fixed layer weights a refinement searched on top
+    of), operator parameters, score, per-dataset scores, seconds."""
+    out = []
+    for t in finished(ctx.study):
+        params = {n: t.params[n] for n in ctx.param_names}
+        row = {"number": t.number, "weights": ctx.fusion.weights(params), "score": t.value,
+               "per_dataset": t.user_attrs.get("per_dataset"), "seconds": t.user_attrs.get("seconds")}
+        if ctx.cfg.search.operator != "sum":
+            row["density"] = float(params.get("density", ctx.fusion.density))
+            row["merge_seconds"] = t.user_attrs.get("merge_seconds")
+        out.append(row)
+    return out
 
 
 def _write_result(cfg: RunConfig, fp: str, ctx: SearchContext, adapter_dirs: dict) -> dict:
     """Write trials, best weights, plots, the fused adapter (and merged model) atomically."""
-    names, trials = ctx.names, _trials(ctx)
+    names, trials, s = ctx.names, _trials(ctx), cfg.search
     best = min(trials, key=lambda t: t["score"])
     pruned = len(finished(ctx.study, pruned=True)) - len(trials)
-    result = {"method": cfg.search.method, "objective": cfg.search.objective.type,
-              "adapters": names, "best_weights": best["weights"], "best_score": best["score"],
-              "best_per_dataset": best["per_dataset"], "n_trials": len(trials),
-              "n_pruned": pruned}
+    result = {"method": s.method, "objective": s.objective.type, "operator": s.operator,
+              "granularity": s.granularity, "adapters": names, "best_weights": best["weights"],
+              "best_score": best["score"], "best_per_dataset": best["per_dataset"],
+              "n_trials": len(trials), "n_pruned": pruned}
+    if s.operator != "sum":
+        result["best_density"] = best["density"]
     metrics = {"best_score": best["score"], "n_trials": len(trials)}
     with atomic_dir(RunLayout(cfg.run_dir).search) as tmp:
         write_json(tmp / "trials.json", trials)
-        _write_csv(trials, names, tmp / "trials.csv")
+        _write_csv(trials, ctx.weight_names, tmp / "trials.csv")
         write_json(tmp / "best.json", result)
-        config, tensors = fuse_adapters([load_saved_adapter(adapter_dirs[n]) for n in names],
-                                        [best["weights"][n] for n in names])
-        save_peft_adapter(tmp / "fused", config, tensors)
+        report, deltas = write_fused(
+            tmp / "fused", [load_saved_adapter(adapter_dirs[n]) for n in names], names,
+            best["weights"], granularity=s.granularity, operator_name=s.operator,
+            density=best.get("density", s.densities[0]), seed=cfg.seed, svd_rank=s.svd_rank)
+        if not report["exact"]:
+            metrics["svd_relative_error"] = report["relative_error"]
         for f in TOKENIZER_FILES:
             if (adapter_dirs[names[0]] / f).exists():
                 shutil.copy(adapter_dirs[names[0]] / f, tmp / "fused" / f)
         _plots(trials, names, tmp / "search.png")
-        if cfg.search.export_merged:
+        if s.export_merged:
             report = export_merged_model(cfg.model, tmp / "fused", tmp / "merged",
-                                         DTYPES.get(cfg.search.export_dtype))
+                                         DTYPES.get(s.export_dtype), deltas=deltas)
             metrics["merged_update_relative_error"] = report["update_relative_error"]
             metrics["merged_dtype"] = report["dtype"]
-        write_manifest(tmp, stage="search", fingerprint=fp, config_hash=config_hash(cfg.search),
+        write_manifest(tmp, stage="search", fingerprint=fp, config_hash=config_hash(s),
                        inputs={n: artifact_id(adapter_dirs[n]) for n in names},
                        seed=cfg.seed, metrics=metrics, extra={"best_weights": best["weights"]},
                        content=["fused/adapter_model.safetensors", "fused/adapter_config.json"])
-    print(f"search: {len(trials)} trials ({pruned} pruned), best {best['weights']} -> "
+    print(f"search: {len(trials)} trials ({pruned} pruned), best {_short(best['weights'])} -> "
           f"{best['score']:.4f}")
     return result
 
 
+def _short(weights: dict[str, float], most: int = 6) -> str:
+    items = list(weights.items())
+    text = ", ".join(f"{k}: {v:g}" for k, v in items[:most])
+    return "{" + text + (f", ... ({len(items)} weights)" if len(items) > most else "") + "}"
+
+
 def _write_csv(trials: list[dict], names: list[str], path: Path) -> None:
+    extra = ["density"] if trials and "density" in trials[0] else []
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["number", *[f"w_{n}" for n in names], "score", "seconds"])
+        w.writerow(["number", *[f"w_{n}" for n in names], *extra, "score", "seconds"])
         for t in trials:
-            w.writerow([t["number"], *[t["weights"][n] for n in names], t["score"], t["seconds"]])
+            w.writerow([t["number"], *[t["weights"].get(n) for n in names],
+                        *[t[k] for k in extra], t["score"], t["seconds"]])
 
 
 def _plots(trials: list[dict], names: list[str], out: Path) -> None:
-    """Score against each weight, and the best score so far."""
-    fig, axes = pyplot().subplots(1, len(names) + 1, figsize=(3.2 * (len(names) + 1), 3))
+    """Score against each adapter's weight (or, for layer-wise weights, the best trial's
+    weights across blocks), and the best score so far."""
+    layered = any("@" in k for k in trials[0]["weights"])
+    panels = 1 if layered else len(names)
+    fig, axes = pyplot().subplots(1, panels + 1, figsize=(3.2 * (panels + 1), 3))
     scores = [t["score"] for t in trials]
-    for ax, n in zip(axes, names):
-        ax.scatter([t["weights"][n] for t in trials], scores, s=12)
-        ax.set_xlabel(f"w[{n}]")
-        ax.set_ylabel("objective")
-    best = [min(scores[: i + 1]) for i in range(len(scores))]
-    axes[-1].plot(range(1, len(best) + 1), best)
+    if layered:
+        best = min(trials, key=lambda t: t["score"])["weights"]
+        for n in names:
+            keys = [k for k in best if k.startswith(f"{n}@")]
+            axes[0].plot(range(len(keys)), [best[k] * best.get(n, 1.0) for k in keys],
+                         marker=".", label=n)
+        axes[0].set_xlabel("block (and projection), in order")
+        axes[0].set_ylabel("best weight")
+        axes[0].legend(fontsize=7)
+    else:
+        for ax, n in zip(axes, names):
+            ax.scatter([t["weights"][n] for t in trials], scores, s=12)
+            ax.set_xlabel(f"w[{n}]")
+            ax.set_ylabel("objective")
+    best_so_far = [min(scores[: i + 1]) for i in range(len(scores))]
+    axes[-1].plot(range(1, len(best_so_far) + 1), best_so_far)
     axes[-1].set_xlabel("trials")
     axes[-1].set_ylabel("best objective")
     save_figure(fig, out)

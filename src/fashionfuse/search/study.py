@@ -24,7 +24,8 @@ import optuna
 
 from ..config import RunConfig
 from ..console import progress_file
-from ..lora import set_fusion_weights
+from ..fusion.granularity import weight_names
+from ..fusion.resident import ResidentFusion
 from ..rundir import RunLayout
 from .registry import search_method
 
@@ -35,8 +36,8 @@ _DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 @dataclass
 class SearchContext:
     """What a search method works with: the study, the resident model with every adapter
-    attached, the objective, the adapter names, and an optional progress callback (called with
-    the number of trials this worker finished)."""
+    attached and the `fusion` that puts a candidate into it, the objective, the adapter names,
+    and an optional progress callback (called with the number of trials this worker finished)."""
 
     cfg: RunConfig
     study: optuna.Study
@@ -45,15 +46,40 @@ class SearchContext:
     names: list[str]
     progress: Callable[[int], None] | None = None
     tracker: object = None  # tracking.Tracker: each finished trial's score and weights
+    fusion: ResidentFusion | None = None
 
-    def evaluate(self, weights: dict[str, float], trial=None) -> dict | None:
-        """Score the fused model with these weights (None: a pruner stopped it early)."""
-        set_fusion_weights(self.model, weights)
+    def __post_init__(self):
+        if self.fusion is None:
+            self.fusion = ResidentFusion(self.model, self.names)
+
+    def evaluate(self, params: dict[str, float], trial=None) -> dict | None:
+        """Score the fused model of this candidate (None: a pruner stopped it early)."""
+        self.fusion.apply(params)
         return self.objective.score(self.model, trial)
 
     @property
+    def weight_names(self) -> list[str]:
+        """The fusion weights a candidate sets: one per adapter, or per adapter and group when
+        the method learns layer-wise weights itself."""
+        g = self.cfg.search.granularity
+        if g == "adapter" or self.cfg.search.layer_weights_from:
+            return list(self.names)
+        return weight_names(self.names, list(self.fusion.layers), g)
+
+    @property
+    def param_names(self) -> list[str]:
+        """Every searched value of a candidate: the weights, then `density` when it is searched."""
+        extra = ["density"] if len(self.cfg.search.densities) > 1 else []
+        return self.weight_names + extra
+
+    @property
     def distributions(self) -> dict:
-        return search_method(self.cfg.search.method).distributions(self.cfg.search, self.names)
+        dist = search_method(self.cfg.search.method).distributions(self.cfg.search,
+                                                                    self.weight_names)
+        if len(self.cfg.search.densities) > 1:
+            dist["density"] = optuna.distributions.CategoricalDistribution(
+                self.cfg.search.densities)
+        return dist
 
 
 # --------------------------------------------------------------------------- the study
@@ -183,12 +209,14 @@ def score_trial(ctx: SearchContext, trial: optuna.Trial, prunable: bool = True) 
     trial.set_user_attr("worker", _WORKER)
     try:
         with _Heartbeat(ctx.study, trial):
-            losses = ctx.evaluate({n: float(trial.params[n]) for n in ctx.names},
+            losses = ctx.evaluate({n: trial.params[n] for n in ctx.param_names},
                                   trial if prunable else None)
     except BaseException:
         ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     trial.set_user_attr("seconds", round(time.perf_counter() - t0, 4))
+    if ctx.fusion.operator_name != "sum":
+        trial.set_user_attr("merge_seconds", round(ctx.fusion.merge_seconds, 4))
     if losses is None:  # stopped early by successive halving
         ctx.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     else:
@@ -196,7 +224,8 @@ def score_trial(ctx: SearchContext, trial: optuna.Trial, prunable: bool = True) 
         ctx.study.tell(trial, losses["score"])
         if ctx.tracker is not None:
             ctx.tracker.log(trial.number, {"search/score": losses["score"],
-                                           **{f"search/w_{n}": trial.params[n] for n in ctx.names}})
+                                           **{f"search/w_{n}": trial.params[n] for n in ctx.names
+                                              if n in trial.params}})
 
 
 def evaluate_candidate(ctx: SearchContext, params: dict, user_attrs: dict | None = None) -> None:

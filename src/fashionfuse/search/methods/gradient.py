@@ -1,8 +1,10 @@
 """`gradient`: learnable fusion weights, eq. (13) of the paper solved by gradient descent.
 
-Base model and adapters stay frozen; the only parameters are the fusion weights w. Every LoRA
-layer's scale becomes the tensor `w_i * alpha_i / r_i` (`lora.tensor_fusion_weights`), so the
-forward pass is the exact fused model and autograd carries the validation loss back to w. Each
+Base model and adapters stay frozen; the only parameters are the fusion weights w: one per
+adapter, or with `granularity: layer | module` one per adapter and block (and projection),
+optionally tied together by a smoothness penalty across blocks. Every LoRA layer's scale
+becomes the tensor `w * alpha_i / r_i` (`lora.tensor_fusion_weights`), so the forward pass is
+the exact fused model and autograd carries the validation loss back to w. Each
 step is one full pass over the validation batches (token-weighted, combined across datasets like
 the search objective), then an Adam step and a clamp to [low, high]. The start point and the
 learned weights are stored as two trials.
@@ -16,6 +18,7 @@ from tqdm.auto import tqdm
 from ...config import SearchConfig
 from ...console import progress_file
 from ...examples import token_losses
+from ...fusion.granularity import neighbours
 from ...lora import set_fusion_weights, tensor_fusion_weights
 from ..study import SearchContext, evaluate_candidate, finished
 from . import grid
@@ -26,11 +29,14 @@ distributions = grid.distributions
 
 def learn_weights(model, objective, names: list[str], cfg: SearchConfig,
                   init: dict[str, float]) -> tuple[dict[str, float], list[dict]]:
-    """Optimise the fusion weights on a validation-loss objective; return them and the per-step
-    history."""
+    """Optimise the fusion weights (one per adapter, or per adapter and block/projection at
+    `cfg.granularity`) on a validation-loss objective, plus `cfg.smoothness` times the squared
+    differences of an adapter's weights in consecutive blocks; return them and the history."""
     data = objective.data
-    apply = tensor_fusion_weights(model, names)
-    w = torch.tensor([init[n] for n in names], dtype=torch.float32, requires_grad=True)
+    keys, apply = tensor_fusion_weights(model, names, cfg.granularity)
+    w = torch.tensor([init[k] for k in keys], dtype=torch.float32, requires_grad=True)
+    index = {k: i for i, k in enumerate(keys)}
+    pairs = [(index[a], index[b]) for a, b in neighbours(keys)] if cfg.smoothness else []
     opt = torch.optim.Adam([w], lr=cfg.gradient_lr)
     z = sum(data.weights.values())
     counts = {d: sum(int((b["labels"][:, 1:] != -100).sum()) for b in bs)
@@ -48,14 +54,18 @@ def learn_weights(model, objective, names: list[str], cfg: SearchConfig,
                     loss = loss_sum * data.weights[d] / (counts[d] * z)
                     loss.backward()
                     total += loss.item()
+            if pairs:
+                penalty = cfg.smoothness * sum((w[i] - w[j]) ** 2 for i, j in pairs)
+                penalty.backward()
+                total += penalty.item()
             opt.step()
             with torch.no_grad():
                 w.clamp_(cfg.low, cfg.high)
             history.append({"step": step + 1, "objective": total,
-                            "weights": {n: round(float(x), 6) for n, x in zip(names, w.detach())}})
+                            "weights": {k: round(float(x), 6) for k, x in zip(keys, w.detach())}})
     finally:
-        learned = {n: round(float(x), 6) for n, x in zip(names, w.detach())}
-        set_fusion_weights(model, learned)  # plain float scales again
+        learned = {k: round(float(x), 6) for k, x in zip(keys, w.detach())}
+        set_fusion_weights(model, learned, names, cfg.granularity)  # plain float scales again
     return learned, history
 
 
@@ -71,7 +81,7 @@ def run(ctx: SearchContext) -> None:
         return
     cfg = ctx.cfg.search
     start = (cfg.low + cfg.high) / 2 if cfg.gradient_init is None else cfg.gradient_init
-    init = {n: float(start) for n in ctx.names}
+    init = {k: float(start) for k in ctx.weight_names}
     learned, history = learn_weights(ctx.model, ctx.objective, ctx.names, cfg, init)
     evaluate_candidate(ctx, init, {"point": "start"})
     evaluate_candidate(ctx, learned, {"point": "learned", "history": history})

@@ -11,8 +11,12 @@ from ..study import SearchContext, run_trials
 
 
 def candidates(cfg: SearchConfig, names: list[str], seed: int) -> list[dict[str, float]]:
-    """Every combination of `grid_values` across the adapters (the seed is unused)."""
-    return [dict(zip(names, combo)) for combo in itertools.product(cfg.grid_values, repeat=len(names))]
+    """Every combination of `grid_values` across the adapters, times every searched `density`
+    when there are several (the seed is unused)."""
+    combos = [dict(zip(names, c)) for c in itertools.product(cfg.grid_values, repeat=len(names))]
+    if len(cfg.densities) == 1:
+        return combos
+    return [{**c, "density": d} for d in cfg.densities for c in combos]
 
 
 def sampler(cfg: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:

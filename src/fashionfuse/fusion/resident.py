@@ -1,0 +1,86 @@
+"""Apply a fusion candidate to the resident model (base + every adapter attached) in place.
+
+`sum` sets each LoRA layer's per-adapter scale (`lora.set_fusion_weights`): nothing dense is
+built. The other operators leave the low-rank form: the LoRA paths are switched off and every
+targeted linear layer gets a forward hook adding x @ dW^T, where dW is the operator's merge of
+that layer's task deltas, recomputed from the resident A and B matrices for each candidate
+(one dense float32 buffer per targeted layer is kept, the size of those weights).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+import torch
+
+from ..lora import lora_layers, set_fusion_weights
+from . import delta_seed, operator
+
+
+class ResidentFusion:
+    """Puts candidates into a PeftModel holding `adapters`; `apply(params)` switches to one."""
+
+    def __init__(self, model, adapters: list[str], *, operator_name: str = "sum",
+                 granularity: str = "adapter", density: float = 0.5, seed: int = 0,
+                 fixed_weights: Mapping[str, float] | None = None):
+        self.model, self.adapters, self.granularity = model, list(adapters), granularity
+        self.operator_name, self.density, self.seed = operator_name, density, seed
+        self.fixed = dict(fixed_weights or {})
+        self.layers = lora_layers(model)
+        self.hooks: dict[str, object] = {}
+        self.deltas: dict[str, torch.Tensor] = {}
+        self.merge_seconds = 0.0
+
+    def weights(self, params: Mapping[str, float]) -> dict[str, float]:
+        """The candidate's fusion weights (fixed layer weights, then the searched values)."""
+        return {**self.fixed, **{k: float(v) for k, v in params.items() if k != "density"}}
+
+    def apply(self, params: Mapping[str, float]) -> None:
+        """Make the model compute base + the fused update of this candidate."""
+        weights = self.weights(params)
+        if self.operator_name == "sum":
+            self._remove_hooks()
+            set_fusion_weights(self.model, weights, self.adapters, self.granularity)
+            return
+        t0 = time.perf_counter()
+        set_fusion_weights(self.model, {n: 0.0 for n in self.adapters})  # LoRA paths off
+        density = float(params.get("density", self.density))
+        with torch.no_grad():
+            for path, module in self.layers.items():
+                self.deltas[path] = self.merged_delta(path, module, weights, density)
+                if path not in self.hooks:
+                    self.hooks[path] = module.register_forward_hook(self._hook(path))
+        self.merge_seconds = time.perf_counter() - t0
+
+    def merged_delta(self, path: str, module, weights: Mapping[str, float],
+                     density: float) -> torch.Tensor:
+        """The operator's merge of one layer's task deltas, in float32 on the layer's device."""
+        from .granularity import module_weight
+
+        names = [n for n in self.adapters if n in module.lora_A]
+        deltas = []
+        for n in names:
+            module.set_scale(n, 1.0)
+            b, a = module.lora_B[n].weight.float(), module.lora_A[n].weight.float()
+            deltas.append(float(module.scaling[n]) * (b @ a))
+        ws = [module_weight(weights, n, path, self.granularity) for n in names]
+        seeds = [delta_seed(self.seed, n, path) for n in names]
+        return operator(self.operator_name).merge(deltas, ws, density=density, seeds=seeds)
+
+    def _hook(self, path: str):
+        def add_delta(module, inputs, output):
+            x = inputs[0]
+            return output + torch.nn.functional.linear(x.to(torch.float32),
+                                                       self.deltas[path]).to(output.dtype)
+        return add_delta
+
+    def _remove_hooks(self) -> None:
+        for handle in self.hooks.values():
+            handle.remove()
+        self.hooks.clear()
+        self.deltas.clear()
+
+    def close(self) -> None:
+        """Remove the hooks and buffers (the model is plain PEFT again)."""
+        self._remove_hooks()
