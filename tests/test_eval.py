@@ -132,3 +132,37 @@ def test_merged_model_is_evaluated_beside_the_adapters(pipeline_run, tmp_path):
     # merged (bf16, dequantised NF4 + delta) and fused (4-bit + adapter) score alike
     for col in ("demo_colours", "demo_opposites"):
         assert abs(rows["fused"][col] - rows["merged"][col]) <= 100 / 6 + 1e-6
+
+
+def test_tasks_loaded_once_score_like_a_fresh_simple_evaluate(pipeline_run, tmp_path):
+    """`TaskSet` (tasks and few-shot samplers built once, reused for every model) gives every
+    model exactly the results of its own `simple_evaluate` call, few-shot prompts included."""
+    from fashionfuse.base_model import load_base_model, load_tokenizer
+    from fashionfuse.lm_eval_run import (
+        TaskSet,
+        prepare_include_paths,
+        run_tasks,
+        task_manager,
+        wrap_model,
+    )
+    from fashionfuse.lora import attach_adapters, set_fusion_weights
+
+    cfg = load_config(pipeline_run["config"])
+    run = pipeline_run["run_dir"]
+    tasks = ["demo_colours", "demo_opposites"]
+    manager = task_manager(prepare_include_paths(cfg.eval.include_paths, tmp_path / "t"), tasks)
+    model = attach_adapters(load_base_model(cfg.model, device="cpu"),
+                            {n: run / "adapters" / n for n in ("chat", "orca")})
+    lm = wrap_model(model, load_tokenizer(cfg.model), 8)
+    once = TaskSet(manager, tasks, num_fewshot=2, seed=3)
+    for weights in ({"chat": 1.0, "orca": 0.0}, {"chat": 0.0, "orca": 1.0}):
+        set_fusion_weights(model, weights)
+        shared = once.score(lm, limit=6, log_samples=True)
+        fresh = run_tasks(lm, tasks, manager, num_fewshot=2, limit=6, seed=3, log_samples=True)
+        assert shared["results"] == fresh["results"]
+        for t in tasks:
+            prompts = [s["arguments"] for s in shared["samples"][t]]
+            assert prompts == [s["arguments"] for s in fresh["samples"][t]]
+            first = prompts[0][0]  # [context, continuation] of the first choice
+            context = first[0] if isinstance(first, (list, tuple)) else first["arg_0"]
+            assert context.count("ASSISTANT:") == 3  # two shots, then the question

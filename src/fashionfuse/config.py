@@ -272,10 +272,13 @@ class ObjectiveConfig(_Strict):
 
 class SearchConfig(_Strict):
     method: Annotated[str, _registered("method")] = Field(
-        default="grid", description="grid, random, tpe, gradient, or a registered plugin")
+        default="grid", description="grid, random, tpe, gp, gradient, or a registered plugin")
     adapters: list[str] | None = Field(default=None, description="Default: every dataset")
     grid_values: list[float] = [0.0, 0.5, 1.0]
     n_trials: Annotated[int, Field(gt=0)] = 20
+    gp_startup_trials: Annotated[int, Field(gt=0)] = Field(
+        default=5, description="gp: candidates drawn at random (after the uniform start point) "
+        "before the Gaussian process proposes")
     low: float = 0.0
     high: float = 1.0
     step: Annotated[float, Field(gt=0)] | None = 0.05
@@ -325,7 +328,7 @@ class SearchConfig(_Strict):
         if not self.grid_values:
             raise ValueError("grid_values must not be empty")
         span = self.high - self.low
-        if (self.method in ("random", "tpe") and self.step
+        if (self.method in ("random", "tpe", "gp") and self.step
                 and abs(span / self.step - round(span / self.step)) > 1e-9):
             raise ValueError(f"step {self.step} must divide high - low ({span:g})")
         h = self.halving_fractions

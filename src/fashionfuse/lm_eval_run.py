@@ -100,3 +100,43 @@ def run_tasks(lm, tasks: list[str], task_manager, *, num_fewshot: int | None,
         model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
         log_samples=log_samples, use_cache=None, random_seed=seed, numpy_random_seed=seed,
         torch_random_seed=seed, fewshot_random_seed=seed)
+
+
+class TaskSet:
+    """lm-eval tasks loaded once and scored on any number of models: what `run_tasks` does per
+    call (load the datasets, set `num_fewshot` and the few-shot seed, seed every generator,
+    `evaluate`), with the loading done once. Before each model the seeds and each task's
+    few-shot sampler are reset, so every model gets the prompts a fresh `simple_evaluate`
+    would build (the tests compare the two routes)."""
+
+    def __init__(self, task_manager, tasks: list[str], *, num_fewshot: int | None, seed: int):
+        self.loaded = task_manager.load(list(tasks))
+        self.seed, self.num_fewshot = seed, num_fewshot
+        for task in self.loaded["tasks"].values():
+            default = task.get_config("num_fewshot")
+            if num_fewshot is not None and default != 0:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            elif num_fewshot is None and default is None:
+                task.set_config(key="num_fewshot", value=0)
+
+    def score(self, lm, *, limit: float | None, log_samples: bool = False) -> dict | None:
+        """lm-eval's results dict for these tasks on `lm` (None on ranks other than 0)."""
+        import random
+
+        import numpy as np
+        from lm_eval.evaluator import evaluate
+        from lm_eval.utils import set_torch_seed
+
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        set_torch_seed(self.seed)
+        for task in self.loaded["tasks"].values():
+            task.set_fewshot_seed(seed=self.seed)
+        results = evaluate(lm=lm, task_dict=self.loaded, limit=limit, log_samples=log_samples,
+                           bootstrap_iters=100000, verbosity=None)
+        if results is not None:
+            results["config"] = {"limit": limit, "random_seed": self.seed,
+                                 "numpy_seed": self.seed, "torch_seed": self.seed,
+                                 "fewshot_seed": self.seed, "num_fewshot": self.num_fewshot,
+                                 "batch_size": getattr(lm, "batch_size", None)}
+        return results

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from ..base_model import (
 )
 from ..config import RunConfig, config_hash
 from ..errors import UserError
-from ..lm_eval_run import prepare_include_paths, run_tasks, task_manager, wrap_model
+from ..lm_eval_run import TaskSet, prepare_include_paths, task_manager, wrap_model
 from ..lora import attach_adapters, set_fusion_weights
 from ..rundir import (
     RunLayout,
@@ -152,6 +153,17 @@ class EvalSetup:
     rank: int
     world: int
     accelerator: object
+    task_sets: dict | None = None  # few-shot count -> TaskSet, loaded on first use
+    lm: object = None  # the HFLM around the resident model, shared by every model scored on it
+
+    def tasks_for(self, shots: int | None, seed: int) -> TaskSet:
+        """The task set of one few-shot group, loaded once for every model."""
+        if self.task_sets is None:
+            self.task_sets = {}
+        if shots not in self.task_sets:
+            self.task_sets[shots] = TaskSet(self.task_manager, self.by_shots[shots],
+                                            num_fewshot=shots, seed=seed)
+        return self.task_sets[shots]
 
 
 def _setup(cfg: RunConfig, models: dict[str, Path | None]) -> EvalSetup:
@@ -188,32 +200,54 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
 
         target = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[cfg.model.quantization.compute_dtype]).to(ev.device).eval()
+        lm = wrap_model(target, ev.tokenizer, cfg.eval.batch_size, ev.accelerator, ev.rank,
+                        ev.world)
     else:
-        target = ev.model
         if ev.keys:
             activate(ev.model, ev.keys.get(label), list(ev.keys.values()))
-    lm = wrap_model(target, ev.tokenizer, cfg.eval.batch_size, ev.accelerator, ev.rank, ev.world)
+        if ev.lm is None:
+            ev.lm = wrap_model(ev.model, ev.tokenizer, cfg.eval.batch_size, ev.accelerator,
+                               ev.rank, ev.world)
+            _detect_batch_size_once(ev.lm)
+        lm = ev.lm
     parts = []
     for shots, names in ev.by_shots.items():
         if ev.rank == 0:
             print(f"eval {label}: {len(names)} task(s), num_fewshot={shots}, processes={ev.world}")
-        parts.append(run_tasks(lm, names, ev.task_manager, num_fewshot=shots,
-                               limit=cfg.eval.limit, seed=cfg.seed,
-                               log_samples=cfg.eval.log_samples))
+        parts.append(ev.tasks_for(shots, cfg.seed).score(lm, limit=cfg.eval.limit,
+                                                         log_samples=cfg.eval.log_samples))
     if ev.rank != 0:
         return None
     res = _merge_results([dict(p) for p in parts])
     return json.loads(json.dumps(res, default=handle_non_serializable))
 
 
+def _detect_batch_size_once(lm) -> None:
+    """With `batch_size: auto` HFLM detects the largest batch size on every call; every model
+    scored on the resident base has the same size and the same requests, so detect once per
+    request set. (Wraps HFLM's private `_detect_batch_size`.)"""
+    detect, memo = lm._detect_batch_size, {}
+
+    def once(requests=None, pos: int = 0):
+        key = (len(requests) if requests is not None else None, pos)
+        if key not in memo:
+            memo[key] = detect(requests, pos)
+        return memo[key]
+
+    lm._detect_batch_size = once
+
+
 def _write_eval(cfg: RunConfig, fp: str, models: dict, results_by_model: dict, specs,
-                world: int, out: Path) -> dict:
-    """Per-model results JSON, the side-by-side table (MD, CSV, JSON, PNG), the manifest."""
+                world: int, out: Path, timings: dict) -> dict:
+    """Per-model results JSON, the side-by-side table (MD, CSV, JSON, PNG), where the time
+    went (timings.json: loading the model and task folders, then each model with the task
+    loading of the first), the manifest."""
     table = build_table(results_by_model, specs)
     with atomic_dir(out) as tmp:
         for label, res in results_by_model.items():
             write_text(tmp / _folder(label) / "results.json", json.dumps(res, indent=2) + "\n")
         write_json(tmp / "table.json", table)
+        write_json(tmp / "timings.json", timings)
         write_text(tmp / "table.md", to_markdown(table))
         write_text(tmp / "table.csv", to_csv(table))
         plot_table(table, tmp / "table.png")
@@ -241,8 +275,15 @@ def evaluate(cfg: RunConfig, force: bool = False, models: dict[str, Path | None]
     if not force and is_up_to_date(out, fp):
         print("eval: up to date")
         return json.loads((out / "table.json").read_text())
+    t0 = time.perf_counter()
     ev = _setup(cfg, models)
-    results = {label: _score_model(cfg, ev, label, path) for label, path in models.items()}
+    timings = {"setup_s": time.perf_counter() - t0, "models_s": {}}
+    results = {}
+    for label, path in models.items():
+        t0 = time.perf_counter()
+        results[label] = _score_model(cfg, ev, label, path)
+        timings["models_s"][label] = round(time.perf_counter() - t0, 3)
     if ev.rank != 0:
         return {}
-    return _write_eval(cfg, fp, models, results, ev.specs, ev.world, out)
+    timings["setup_s"] = round(timings["setup_s"], 3)
+    return _write_eval(cfg, fp, models, results, ev.specs, ev.world, out, timings)

@@ -100,6 +100,7 @@ class TaskScores:
         self.task_manager = task_manager(include, list(obj.tasks))
         self.tasks, self.tokenizer, self.obj, self.seed = list(obj.tasks), tokenizer, obj, cfg.seed
         self.batch_size = cfg.search.batch_size
+        self.task_set, self.lm = None, None
         for name, task in _flatten(get_task_dict(self.tasks, self.task_manager)).items():
             if task.has_test_docs() and not obj.allow_test_split:
                 raise UserError(
@@ -108,11 +109,16 @@ class TaskScores:
                     "(use a validation split, or set search.objective.allow_test_split: true)")
 
     def score(self, model) -> dict[str, float]:
-        from ..lm_eval_run import headline_metric, run_tasks, wrap_model
+        """Headline metric per task of `model` as it is set now; the tasks are loaded on the
+        first call and reused for every candidate (`lm_eval_run.TaskSet`)."""
+        from ..lm_eval_run import TaskSet, headline_metric, wrap_model
 
-        lm = wrap_model(model, self.tokenizer, self.batch_size)
-        res = run_tasks(lm, self.tasks, self.task_manager, num_fewshot=self.obj.num_fewshot,
-                        limit=self.obj.limit, seed=self.seed)
+        if self.task_set is None:
+            self.task_set = TaskSet(self.task_manager, self.tasks, num_fewshot=self.obj.num_fewshot,
+                                    seed=self.seed)
+        if self.lm is None or self.lm.model is not model:
+            self.lm = wrap_model(model, self.tokenizer, self.batch_size)
+        res = self.task_set.score(self.lm, limit=self.obj.limit)
         out = {}
         for t in self.tasks:
             hm = headline_metric(res["results"].get(t, {}))

@@ -17,6 +17,7 @@ BUILTIN_METHODS = {
     "grid": "fashionfuse.search.methods.grid",
     "random": "fashionfuse.search.methods.random",
     "tpe": "fashionfuse.search.methods.tpe",
+    "gp": "fashionfuse.search.methods.gp",
     "gradient": "fashionfuse.search.methods.gradient",
 }
 BUILTIN_OBJECTIVES = {

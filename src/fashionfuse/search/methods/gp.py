@@ -1,0 +1,36 @@
+"""`gp`: optuna's Gaussian-process sampler (Bayesian optimisation), suited to a few continuous
+weights; the first candidate is the uniform point, so the search starts from the fusion the
+paper's grid would try first in the middle of the range."""
+
+from __future__ import annotations
+
+import optuna
+
+from ...config import SearchConfig
+from ..study import SearchContext, finished, run_trials
+from . import tpe
+
+
+def sampler(cfg: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
+    """GP-based Bayesian optimisation; the validation loss of a candidate is deterministic."""
+    return optuna.samplers.GPSampler(seed=seed, deterministic_objective=True,
+                                     n_startup_trials=cfg.gp_startup_trials)
+
+
+distributions = tpe.distributions
+
+
+def start_point(cfg: SearchConfig, names: list[str]) -> dict[str, float]:
+    """The uniform point of the range, on the `step` lattice."""
+    mid = (cfg.low + cfg.high) / 2
+    if cfg.step:
+        mid = cfg.low + round((mid - cfg.low) / cfg.step) * cfg.step
+    return {n: round(mid, 6) for n in names}
+
+
+def run(ctx: SearchContext) -> None:
+    if not finished(ctx.study, pruned=True) and not ctx.study.get_trials(deepcopy=False):
+        ctx.study.enqueue_trial({**start_point(ctx.cfg.search, ctx.weight_names),
+                                 **({"density": ctx.cfg.search.densities[0]}
+                                    if "density" in ctx.param_names else {})})
+    run_trials(ctx, budget=ctx.cfg.search.n_trials)
