@@ -5,8 +5,15 @@ demo tasks with the same limit and batch size; each side is timed as whole comma
 start-up included. The script first builds the demo adapters in runs/bench_eval if absent.
 
     python scripts/bench_eval.py [--limit N]
+    python scripts/bench_eval.py --leaderboard [--benchmarks ../shared/benchmarks]
 
 Ends with `speedup_vs_separate: X` (separate seconds / one-command seconds).
+
+`--leaderboard`: the `leaderboard_v1` preset (ARC 25-shot, HellaSwag 10-shot, MMLU 5-shot over
+57 subjects, TruthfulQA 0-shot; local benchmark files) with `--limit 5`, on one model (the base)
+and on five (base, three adapters, fused), each one `fashionfuse eval` process:
+`eval_five_models_vs_one` = five-model seconds / one-model seconds, with the time breakdown
+from `eval/timings.json`.
 """
 
 from __future__ import annotations
@@ -37,8 +44,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--leaderboard", action="store_true")
+    parser.add_argument("--benchmarks", type=Path, default=ROOT.parent / "shared" / "benchmarks")
     args = parser.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if args.leaderboard:
+        leaderboard(args, env)
+        return
     ff = [sys.executable, "-m", "fashionfuse.cli"]
     common = ["--set", f"run_dir={RUN}", "--set", "eval.load_in_4bit=false",
               "--set", f"eval.batch_size={args.batch_size}", "--set", "eval.models=[base, adapters]"]
@@ -76,6 +88,29 @@ def main() -> None:
     print(f"separate_commands_s: {separate:.2f}")
     print(f"max_score_difference_pct_points: {mismatch:.2f}")
     print(f"speedup_vs_separate: {separate / one:.2f}")
+
+
+def leaderboard(args, env: dict) -> None:
+    """Five models vs one on the leaderboard_v1 preset with --limit 5."""
+    if not args.benchmarks.is_dir():
+        sys.exit(f"{args.benchmarks}: benchmark files not found (pass --benchmarks)")
+    ff = [sys.executable, "-m", "fashionfuse.cli"]
+    common = ["--set", f"run_dir={RUN}", "--set", "eval.preset=leaderboard_v1",
+              "--set", f"eval.benchmark_data={args.benchmarks}", "--set", "eval.tasks=[]",
+              "--set", "eval.include_paths=[]", "--set", "eval.num_fewshot=null",
+              "--set", "eval.limit=5", "--set", f"eval.batch_size={args.batch_size}"]
+    for stage in ("curate", "train-adapter", "search-weights"):
+        subprocess.run(ff + [stage, str(CONFIG), "--set", f"run_dir={RUN}"], cwd=ROOT, env=env,
+                       check=True, capture_output=True)
+    seconds, timings = {}, {}
+    for label, models in (("one", "[base]"), ("five", "[base, adapters, fused]")):
+        seconds[label] = _timed(ff + ["eval", str(CONFIG), "--force", *common,
+                                      "--set", f"eval.models={models}"], env)
+        timings[label] = json.loads((RUN / "eval" / "timings.json").read_text())
+        print(f"{label}: {seconds[label]:.1f} s; {timings[label]}", flush=True)
+    print(f"eval_one_model_s: {seconds['one']:.1f}")
+    print(f"eval_five_models_s: {seconds['five']:.1f}")
+    print(f"eval_five_models_vs_one: {seconds['five'] / seconds['one']:.2f}")
 
 
 if __name__ == "__main__":

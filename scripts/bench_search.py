@@ -12,6 +12,11 @@
    counts the evaluations until its best score is at least as good as the grid's best:
    `sampler_evals_pct_of_grid` = median count / grid size * 100.
 
+4. `--sizes demo,30m,300m`: instead of 1-3, the resident route against the naive route at
+   each model size: random-initialised Llamas (4-bit NF4 on CPU, saved in bfloat16 like real
+   checkpoints) with three random rank-8 all-linear adapters, scored on the same
+   `--val-samples` validation records per dataset: `search_speedup_vs_naive_<size>`.
+
 Builds the demo adapters in runs/bench_search first if absent.
 """
 
@@ -28,6 +33,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from bench_models import random_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
@@ -39,11 +45,17 @@ def main() -> None:
     parser.add_argument("--grid", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sizes", default=None, help="e.g. demo,30m,300m: the size sweep only")
+    parser.add_argument("--val-samples", type=int, default=8)
     args = parser.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     for stage in ("curate", "train-adapter"):
         subprocess.run([sys.executable, "-m", "fashionfuse.cli", stage, str(CONFIG), "--set",
                         f"run_dir={RUN}"], cwd=ROOT, env=env, check=True, capture_output=True)
+
+    if args.sizes:
+        size_sweep(args.sizes.split(","), args.val_samples)
+        return
 
     from peft import PeftModel
 
@@ -108,31 +120,123 @@ def main() -> None:
         set_fusion_weights(model, dict(zip(names, combo)))
         grid_scores.append(objective.combine(objective.per_dataset(model)))
     best_grid = min(grid_scores)
-    counts = []
-    for seed in range(args.seeds):
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(direction="minimize",
-                                    sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True))
-        needed = None
-        for k in range(1, len(grid_scores) + 1):
-            trial = study.ask({n: optuna.distributions.FloatDistribution(min(values), max(values))
-                               for n in names})
-            set_fusion_weights(model, {n: trial.params[n] for n in names})
-            study.tell(trial, objective.combine(objective.per_dataset(model)))
-            if study.best_value <= best_grid:
-                needed = k
-                break
-        counts.append(needed or len(grid_scores))
-        print(f"tpe seed {seed}: matched the grid's best after {needed} evaluations")
+    from fashionfuse.config import SearchConfig
+    from fashionfuse.search.methods import gp, tpe
+
+    search_cfg = SearchConfig(low=min(values), high=max(values), step=0.05, gp_startup_trials=5)
+    counts_by = {}
+    for label, module in (("tpe", tpe), ("gp", gp)):
+        counts = counts_by[label] = []
+        for seed in range(args.seeds):
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            study = optuna.create_study(direction="minimize",
+                                        sampler=module.sampler(search_cfg, seed))
+            if label == "gp":  # what methods/gp.py enqueues first
+                study.enqueue_trial(gp.start_point(search_cfg, names))
+            needed = None
+            for k in range(1, len(grid_scores) + 1):
+                trial = study.ask(module.distributions(search_cfg, names))
+                set_fusion_weights(model, {n: trial.params[n] for n in names})
+                study.tell(trial, objective.combine(objective.per_dataset(model)))
+                if study.best_value <= best_grid:
+                    needed = k
+                    break
+            counts.append(needed or len(grid_scores))
+            print(f"{label} seed {seed}: matched the grid's best after {needed} evaluations")
+    counts = counts_by["tpe"]
 
     print(f"validation: {sum(len(b) for b in objective.batches.values())} batches over {len(names)} datasets")
     print(f"pure_forward_s_per_candidate: {forward_s:.4f}")
     print(f"search_loop_s_per_candidate: {ours_s:.4f}")
     print(f"naive_s_per_candidate: {naive_s:.3f}")
-    print(f"grid_size: {len(grid_scores)}, grid_best: {best_grid:.4f}, tpe_evals: {counts}")
+    print(f"grid_size: {len(grid_scores)}, grid_best: {best_grid:.4f}, "
+          f"tpe_evals: {counts_by['tpe']}, gp_evals: {counts_by['gp']}")
     print(f"overhead_pct: {overhead:.2f}")
     print(f"speedup_vs_naive: {naive_s / ours_s:.1f}")
-    print(f"sampler_evals_pct_of_grid: {100 * statistics.median(counts) / len(grid_scores):.1f}")
+    for label, counts in counts_by.items():
+        print(f"sampler_evals_pct_of_grid_{label}: "
+              f"{100 * statistics.median(counts) / len(grid_scores):.1f}")
+        print(f"sampler_evals_pct_of_grid_max_{label}: {100 * max(counts) / len(grid_scores):.1f}")
+    print(f"sampler_evals_pct_of_grid_max: {100 * max(counts_by['gp']) / len(grid_scores):.1f}")
+
+
+def _random_adapters(base: Path, out: Path, n: int = 3) -> dict[str, Path]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dirs = {}
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        cfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
+                         task_type="CAUSAL_LM")
+        get_peft_model(model, cfg).save_pretrained(out / f"a{i}")
+        dirs[f"a{i}"] = out / f"a{i}"
+    return dirs
+
+
+def size_sweep(sizes: list[str], val_samples: int) -> None:
+    """Seconds per candidate, resident vs naive, at each model size (same validation data)."""
+    from peft import PeftModel
+
+    from fashionfuse.base_model import load_base_model, load_tokenizer
+    from fashionfuse.config import load_config
+    from fashionfuse.lora import attach_adapters, set_fusion_weights
+    from fashionfuse.search.objectives import ValidationLoss
+
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            demo = load_config(CONFIG, [f"run_dir={RUN}"])
+            if size == "demo":
+                base, params = Path(demo.model.base), None
+                dirs = {n: RUN / "adapters" / n for n in demo.search_adapters}
+            else:
+                tok_dir = ROOT / demo.model.base
+                params = random_llama(tmp / "base", size, tok_dir, len(load_tokenizer(demo.model)))
+                base, dirs = tmp / "base", _random_adapters(tmp / "base", tmp / "adapters")
+            cfg = load_config(CONFIG, [f"run_dir={RUN}", f"model.base={base}",
+                                       f"search.objective.max_samples_per_dataset={val_samples}"])
+            names = list(dirs)
+            tok = load_tokenizer(cfg.model)
+            objective = ValidationLoss.from_config(cfg, tok, "cpu")
+            t0 = time.perf_counter()
+            model = attach_adapters(load_base_model(cfg.model, device="cpu"), dirs)
+            load_s = time.perf_counter() - t0
+            gen = torch.Generator().manual_seed(0)
+            cands = [{n: float(x) for n, x in zip(names, torch.rand(len(names), generator=gen))}
+                     for _ in range(4)]
+            set_fusion_weights(model, cands[0])
+            objective.per_dataset(model)  # warm-up
+            ours = []
+            for c in cands[1:]:
+                t0 = time.perf_counter()
+                set_fusion_weights(model, c)
+                objective.per_dataset(model)
+                ours.append(time.perf_counter() - t0)
+            del model
+            naive = []
+            for c in cands[1:3]:
+                t0 = time.perf_counter()
+                m = attach_adapters(load_base_model(cfg.model, device="cpu"), dirs)
+                m.add_weighted_adapter(names, [c[n] for n in names], "fused",
+                                       combination_type="cat")
+                m.save_pretrained(tmp / "naive", selected_adapters=["fused"])
+                del m
+                reloaded = PeftModel.from_pretrained(load_base_model(cfg.model, device="cpu"),
+                                                     tmp / "naive" / "fused",
+                                                     adapter_name="fused").eval()
+                objective.per_dataset(reloaded)
+                del reloaded
+                naive.append(time.perf_counter() - t0)
+            ours_s, naive_s = statistics.median(ours), statistics.median(naive)
+            tokens = sum(int(b["attention_mask"].sum()) for bs in objective.batches.values()
+                         for b in bs)
+            print(f"size {size}: {params or 'demo'} parameters, {tokens} validation tokens, "
+                  f"resident load {load_s:.1f} s once")
+            print(f"search_s_per_candidate_{size}: {ours_s:.3f}")
+            print(f"naive_s_per_candidate_{size}: {naive_s:.3f}")
+            print(f"search_speedup_vs_naive_{size}: {naive_s / ours_s:.1f}", flush=True)
 
 
 if __name__ == "__main__":

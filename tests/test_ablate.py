@@ -48,10 +48,25 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
 
     table = json.loads((run / "ablate" / "table.json").read_text())
     labels = [r["model"] for r in table["rows"]]
-    assert labels == ["base", "V0.1 adapter:chat", "V0.1 adapter:orca",
-                      "V0.2 one adapter, all datasets", "V0.4 sequential (chat -> orca)",
-                      "V0.5 fusion, weights 1", "fusion, uniform 1/2", "V1 fusion, searched (grid)",
-                      "fusion, learned (gradient)"]
+    assert labels[:11] == ["base", "V0.1 adapter:chat", "V0.1 adapter:orca",
+                           "V0.2 one adapter, all datasets", "V0.4 sequential (chat -> orca)",
+                           "V0.5 fusion, weights 1", "fusion, uniform 1/2",
+                           "V1 fusion, searched (grid)", "fusion, learned (gradient)",
+                           "fusion, layer-wise learned (gradient)",
+                           "fusion, layer-wise x grid multiplier"]
+    for label, op in zip(labels[11:], ("TIES", "DARE", "magnitude"), strict=True):
+        assert label.startswith(f"fusion, {op} (grid, density 0.5; SVD rank ")
+    layer = json.loads((run / "ablate" / "layerwise" / "search" / "best.json").read_text())
+    assert layer["granularity"] == "layer" and set(layer["best_weights"]) == {
+        f"{n}@{b}" for n in ("chat", "orca") for b in (0, 1)}
+    refined = json.loads((run / "ablate" / "layerwise-refined" / "search" / "best.json").read_text())
+    assert {k: refined["best_weights"][k] for k in layer["best_weights"]} == layer["best_weights"]
+    assert refined["n_trials"] == 9  # multipliers {0.5, 1, 1.5} for each of 2 adapters
+    assert refined["best_score"] <= layer["best_score"] + 1e-9  # the learned point is a candidate
+    for op in ("ties", "dare", "magnitude"):
+        best = json.loads((run / "ablate" / op / "search" / "best.json").read_text())
+        assert best["operator"] == op and best["n_trials"] == 4
+        assert (run / "ablate" / op / "search" / "fused" / "svd_report.json").is_file()
     best = max(table["rows"][1:3], key=lambda r: r["average"])
     assert table["best_single"] == best["model"]
     for r in table["rows"]:

@@ -19,7 +19,7 @@ def test_third_party_notices_go_to_the_stage_log(pipeline_run, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     log = (run / "logs" / "eval.log").read_text()
-    notice = "Overwriting default num_fewshot"  # lm-eval's per-task notice
+    notice = "Building contexts for demo_colours"  # lm-eval's per-task notice
     assert notice in log and notice not in result.output
     assert "Running loglikelihood requests" not in result.output  # lm-eval's own progress bar
     assert "eval base:" in result.output and f"third-party logs in {run / 'logs' / 'eval.log'}" \

@@ -281,8 +281,12 @@ def test_a_filter_dropping_most_rows_is_warned_and_the_funnel_reconciles(make_co
     path = make_config(model={"base": base, "max_input_len": 40})
     result = runner.invoke(app, ["curate", str(path)])
     assert result.exit_code == 0, result.output
-    assert "curate warning: orca: filter 'too_long' removed 60 of 80 rows (75 %)" in result.output
-    assert "check model.max_input_len" in result.output
+    found = re.search(r"curate warning: orca: filter 'too_long' removed (\d+) of (\d+) rows "
+                      r"\((\d+) %\); check model.max_input_len", result.output)
+    assert found, result.output
+    removed, total, pct = map(int, found.groups())
+    orca = json.loads((tmp_path / "run" / "curate" / "orca" / "stats.json").read_text())["funnel"]
+    assert removed == orca["too_long"] and removed > total / 2 and pct == round(100 * removed / total)
     for name in ("chat", "orca"):
         stats = json.loads((tmp_path / "run" / "curate" / name / "stats.json").read_text())
         f = stats["funnel"]

@@ -59,7 +59,7 @@ def test_disk_full_or_unwritable_keeps_the_previous_artifact(code, pipeline_run,
                                                             monkeypatch):
     """The search's writer fails mid-way: one clear line, the previous search artifact is
     byte-identical, no temporary directory is left, and the same command finishes afterwards."""
-    from fashionfuse.search import pipeline as search_pipeline
+    from fashionfuse.fusion import export as search_pipeline  # writes search/fused
 
     run = tmp_path / "run"
     shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("eval*"))

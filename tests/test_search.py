@@ -107,6 +107,17 @@ def test_tpe_sampler_runs_its_trial_budget(pipeline_run, tmp_path):
     assert result["n_trials"] == 3 and result["method"] == "tpe"
 
 
+def test_gp_sampler_starts_from_the_uniform_point(pipeline_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval*"))
+    over = [f"run_dir={run}", "search.method=gp", "search.gp_startup_trials=2", "search.step=0.1"]
+    result = search_weights(load_config(pipeline_run["config"], [*over, "search.n_trials=4"]))
+    trials = json.loads((run / "search" / "trials.json").read_text())
+    assert result["n_trials"] == 4 and result["method"] == "gp"
+    assert trials[0]["weights"] == {"chat": 0.5, "orca": 0.5}
+    assert all(round(v * 10, 6).is_integer() for t in trials for v in t["weights"].values())
+
+
 def test_search_is_skipped_when_up_to_date(pipeline_run):
     result = runner.invoke(app, ["search-weights", str(pipeline_run["config"])])
     assert result.exit_code == 0 and "search: up to date" in result.output

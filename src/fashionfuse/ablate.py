@@ -32,6 +32,9 @@ from .evaluate.table import plot_table, to_csv, to_markdown
 from .rundir import RunLayout, link_shared, write_json, write_text
 
 ALL_DATA = "ablate-all-datasets"
+# per-adapter multipliers tried on learned layer weights: the learned point itself (all 1) is a
+# candidate, so the refinement can only improve on it
+REFINE_MULTIPLIERS = [0.5, 1.0, 1.5]
 _PLAIN_SUM = {"operator": "sum", "granularity": "adapter", "layer_weights_from": None}
 
 
@@ -112,7 +115,7 @@ def _finer_fusions(cfg: RunConfig, force: bool) -> dict[str, Path]:
             learned = RunLayout(vcfg.run_dir).search / "best.json"
             rcfg = variant_config(cfg, "layerwise-refined", method="grid", granularity="layer",
                                   operator="sum", layer_weights_from=str(learned),
-                                  grid_values=_multipliers(cfg), **plain)
+                                  grid_values=REFINE_MULTIPLIERS, **plain)
             search_weights(rcfg, force=force)
             out["fusion, layer-wise x grid multiplier"] = RunLayout(rcfg.run_dir).fused
     method = "grid" if cfg.search.method == "gradient" else cfg.search.method
@@ -127,13 +130,6 @@ def _finer_fusions(cfg: RunConfig, force: bool) -> dict[str, Path]:
             out[f"fusion, {name} ({method}, density {best['best_density']:g}; SVD rank "
                 f"{svd['rank']}, error {100 * svd['relative_error']:.1f}%)"] = fused
     return out
-
-
-def _multipliers(cfg: RunConfig) -> list[float]:
-    """Per-adapter multipliers tried on learned layer weights: the grid values rescaled so the
-    largest is 1.5 (0 stays, so an adapter can still be dropped)."""
-    top = max(cfg.search.grid_values) or 1.0
-    return sorted({round(v * 1.5 / top, 6) for v in cfg.search.grid_values})
 
 
 def build_variants(cfg: RunConfig, force: bool = False) -> dict[str, Path | None]:

@@ -4,7 +4,10 @@ Everything here is generated from fixed fact tables and a seed, so `scripts/buil
 rebuilds the same files. Three sources carry three distinct skills, so adapters trained on them
 differ measurably:
 
-* `chat`   ShareGPT-style multi-turn chats about who likes which colour (with a `model` field),
+* `chat`   ShareGPT-style multi-turn chats about who likes which colour (with a `model` field):
+           4-10 turns, each answer followed by small talk, so chats carry most of the tokens
+           (as ShareGPT does beside short QA sets: mixed into one adapter, the token-weighted
+           loss gives the short QA skills a small share of every update),
 * `orca`   OpenOrca-style system/question/response about opposites,
 * `alpaca` Alpaca-style instruction/input/output about animal sounds.
 

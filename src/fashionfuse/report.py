@@ -114,15 +114,18 @@ def _search(page: _Page, layout: RunLayout) -> None:
     if not best:
         page.para("no search yet")
         return
-    page.para(f"method {best['method']}, objective {best['objective']}: best "
+    how = f"operator {best.get('operator', 'sum')}, granularity {best.get('granularity', 'adapter')}"
+    page.para(f"method {best['method']}, objective {best['objective']}, {how}: best "
               f"{best['best_weights']} -> {best['best_score']:.4f} ({best['n_trials']} trials, "
               f"{best.get('n_pruned', 0)} pruned)")
     if (layout.search / "search.png").is_file():
         page.image(layout.search / "search.png", "search landscape and best so far")
     trials = sorted(_json(layout.search / "trials.json") or [], key=lambda t: t["score"])[:10]
-    names = best["adapters"]
-    page.table(["trial", *[f"w[{n}]" for n in names], "score"],
-               [[t["number"], *[t["weights"][n] for n in names], t["score"]] for t in trials])
+    names = list(best["best_weights"])[:12]  # layer-wise searches have many: the first 12
+    extra = ["density"] if trials and "density" in trials[0] else []
+    page.table(["trial", *[f"w[{n}]" for n in names], *extra, "score"],
+               [[t["number"], *[t["weights"].get(n) for n in names], *[t[k] for k in extra],
+                 t["score"]] for t in trials])
 
 
 def _scores(page: _Page, title: str, folder: Path, extra: str | None = None) -> None:
