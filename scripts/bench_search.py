@@ -16,6 +16,9 @@
    each model size: random-initialised Llamas (4-bit NF4 on CPU, saved in bfloat16 like real
    checkpoints) with three random rank-8 all-linear adapters, scored on the same
    `--val-samples` validation records per dataset: `search_speedup_vs_naive_<size>`.
+   `--compute-dtype` (default bfloat16, the demo's) sets both routes' compute dtype; `auto`
+   is float32 on CPUs without native bfloat16, where the forward pass is far cheaper and the
+   naive route's loading and saving weigh more.
 
 Builds the demo adapters in runs/bench_search first if absent.
 """
@@ -47,6 +50,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sizes", default=None, help="e.g. demo,30m,300m: the size sweep only")
     parser.add_argument("--val-samples", type=int, default=8)
+    parser.add_argument("--compute-dtype", default="bfloat16",
+                        choices=["auto", "bfloat16", "float16", "float32"],
+                        help="model.quantization.compute_dtype of the size sweep (both routes)")
     args = parser.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     for stage in ("curate", "train-adapter"):
@@ -54,7 +60,7 @@ def main() -> None:
                         f"run_dir={RUN}"], cwd=ROOT, env=env, check=True, capture_output=True)
 
     if args.sizes:
-        size_sweep(args.sizes.split(","), args.val_samples)
+        size_sweep(args.sizes.split(","), args.val_samples, args.compute_dtype)
         return
 
     from peft import PeftModel
@@ -175,11 +181,11 @@ def _random_adapters(base: Path, out: Path, n: int = 3) -> dict[str, Path]:
     return dirs
 
 
-def size_sweep(sizes: list[str], val_samples: int) -> None:
+def size_sweep(sizes: list[str], val_samples: int, compute_dtype: str) -> None:
     """Seconds per candidate, resident vs naive, at each model size (same validation data)."""
     from peft import PeftModel
 
-    from fashionfuse.base_model import load_base_model, load_tokenizer
+    from fashionfuse.base_model import load_base_model, load_tokenizer, resolve_compute_dtype
     from fashionfuse.config import load_config
     from fashionfuse.lora import attach_adapters, set_fusion_weights
     from fashionfuse.search.objectives import ValidationLoss
@@ -196,7 +202,8 @@ def size_sweep(sizes: list[str], val_samples: int) -> None:
                 params = random_llama(tmp / "base", size, tok_dir, len(load_tokenizer(demo.model)))
                 base, dirs = tmp / "base", _random_adapters(tmp / "base", tmp / "adapters")
             cfg = load_config(CONFIG, [f"run_dir={RUN}", f"model.base={base}",
-                                       f"search.objective.max_samples_per_dataset={val_samples}"])
+                                       f"search.objective.max_samples_per_dataset={val_samples}",
+                                       f"model.quantization.compute_dtype={compute_dtype}"])
             names = list(dirs)
             tok = load_tokenizer(cfg.model)
             objective = ValidationLoss.from_config(cfg, tok, "cpu")
@@ -232,7 +239,8 @@ def size_sweep(sizes: list[str], val_samples: int) -> None:
             ours_s, naive_s = statistics.median(ours), statistics.median(naive)
             tokens = sum(int(b["attention_mask"].sum()) for bs in objective.batches.values()
                          for b in bs)
-            print(f"size {size}: {params or 'demo'} parameters, {tokens} validation tokens, "
+            print(f"size {size}: compute dtype {resolve_compute_dtype(cfg.model.quantization, 'cpu')}, "
+                  f"{params or 'demo'} parameters, {tokens} validation tokens, "
                   f"resident load {load_s:.1f} s once")
             print(f"search_s_per_candidate_{size}: {ours_s:.3f}")
             print(f"naive_s_per_candidate_{size}: {naive_s:.3f}")

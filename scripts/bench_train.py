@@ -2,24 +2,31 @@
 
     python scripts/bench_train.py [--records 600] [--epochs 1]
 
-Both train the same QLoRA adapter (4-bit NF4 base = the demo tiny Llama, same LoRA, lr, steps,
-samples per optimiser step) on the same mixed-length chat data (lengths log-normal, as in
-real chat dumps). The baseline is what most scripts do: HF `Trainer`, random batches padded to
-their longest sample (`DataCollatorForSeq2Seq`). fashionfuse packs each step's samples into rows
-without attention across them. Printed: real (non-padding) tokens per second of each and their
-ratio, the share of computed positions that were padding, and the final per-token loss of each
-adapter on the same held-out chats (both evaluated the same way).
+Both train the same QLoRA adapter (4-bit NF4 base = the demo tiny Llama or a random Llama of
+`--size`; same LoRA, lr, steps, samples per optimiser step) on the same mixed-length chat data
+(lengths log-normal, as in real chat dumps). The baseline is what most scripts do: HF
+`Trainer`, random batches padded to their longest sample (`DataCollatorForSeq2Seq`), bfloat16
+compute as in the QLoRA recipe. fashionfuse packs each step's samples into rows without
+attention across them and uses its default `compute_dtype: auto` (bfloat16 where the device
+computes in it natively, float32 on CPUs that only emulate it; `--compute-dtype bfloat16`
+measures packing alone). Printed: real (non-padding) tokens per second of each and their ratio,
+the share of computed positions that were padding, the peak RSS of each phase, and the final
+per-token loss of each adapter on the same held-out chats (both evaluated the same way).
+`--profile N` then profiles N fashionfuse steps and prints where the time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
 import random
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,6 +56,68 @@ def synthetic_chats(n: int, seed: int, mix: str = "lognormal") -> list[dict]:
     return out
 
 
+@contextmanager
+def peak_rss(into: dict, key: str, every_s: float = 0.05):
+    """Record the peak resident set size (MiB) of this process while the block runs, sampled
+    from /proc/self/statm (Linux; elsewhere the process-lifetime peak from getrusage). The
+    baseline runs first; memory it freed but the allocator kept counts in the second figure."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    stop = threading.Event()
+    peak = [0]
+
+    def sample():
+        while not stop.is_set():
+            try:
+                with open("/proc/self/statm") as fh:
+                    peak[0] = max(peak[0], int(fh.read().split()[1]) * page)
+            except OSError:
+                import resource
+                peak[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            stop.wait(every_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        into[key] = peak[0] / 2 ** 20
+
+
+def print_profile(cfg, tok, steps: int) -> None:
+    """Profile `steps` optimiser steps of fashionfuse's training (torch.profiler, CPU) and print
+    the operators that take the most time, grouped into what they are for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fashionfuse.train.trainer import train_one_adapter
+
+    short = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"max_steps": steps})})
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_one_adapter(short, "chat", tok)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    groups = {"4-bit dequantise (bitsandbytes)": ("dequant", "bitsandbytes"),
+              "matmul (base + LoRA)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
+                                      "aten::linear"),
+              "attention": ("attention", "aten::_flash", "sdpa", "softmax"),
+              "dtype casts and copies": ("aten::copy_", "aten::to", "aten::_to_copy"),
+              "elementwise": ("aten::mul", "aten::add", "aten::silu", "aten::pow", "aten::rsqrt",
+                              "aten::mean", "aten::neg", "aten::cat", "aten::div")}
+    share = dict.fromkeys(groups, 0.0)
+    for e in events:
+        for label, keys in groups.items():
+            if any(k in e.key for k in keys):
+                share[label] += e.self_cpu_time_total
+                break
+    print(f"profile of {steps} fashionfuse steps (self CPU time):")
+    for label, t in sorted(share.items(), key=lambda kv: -kv[1]):
+        print(f"  {label}: {100 * t / total:.1f} %")
+    print(f"  other: {100 * (total - sum(share.values())) / total:.1f} %")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def held_out_loss(model_cfg, adapter_dir: Path, examples: list[dict], pad_id: int) -> float:
     """Mean per-token loss of an adapter on held-out examples (unpacked, batch 8)."""
     from peft import PeftModel
@@ -65,7 +134,14 @@ def held_out_loss(model_cfg, adapter_dir: Path, examples: list[dict], pad_id: in
     return total / n
 
 
-def run_baseline(cfg, examples: list[dict], out: Path, steps: int) -> dict:
+def baseline_model_cfg(cfg, dtype: str):
+    """The run's model settings with the baseline's compute dtype (the QLoRA recipe's bfloat16,
+    as plain scripts copy it)."""
+    q = cfg.model.quantization.model_copy(update={"compute_dtype": dtype})
+    return cfg.model.model_copy(update={"quantization": q})
+
+
+def run_baseline(cfg, examples: list[dict], out: Path, steps: int, dtype: str) -> dict:
     """HF Trainer + PEFT: random batches padded to their longest sample."""
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -77,8 +153,8 @@ def run_baseline(cfg, examples: list[dict], out: Path, steps: int) -> dict:
     tok = load_tokenizer(cfg.model)
     torch.manual_seed(cfg.seed)
     # the plain setup: the model's own attention on padded batches (no packing)
-    model = build_trainable_model(cfg.model, t.model_copy(update={"packing": False}),
-                                  device="cpu").model
+    model = build_trainable_model(baseline_model_cfg(cfg, dtype),
+                                  t.model_copy(update={"packing": False}), device="cpu").model
     seq2seq = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
     counts = {"real": 0, "padded": 0}
 
@@ -118,6 +194,17 @@ def main() -> None:
     parser.add_argument("--size", choices=["demo", "30m", "300m"], default="demo",
                         help="base model: the demo tiny Llama or a random-initialised Llama")
     parser.add_argument("--mix", choices=["lognormal", "padding30"], default="lognormal")
+    parser.add_argument("--baseline-dtype", default="bfloat16",
+                        choices=["bfloat16", "float16", "float32"],
+                        help="Compute dtype of the plain setup (the QLoRA recipe: bfloat16)")
+    parser.add_argument("--compute-dtype", default="auto",
+                        choices=["auto", "bfloat16", "float16", "float32"],
+                        help="fashionfuse's model.quantization.compute_dtype")
+    parser.add_argument("--same-dtype-too", action="store_true",
+                        help="Also train fashionfuse with the baseline's compute dtype (packing "
+                        "alone), when auto resolved to another one")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="After the measurement, profile this many fashionfuse steps")
     args = parser.parse_args()
     suffix = "" if (args.size, args.mix) == ("demo", "lognormal") else \
         "_" + (args.size if args.mix == "lognormal" else args.mix)
@@ -150,7 +237,8 @@ def main() -> None:
             fh.writelines(json.dumps(r) + "\n" for r in train_records)
         config = {
             "run_dir": str(run), "seed": 0,
-            "model": {"base": str(model_dir), "max_input_len": args.max_len},
+            "model": {"base": str(model_dir), "max_input_len": args.max_len,
+                      "quantization": {"compute_dtype": args.compute_dtype}},
             "datasets": [{"name": "chat", "kind": "chat",
                           "source": {"format": "sharegpt", "path": str(tmp / "unused.jsonl")}}],
             "training": {"batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
@@ -168,31 +256,62 @@ def main() -> None:
                                     args.max_len)
         steps = math.ceil(math.ceil(len(examples) / args.batch_size) * args.epochs)
         lengths = sorted(len(e["input_ids"]) for e in examples)
+        from fashionfuse.base_model import resolve_compute_dtype
+
+        print(f"compute dtype: baseline {args.baseline_dtype}, fashionfuse {args.compute_dtype} "
+              f"-> {resolve_compute_dtype(cfg.model.quantization, 'cpu')} on this CPU")
         print(f"data: {len(examples)} chats, tokens min/median/max "
               f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}, {steps} steps of "
               f"{args.batch_size} chats, micro-batch {args.micro_batch_size}")
 
-        base = run_baseline(cfg, examples, tmp, steps)
+        memory: dict[str, float] = {}
+        with peak_rss(memory, "baseline"):
+            base = run_baseline(cfg, examples, tmp, steps, args.baseline_dtype)
         base_tps = base["real_tokens"] / base["seconds"]
         print(f"baseline (HF Trainer + PEFT, padded): {base['seconds']:.1f} s, "
               f"{base_tps:.0f} tokens/s, padding {base['padding_pct']:.1f} %")
 
+        gc.collect()
         torch.manual_seed(0)
-        ours = train_one_adapter(cfg, "chat", tok)
+        with peak_rss(memory, "fashionfuse"):
+            ours = train_one_adapter(cfg, "chat", tok)
         ours_tps = ours["real_tokens"] / ours["train_seconds"]
         print(f"fashionfuse (packed): {ours['train_seconds']:.1f} s, {ours_tps:.0f} tokens/s, "
               f"padding {ours['padding_pct']:.1f} %")
 
+        same_dtype_tps = None
+        if args.same_dtype_too and ours.get("compute_dtype") != args.baseline_dtype:
+            (tmp / "same_dtype" / "curate" / "chat").mkdir(parents=True)
+            (tmp / "same_dtype" / "curate" / "chat" / "train.jsonl").symlink_to(
+                run / "curate" / "chat" / "train.jsonl")
+            same = cfg.model_copy(update={"run_dir": str(tmp / "same_dtype"),
+                                          "model": baseline_model_cfg(cfg, args.baseline_dtype)})
+            torch.manual_seed(0)
+            again = train_one_adapter(same, "chat", tok)
+            same_dtype_tps = again["real_tokens"] / again["train_seconds"]
+            print(f"fashionfuse (packed, {args.baseline_dtype}): {again['train_seconds']:.1f} s, "
+                  f"{same_dtype_tps:.0f} tokens/s")
+
         loss_base = held_out_loss(cfg.model, tmp / "baseline_adapter", held_out, tok.pad_token_id)
         loss_ours = held_out_loss(cfg.model, run / "adapters" / "chat", held_out, tok.pad_token_id)
+        if args.profile:
+            (tmp / "profile_run" / "curate" / "chat").mkdir(parents=True)
+            (tmp / "profile_run" / "curate" / "chat" / "train.jsonl").symlink_to(
+                run / "curate" / "chat" / "train.jsonl")
+            print_profile(cfg.model_copy(update={"run_dir": str(tmp / "profile_run")}), tok,
+                          args.profile)
 
     print(f"tokens_per_s_baseline: {base_tps:.1f}")
     print(f"tokens_per_s_fashionfuse: {ours_tps:.1f}")
     print(f"padding_waste_pct_baseline: {base['padding_pct']:.2f}")
     print(f"tokens_per_s_ratio{suffix}: {ours_tps / base_tps:.2f}")
+    if same_dtype_tps is not None:
+        print(f"tokens_per_s_ratio{suffix}_same_dtype: {same_dtype_tps / base_tps:.2f}")
     print(f"padding_waste_pct: {ours['padding_pct']:.2f}")
     print(f"final_loss_baseline: {loss_base:.4f}")
     print(f"final_loss_fashionfuse: {loss_ours:.4f}")
+    print(f"peak_rss_mib_baseline{suffix}: {memory['baseline']:.0f}")
+    print(f"peak_rss_mib_fashionfuse{suffix}: {memory['fashionfuse']:.0f}")
 
 
 if __name__ == "__main__":

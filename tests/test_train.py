@@ -64,7 +64,31 @@ def test_training_runs_on_a_4bit_nf4_base(make_config):
     assert layers, "base not quantised"
     q = layers[0].weight.quant_state
     assert q.quant_type == "nf4" and q.nested  # nested == double quantisation
-    assert layers[0].compute_dtype == torch.bfloat16
+    from fashionfuse.base_model import DTYPES, resolve_compute_dtype
+
+    assert layers[0].compute_dtype == DTYPES[resolve_compute_dtype(cfg.model.quantization, "cpu")]
+    pinned = load_config(make_config(model={"quantization": {"compute_dtype": "bfloat16"}}))
+    layers = [m for m in load_base_model(pinned.model).modules() if isinstance(m, Linear4bit)]
+    assert layers[0].compute_dtype == torch.bfloat16  # an explicit dtype is honoured
+
+
+def test_auto_compute_dtype_follows_the_device(monkeypatch):
+    """auto: bfloat16 only where the CPU has bf16 matmul instructions (others emulate it many
+    times slower); an explicit dtype is never changed."""
+    import fashionfuse.base_model as bm
+    from fashionfuse.config import QuantizationConfig
+
+    avx2 = "processor : 0\nflags : fpu sse avx avx2 fma\n"
+    assert not bm.cpu_has_native_bf16(avx2)
+    assert bm.cpu_has_native_bf16(avx2.replace("avx2", "avx2 avx512f avx512_bf16"))
+    assert bm.cpu_has_native_bf16(avx2.replace("fma", "fma amx_bf16 amx_tile"))
+    auto, pinned = QuantizationConfig(), QuantizationConfig(compute_dtype="bfloat16")
+    assert auto.compute_dtype == "auto"
+    monkeypatch.setattr(bm, "cpu_has_native_bf16", lambda: False)
+    assert bm.resolve_compute_dtype(auto, "cpu") == "float32"
+    assert bm.resolve_compute_dtype(pinned, "cpu") == "bfloat16"
+    monkeypatch.setattr(bm, "cpu_has_native_bf16", lambda: True)
+    assert bm.resolve_compute_dtype(auto, "cpu") == "bfloat16"
 
 
 def test_steps_and_packed_rows_cover_every_example_once():

@@ -35,13 +35,42 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def quantization_config(q: QuantizationConfig):
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bfloat16 matmul instructions (AVX512-BF16 or AMX-BF16), read from
+    /proc/cpuinfo's flags (False where that file does not exist)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_compute_dtype(q: QuantizationConfig, device: str | None = None) -> str:
+    """The compute dtype to use on `device`: the configured one, or for `auto` bfloat16 where
+    the device computes in it natively, float16 on GPUs without bf16, float32 on other CPUs."""
+    if q.compute_dtype != "auto":
+        return q.compute_dtype
+    device = device or default_device()
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device == "cpu":
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return "bfloat16"
+
+
+def quantization_config(q: QuantizationConfig, device: str | None = None):
     """bitsandbytes settings for a 4-bit base (NF4, double quantisation, compute dtype)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[resolve_compute_dtype(q, device)],
     )
 
 
@@ -58,9 +87,9 @@ def load_base_model(cfg: ModelConfig, *, quantized: bool | None = None, device: 
     quantized = q.bits == 4 if quantized is None else quantized
     device = device or default_device()
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                  dtype=DTYPES[q.compute_dtype])
+                  dtype=DTYPES[resolve_compute_dtype(q, device)])
     if quantized:
-        kwargs["quantization_config"] = quantization_config(q)
+        kwargs["quantization_config"] = quantization_config(q, device)
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(cfg.base, **kwargs)
     if not quantized:

@@ -41,7 +41,11 @@ class QuantizationConfig(_Strict):
     bits: Literal[4, 16] = 4
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="dtype of the matmuls (4-bit) or of the loaded weights "
+        "(16-bit). auto: bfloat16 where the device computes in it natively (CUDA with bf16, "
+        "CPUs with AVX512-BF16 or AMX), float16 on older GPUs, float32 on other CPUs, which "
+        "only emulate bfloat16 and run its matmuls many times slower")
 
 
 class ModelConfig(_Strict):

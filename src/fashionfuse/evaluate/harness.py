@@ -20,6 +20,7 @@ from pathlib import Path
 from ..architectures import check_tokenizer_fits
 from ..base_model import (
     DTYPES,
+    resolve_compute_dtype,
     base_fingerprint_parts,
     default_device,
     load_base_model,
@@ -199,7 +200,8 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
         from transformers import AutoModelForCausalLM
 
         target = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[cfg.model.quantization.compute_dtype]).to(ev.device).eval()
+            path, dtype=DTYPES[resolve_compute_dtype(cfg.model.quantization, ev.device)]
+        ).to(ev.device).eval()
         lm = wrap_model(target, ev.tokenizer, cfg.eval.batch_size, ev.accelerator, ev.rank,
                         ev.world)
     else:

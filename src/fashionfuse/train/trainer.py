@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..architectures import check_tokenizer_fits
-from ..base_model import base_fingerprint_parts, load_tokenizer
+from ..base_model import base_fingerprint_parts, load_tokenizer, resolve_compute_dtype
 from ..chat_template import IGNORE_INDEX, install_chat_template
 from ..config import AdapterSpec, RunConfig, config_hash
 from ..console import progress_file
@@ -169,7 +169,8 @@ def _announce(job: TrainJob, s: Session, tokenizer) -> None:
               "without <s> (as such models expect); set model.chat_template: model to train in "
               "the model's own chat format")
     print(f"train {job.name}: LoRA r={cfg.training.lora.r} on {len(s.targets)} linear kinds "
-          f"({', '.join(s.targets)}); packed attention: {s.attention or 'off'}")
+          f"({', '.join(s.targets)}); packed attention: {s.attention or 'off'}; compute dtype: "
+          f"{resolve_compute_dtype(cfg.model.quantization, s.world.device)}")
     if s.start:
         print(f"train {job.name}: resuming from step {s.start}/{job.total_steps}")
 
@@ -370,6 +371,7 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress |
                "final_loss": h[-1]["loss"], "first_loss": h[0]["loss"],
                "optimizer": s.optimizer_name, "processes": world.size,
                "packing": bool(s.pack_length), "attention": s.attention,
+               "compute_dtype": resolve_compute_dtype(cfg.model.quantization, world.device),
                "target_modules": s.targets, "train_seconds": round(totals["seconds"], 2),
                "real_tokens": int(totals["real"]),
                "padding_pct": round(100 * (1 - totals["real"] / max(totals["padded"], 1)), 2)
