@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--leaderboard", action="store_true")
+    parser.add_argument("--compute-dtype", default="bfloat16",
+                        choices=["auto", "bfloat16", "float16", "float32"],
+                        help="--leaderboard: model.quantization.compute_dtype of the evals")
     parser.add_argument("--benchmarks", type=Path, default=ROOT.parent / "shared" / "benchmarks")
     args = parser.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -98,7 +101,8 @@ def leaderboard(args, env: dict) -> None:
     common = ["--set", f"run_dir={RUN}", "--set", "eval.preset=leaderboard_v1",
               "--set", f"eval.benchmark_data={args.benchmarks}", "--set", "eval.tasks=[]",
               "--set", "eval.include_paths=[]", "--set", "eval.num_fewshot=null",
-              "--set", "eval.limit=5", "--set", f"eval.batch_size={args.batch_size}"]
+              "--set", "eval.limit=5", "--set", f"eval.batch_size={args.batch_size}",
+              "--set", f"model.quantization.compute_dtype={args.compute_dtype}"]
     for stage in ("curate", "train-adapter", "search-weights"):
         subprocess.run(ff + [stage, str(CONFIG), "--set", f"run_dir={RUN}"], cwd=ROOT, env=env,
                        check=True, capture_output=True)

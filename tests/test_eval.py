@@ -160,9 +160,11 @@ def test_tasks_loaded_once_score_like_a_fresh_simple_evaluate(pipeline_run, tmp_
                             {n: run / "adapters" / n for n in ("chat", "orca")})
     lm = wrap_model(model, load_tokenizer(cfg.model), 8)
     once = TaskSet(manager, tasks, num_fewshot=2, seed=3)
+    scored = []
     for weights in ({"chat": 1.0, "orca": 0.0}, {"chat": 0.0, "orca": 1.0}):
         set_fusion_weights(model, weights)
-        shared = once.score(lm, limit=6, log_samples=True)
+        shared = once.score(lm, limit=6, log_samples=True)  # the 2nd reuses prompts and ids
+        scored.append([s["resps"] for t in tasks for s in shared["samples"][t]])
         fresh = run_tasks(lm, tasks, manager, num_fewshot=2, limit=6, seed=3, log_samples=True)
         assert shared["results"] == fresh["results"]
         for t in tasks:
@@ -171,3 +173,4 @@ def test_tasks_loaded_once_score_like_a_fresh_simple_evaluate(pipeline_run, tmp_
             first = prompts[0][0]  # [context, continuation] of the first choice
             context = first[0] if isinstance(first, (list, tuple)) else first["arg_0"]
             assert context.count("ASSISTANT:") == 3  # two shots, then the question
+    assert scored[0] != scored[1]  # each model's own responses, none left over from the first

@@ -44,6 +44,7 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from ..architectures import resolve_lora_targets
+    from .lora_dropout import use_uniform_mask_dropout
     from .varlen_attention import use_varlen_attention
 
     base = base if base is not None else load_base_model(model_cfg, device=device)
@@ -55,6 +56,7 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     elif train.gradient_checkpointing:
         base.gradient_checkpointing_enable()
     model = get_peft_model(base, lora_config(train, targets))
+    use_uniform_mask_dropout(model)  # same dropout, cheaper mask (see lora_dropout.py)
     if frozen_adapters:
         from peft.tuners.lora import LoraLayer
 
