@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -37,17 +38,23 @@ def load_tokenizer(cfg: ModelConfig):
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU has bfloat16 matmul instructions (AVX512-BF16 or AMX-BF16), read from
-    /proc/cpuinfo's flags (False where that file does not exist)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
+    the flags of `cpuinfo` or /proc/cpuinfo (False where that file does not exist)."""
+    flags = _cpu_flags() if cpuinfo is None else _parse_cpu_flags(cpuinfo)
     return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """This machine's CPU flags, read once per process."""
+    try:
+        return _parse_cpu_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return frozenset()
+
+
+def _parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
+    return frozenset(flag for line in cpuinfo.splitlines() if line.startswith("flags")
+                     for flag in line.split(":", 1)[1].split())
 
 
 def resolve_compute_dtype(q: QuantizationConfig, device: str | None = None) -> str:

@@ -20,11 +20,11 @@ from pathlib import Path
 from ..architectures import check_tokenizer_fits
 from ..base_model import (
     DTYPES,
-    resolve_compute_dtype,
     base_fingerprint_parts,
     default_device,
     load_base_model,
     load_tokenizer,
+    resolve_compute_dtype,
 )
 from ..config import RunConfig, config_hash
 from ..errors import UserError

@@ -36,11 +36,11 @@ class UniformMaskDropout(torch.nn.Module):
 def use_uniform_mask_dropout(model, adapter: str = "default") -> int:
     """Replace `adapter`'s `nn.Dropout` in every LoRA layer of `model` by `UniformMaskDropout`
     with the same p; return how many layers were changed."""
-    from peft.tuners.lora import LoraLayer
+    from ..lora import lora_layers
 
     replaced = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_dropout:
+    for module in lora_layers(model).values():
+        if adapter in module.lora_dropout:
             current = module.lora_dropout[adapter]
             if isinstance(current, torch.nn.Dropout) and current.p > 0:
                 module.lora_dropout[adapter] = UniformMaskDropout(current.p)

@@ -122,6 +122,7 @@ class Session:
     pack_length: int | None
     targets: list[str]
     attention: str | None
+    compute_dtype: str  # resolved for this process's device
     start: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -150,7 +151,8 @@ def setup(job: TrainJob, tokenizer, world: World) -> Session:
                               num_training_steps=job.total_steps)
     pack_length = (t.pack_length or cfg.model.max_input_len) if built.attention else None
     session = Session(world, built.model, built.model, params, optimizer, optimizer_name,
-                      scheduler, pack_length, built.targets, built.attention)
+                      scheduler, pack_length, built.targets, built.attention,
+                      resolve_compute_dtype(cfg.model.quantization, world.device))
     job.work.mkdir(parents=True, exist_ok=True)
     session.start = _load_checkpoint(job, session)
     history_path = job.work / "metrics.jsonl"
@@ -170,7 +172,7 @@ def _announce(job: TrainJob, s: Session, tokenizer) -> None:
               "the model's own chat format")
     print(f"train {job.name}: LoRA r={cfg.training.lora.r} on {len(s.targets)} linear kinds "
           f"({', '.join(s.targets)}); packed attention: {s.attention or 'off'}; compute dtype: "
-          f"{resolve_compute_dtype(cfg.model.quantization, s.world.device)}")
+          f"{s.compute_dtype}")
     if s.start:
         print(f"train {job.name}: resuming from step {s.start}/{job.total_steps}")
 
@@ -371,7 +373,7 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress |
                "final_loss": h[-1]["loss"], "first_loss": h[0]["loss"],
                "optimizer": s.optimizer_name, "processes": world.size,
                "packing": bool(s.pack_length), "attention": s.attention,
-               "compute_dtype": resolve_compute_dtype(cfg.model.quantization, world.device),
+               "compute_dtype": s.compute_dtype,
                "target_modules": s.targets, "train_seconds": round(totals["seconds"], 2),
                "real_tokens": int(totals["real"]),
                "padding_pct": round(100 * (1 - totals["real"] / max(totals["padded"], 1)), 2)
