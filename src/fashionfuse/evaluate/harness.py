@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..architectures import check_tokenizer_fits
@@ -154,13 +154,11 @@ class EvalSetup:
     rank: int
     world: int
     accelerator: object
-    task_sets: dict | None = None  # few-shot count -> TaskSet, loaded on first use
+    task_sets: dict = field(default_factory=dict)  # few-shot count -> TaskSet, on first use
     lm: object = None  # the HFLM around the resident model, shared by every model scored on it
 
     def tasks_for(self, shots: int | None, seed: int) -> TaskSet:
         """The task set of one few-shot group, loaded once for every model."""
-        if self.task_sets is None:
-            self.task_sets = {}
         if shots not in self.task_sets:
             self.task_sets[shots] = TaskSet(self.task_manager, self.by_shots[shots],
                                             num_fewshot=shots, seed=seed)
