@@ -136,6 +136,13 @@ def held_out_loss(model_cfg, adapter_dir: Path, examples: list[dict], pad_id: in
     return total / n
 
 
+def sharing_data(run: Path, other: Path) -> Path:
+    """A second run dir `other` whose curated training data is `run`'s (linked)."""
+    (other / "curate" / "chat").mkdir(parents=True)
+    (other / "curate" / "chat" / "train.jsonl").symlink_to(run / "curate" / "chat" / "train.jsonl")
+    return other
+
+
 def baseline_model_cfg(cfg, dtype: str):
     """The run's model settings with the baseline's compute dtype (the QLoRA recipe's bfloat16,
     as plain scripts copy it)."""
@@ -157,10 +164,10 @@ def run_baseline(cfg, examples: list[dict], out: Path, steps: int, dtype: str) -
     # the plain setup: the model's own attention on padded batches (no packing)
     model = build_trainable_model(baseline_model_cfg(cfg, dtype),
                                   t.model_copy(update={"packing": False}), device="cpu").model
-    from peft.tuners.lora import LoraLayer
+    from fashionfuse.lora import lora_layers
 
-    for module in model.modules():  # PEFT's own dropout, as a plain setup has it
-        if isinstance(module, LoraLayer) and t.lora.dropout > 0:
+    if t.lora.dropout > 0:  # PEFT's own dropout, as a plain setup has it
+        for module in lora_layers(model).values():
             module.lora_dropout["default"] = torch.nn.Dropout(t.lora.dropout)
     seq2seq = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
     counts = {"real": 0, "padded": 0}
@@ -288,10 +295,7 @@ def main() -> None:
 
         same_dtype_tps = None
         if args.same_dtype_too and ours.get("compute_dtype") != args.baseline_dtype:
-            (tmp / "same_dtype" / "curate" / "chat").mkdir(parents=True)
-            (tmp / "same_dtype" / "curate" / "chat" / "train.jsonl").symlink_to(
-                run / "curate" / "chat" / "train.jsonl")
-            same = cfg.model_copy(update={"run_dir": str(tmp / "same_dtype"),
+            same = cfg.model_copy(update={"run_dir": str(sharing_data(run, tmp / "same_dtype")),
                                           "model": baseline_model_cfg(cfg, args.baseline_dtype)})
             torch.manual_seed(0)
             again = train_one_adapter(same, "chat", tok)
@@ -302,11 +306,8 @@ def main() -> None:
         loss_base = held_out_loss(cfg.model, tmp / "baseline_adapter", held_out, tok.pad_token_id)
         loss_ours = held_out_loss(cfg.model, run / "adapters" / "chat", held_out, tok.pad_token_id)
         if args.profile:
-            (tmp / "profile_run" / "curate" / "chat").mkdir(parents=True)
-            (tmp / "profile_run" / "curate" / "chat" / "train.jsonl").symlink_to(
-                run / "curate" / "chat" / "train.jsonl")
-            print_profile(cfg.model_copy(update={"run_dir": str(tmp / "profile_run")}), tok,
-                          args.profile)
+            profile_run = sharing_data(run, tmp / "profile_run")
+            print_profile(cfg.model_copy(update={"run_dir": str(profile_run)}), tok, args.profile)
 
     print(f"tokens_per_s_baseline: {base_tps:.1f}")
     print(f"tokens_per_s_fashionfuse: {ours_tps:.1f}")
