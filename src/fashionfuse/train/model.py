@@ -58,19 +58,18 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     model = get_peft_model(base, lora_config(train, targets))
     use_uniform_mask_dropout(model)  # same dropout, cheaper mask (see lora_dropout.py)
     if frozen_adapters:
-        from peft.tuners.lora import LoraLayer
+        from ..lora import lora_layers
 
         names = [f"frozen_{k}" for k in range(len(frozen_adapters))]
         for name, path in zip(names, frozen_adapters):
             model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         model.base_model.set_adapter(["default", *names])
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                for name in names:
-                    if name in module.lora_A:
-                        module.lora_dropout[name] = torch.nn.Identity()
-                        module.lora_A[name].requires_grad_(False)
-                        module.lora_B[name].requires_grad_(False)
+        for module in lora_layers(model).values():
+            for name in names:
+                if name in module.lora_A:
+                    module.lora_dropout[name] = torch.nn.Identity()
+                    module.lora_A[name].requires_grad_(False)
+                    module.lora_B[name].requires_grad_(False)
     return TrainableModel(model, targets, attention)
 
 
