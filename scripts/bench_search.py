@@ -185,7 +185,11 @@ def size_sweep(sizes: list[str], val_samples: int, compute_dtype: str) -> None:
     """Seconds per candidate, resident vs naive, at each model size (same validation data)."""
     from peft import PeftModel
 
-    from fashionfuse.base_model import load_base_model, load_tokenizer, resolve_compute_dtype
+    from fashionfuse.base_model import (
+        load_base_model,
+        load_tokenizer,
+        resolve_compute_dtype,
+    )
     from fashionfuse.config import load_config
     from fashionfuse.lora import attach_adapters, set_fusion_weights
     from fashionfuse.search.objectives import ValidationLoss

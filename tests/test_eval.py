@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from fashionfuse.config import load_config
 from fashionfuse.evaluate.presets import custom_specs
 from fashionfuse.evaluate.table import build_table, to_markdown
@@ -174,3 +177,41 @@ def test_tasks_loaded_once_score_like_a_fresh_simple_evaluate(pipeline_run, tmp_
             context = first[0] if isinstance(first, (list, tuple)) else first["arg_0"]
             assert context.count("ASSISTANT:") == 3  # two shots, then the question
     assert scored[0] != scored[1]  # each model's own responses, none left over from the first
+
+
+def test_logits_only_where_scored_match_full_logits(tiny_model):
+    """The wrapped HFLM projects to the vocabulary only the trailing positions a batch's
+    continuations need, and returns the log-likelihoods and greedy flags of lm-eval's own
+    full-logits path: multi-token continuations, rows of different lengths in one batch, a row
+    ending in the pad id 0, and a context longer than the model (truncated from the left)."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fashionfuse.lm_eval_run import wrap_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
+    wrapped = wrap_model(model, tokenizer, 4)
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()
+
+    requests = [(None, ids(n), ids(c)) for n, c in ((40, 1), (37, 5), (12, 3), (25, 1), (9, 7))]
+    requests.append((None, ids(20) + [0, 0], [0]))  # the pad id inside a real row
+    requests.append((None, ids(20), ids(2) + [0]))
+    requests.append((None, ids(plain.max_length + 30), ids(4)))
+    kept = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: kept.append(o.shape[1]))
+    try:
+        expected = plain._loglikelihood_tokens(requests, disable_tqdm=True)
+        full = list(kept)
+        kept.clear()
+        got = wrapped._loglikelihood_tokens(requests, disable_tqdm=True)
+    finally:
+        hook.remove()
+    assert [flag for _, flag in got] == [flag for _, flag in expected]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
+    # each batch keeps its longest padding plus continuation: fewer positions than its length
+    assert len(kept) == len(full) and all(k < f for k, f in zip(kept, full))

@@ -15,7 +15,12 @@ from fashionfuse.fusion import dare, magnitude, ties
 from fashionfuse.fusion.export import merged_deltas, write_fused
 from fashionfuse.fusion.granularity import module_weights, weight_names
 from fashionfuse.fusion.resident import ResidentFusion
-from fashionfuse.lora import attach_adapters, fuse_adapters, load_saved_adapter, set_fusion_weights
+from fashionfuse.lora import (
+    attach_adapters,
+    fuse_adapters,
+    load_saved_adapter,
+    set_fusion_weights,
+)
 
 from .test_fusion import _independent_delta, _make_adapter
 

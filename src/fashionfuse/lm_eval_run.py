@@ -88,7 +88,71 @@ def wrap_model(model, tokenizer, batch_size, accelerator=None, rank: int = 0, wo
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     if accelerator is not None:
         lm._rank, lm._world_size, lm.accelerator = rank, world, accelerator
+    _logits_where_scored(lm)
     return lm
+
+
+def _logits_where_scored(lm) -> None:
+    """Make the HFLM project to the vocabulary (and log-softmax) only the last positions of each
+    batch that lm-eval reads, instead of every position: a loglikelihood request scores only its
+    continuation, yet HFLM builds [batch, length, vocab] log-probabilities (4 GB in float32 for
+    16 rows of 2,048 tokens and a 32k vocabulary). Each batch keeps the positions its rows'
+    continuations need (the model's `logits_to_keep`); lm-eval's own offset for outputs shorter
+    than the input (the "virtual tokens" case) then slices the same continuation logits. Rows
+    are matched to their requests by the hash of their tokens; a row not found keeps every
+    position. Models whose forward has no `logits_to_keep`, and seq2seq models, are left as
+    they are. (Wraps HFLM's private `_loglikelihood_tokens` and `_model_call`.)"""
+    import inspect
+
+    import torch
+
+    model = lm.model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if (lm.backend != "causal"
+            or "logits_to_keep" not in inspect.signature(inner.forward).parameters):
+        return
+    loglikelihood_tokens, model_call = lm._loglikelihood_tokens, lm._model_call
+    continuation_len: dict[int, int] = {}  # hash of a row's unpadded tokens -> its longest cont
+
+    def _loglikelihood_tokens(requests, *args, **kwargs):
+        for _, context, continuation in requests:
+            row = (list(context) + list(continuation))[-(lm.max_length + 1):][:-1]
+            key = hash(tuple(row))
+            continuation_len[key] = max(continuation_len.get(key, 0), len(continuation))
+        try:
+            return loglikelihood_tokens(requests, *args, **kwargs)
+        finally:
+            continuation_len.clear()
+
+    def positions_needed(inps) -> int:
+        """How many trailing positions cover every row's continuation (rows are right-padded
+        with 0; a row that really ends in 0 is found by trying the longer lengths)."""
+        padded_len, needed = inps.shape[1], 1
+        for row in inps.tolist():
+            length = padded_len
+            while length and row[length - 1] == 0:
+                length -= 1
+            for n in range(length, padded_len + 1):
+                cont = continuation_len.get(hash(tuple(row[:n])))
+                if cont is not None:
+                    needed = max(needed, padded_len - n + cont)
+                    break
+            else:
+                return padded_len
+        return needed
+
+    def _model_call(inps, attn_mask=None, labels=None):
+        if not continuation_len or attn_mask is not None or labels is not None:
+            return model_call(inps, attn_mask, labels)
+        keep = positions_needed(inps)
+        if keep >= inps.shape[1]:
+            return model_call(inps)
+        with (torch.no_grad(),
+              torch.autocast(device_type=lm.device.type, dtype=lm.mixed_precision_dtype,
+                             enabled=lm.mixed_precision_dtype is not None)):
+            return lm.model(inps, logits_to_keep=keep).logits
+
+    lm._loglikelihood_tokens, lm._model_call = _loglikelihood_tokens, _model_call
 
 
 def run_tasks(lm, tasks: list[str], task_manager, *, num_fewshot: int | None,

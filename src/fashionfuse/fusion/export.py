@@ -10,7 +10,13 @@ from typing import Mapping
 
 import torch
 
-from ..lora import SavedAdapter, check_fusable, fuse_adapters, save_peft_adapter, task_delta
+from ..lora import (
+    SavedAdapter,
+    check_fusable,
+    fuse_adapters,
+    save_peft_adapter,
+    task_delta,
+)
 from . import delta_seed, operator
 from .granularity import module_weight, module_weights
 from .svd_export import svd_lora
