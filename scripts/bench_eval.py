@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--leaderboard", action="store_true")
+    parser.add_argument("--logits", action="store_true")
     parser.add_argument("--compute-dtype", default="bfloat16",
                         choices=["auto", "bfloat16", "float16", "float32"],
                         help="--leaderboard: model.quantization.compute_dtype of the evals")
@@ -53,6 +54,9 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if args.leaderboard:
         leaderboard(args, env)
+        return
+    if args.logits:
+        logits_where_scored(args)
         return
     ff = [sys.executable, "-m", "fashionfuse.cli"]
     common = ["--set", f"run_dir={RUN}", "--set", "eval.load_in_4bit=false",
@@ -115,6 +119,55 @@ def leaderboard(args, env: dict) -> None:
     print(f"eval_one_model_s: {seconds['one']:.1f}")
     print(f"eval_five_models_s: {seconds['five']:.1f}")
     print(f"eval_five_models_vs_one: {seconds['five'] / seconds['one']:.2f}")
+
+
+def logits_where_scored(args) -> None:
+    """Plain HFLM vs fashionfuse's wrapper on 64 requests of 300-500 context tokens and 1-10
+    continuation tokens, batch `--batch-size`, a 32k-vocabulary random Llama in float32."""
+    import random
+
+    import torch
+    from bench_models import SIZES
+    from bench_train import peak_rss
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fashionfuse.lm_eval_run import wrap_model
+
+    hidden, layers, inter, heads, kv = SIZES["30m"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=32000, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "data" / "tiny-llama")
+    rng = random.Random(0)
+    requests = [(None, [rng.randrange(3, 32000) for _ in range(rng.randint(300, 500))],
+                 [rng.randrange(3, 32000) for _ in range(rng.randint(1, 10))]) for _ in range(64)]
+    largest = [0]
+    model.lm_head.register_forward_hook(
+        lambda m, i, o: largest.__setitem__(0, max(largest[0], o.numel())))
+    routes = {"wrapped": wrap_model(model, tokenizer, args.batch_size),
+              "plain": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)}
+    seconds, memory, logits_mib, results = {}, {}, {}, {}
+    for name, lm in routes.items():  # the smaller route first: its peak is not the other's
+        largest[0] = 0
+        with peak_rss(memory, name):
+            t0 = time.perf_counter()
+            results[name] = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+            seconds[name] = time.perf_counter() - t0
+        logits_mib[name] = largest[0] * 4 / 2 ** 20
+        print(f"{name}: {seconds[name]:.1f} s, largest logits {logits_mib[name]:.0f} MiB, "
+              f"peak RSS {memory[name]:.0f} MiB", flush=True)
+    diff = max(abs(a[0] - b[0]) for a, b in zip(results["wrapped"], results["plain"]))
+    same_greedy = all(a[1] == b[1] for a, b in zip(results["wrapped"], results["plain"]))
+    print(f"max_loglikelihood_difference: {diff:.2e}")
+    print(f"greedy_flags_identical: {same_greedy}")
+    print(f"largest_logits_mib_plain: {logits_mib['plain']:.0f}")
+    print(f"largest_logits_mib_wrapped: {logits_mib['wrapped']:.0f}")
+    print(f"peak_rss_mib_plain: {memory['plain']:.0f}")
+    print(f"peak_rss_mib_wrapped: {memory['wrapped']:.0f}")
+    print(f"loglikelihood_speedup_32k_vocab: {seconds['plain'] / seconds['wrapped']:.2f}")
 
 
 if __name__ == "__main__":

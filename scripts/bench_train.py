@@ -12,7 +12,10 @@ computes in it natively, float32 on CPUs that only emulate it; `--compute-dtype 
 measures packing alone). Printed: real (non-padding) tokens per second of each and their ratio,
 the share of computed positions that were padding, the peak RSS of each phase, and the final
 per-token loss of each adapter on the same held-out chats (both evaluated the same way).
-`--profile N` then profiles N fashionfuse steps and prints where the time goes.
+`--repeats N` trains both sides N times, alternating, and reports the median tokens/s of each
+(and each pair's ratio): the speed of this shared machine drifts by tens of percent from one
+minute to the next. `--profile N` then profiles N fashionfuse steps and prints where the time
+goes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import math
 import os
 import random
+import statistics
 import tempfile
 import threading
 import time
@@ -166,8 +170,9 @@ def run_baseline(cfg, examples: list[dict], out: Path, steps: int, dtype: str) -
                                   t.model_copy(update={"packing": False}), device="cpu").model
     from fashionfuse.lora import lora_layers
 
-    if t.lora.dropout > 0:  # PEFT's own dropout, as a plain setup has it
-        for module in lora_layers(model).values():
+    for module in lora_layers(model).values():  # PEFT's own dropout and forward, as plain
+        module.__dict__.pop("forward", None)     # setups have them
+        if t.lora.dropout > 0:
             module.lora_dropout["default"] = torch.nn.Dropout(t.lora.dropout)
     seq2seq = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
     counts = {"real": 0, "padded": 0}
@@ -217,6 +222,11 @@ def main() -> None:
     parser.add_argument("--same-dtype-too", action="store_true",
                         help="Also train fashionfuse with the baseline's compute dtype (packing "
                         "alone), when auto resolved to another one")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="train both sides this many times, alternating; the medians count "
+                        "(this machine's speed drifts by tens of percent between minutes)")
+    parser.add_argument("--held-out", type=int, default=120, metavar="CHATS",
+                        help="held-out chats for the final loss of each adapter")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="After the measurement, profile this many fashionfuse steps")
     args = parser.parse_args()
@@ -265,7 +275,7 @@ def main() -> None:
         cfg = load_config(tmp / "config.yaml")
         tok = load_tokenizer(cfg.model)
         examples = tokenize_records(train_records, tok, cfg.model.system_message, args.max_len)
-        held_out = tokenize_records(synthetic_chats(120, seed=1, mix=args.mix), tok,
+        held_out = tokenize_records(synthetic_chats(args.held_out, seed=1, mix=args.mix), tok,
                                     cfg.model.system_message,
                                     args.max_len)
         steps = math.ceil(math.ceil(len(examples) / args.batch_size) * args.epochs)
@@ -279,19 +289,29 @@ def main() -> None:
               f"{args.batch_size} chats, micro-batch {args.micro_batch_size}")
 
         memory: dict[str, float] = {}
-        with peak_rss(memory, "baseline"):
-            base = run_baseline(cfg, examples, tmp, steps, args.baseline_dtype)
-        base_tps = base["real_tokens"] / base["seconds"]
-        print(f"baseline (HF Trainer + PEFT, padded): {base['seconds']:.1f} s, "
-              f"{base_tps:.0f} tokens/s, padding {base['padding_pct']:.1f} %")
-
-        gc.collect()
-        torch.manual_seed(0)
-        with peak_rss(memory, "fashionfuse"):
-            ours = train_one_adapter(cfg, "chat", tok)
-        ours_tps = ours["real_tokens"] / ours["train_seconds"]
-        print(f"fashionfuse (packed): {ours['train_seconds']:.1f} s, {ours_tps:.0f} tokens/s, "
-              f"padding {ours['padding_pct']:.1f} %")
+        base_runs, our_runs = [], []
+        for i in range(args.repeats):  # peak RSS from the first pair (later ones see its pages)
+            gc.collect()
+            with peak_rss(memory if i == 0 else {}, "baseline"):
+                base_runs.append(run_baseline(cfg, examples, tmp / f"baseline_{i}", steps,
+                                              args.baseline_dtype))
+            print(f"baseline (HF Trainer + PEFT, padded): {base_runs[-1]['seconds']:.1f} s, "
+                  f"{base_runs[-1]['real_tokens'] / base_runs[-1]['seconds']:.0f} tokens/s, "
+                  f"padding {base_runs[-1]['padding_pct']:.1f} %", flush=True)
+            gc.collect()
+            torch.manual_seed(0)
+            run_i = run if i == 0 else sharing_data(run, tmp / f"run_{i}")
+            with peak_rss(memory if i == 0 else {}, "fashionfuse"):
+                our_runs.append(train_one_adapter(
+                    cfg.model_copy(update={"run_dir": str(run_i)}), "chat", tok))
+            print(f"fashionfuse (packed): {our_runs[-1]['train_seconds']:.1f} s, "
+                  f"{our_runs[-1]['real_tokens'] / our_runs[-1]['train_seconds']:.0f} tokens/s, "
+                  f"padding {our_runs[-1]['padding_pct']:.1f} %", flush=True)
+        base, ours = base_runs[0], our_runs[0]
+        base_tps = statistics.median(r["real_tokens"] / r["seconds"] for r in base_runs)
+        ours_tps = statistics.median(r["real_tokens"] / r["train_seconds"] for r in our_runs)
+        pair_ratios = [(o["real_tokens"] / o["train_seconds"]) / (b["real_tokens"] / b["seconds"])
+                       for b, o in zip(base_runs, our_runs)]
 
         same_dtype_tps = None
         if args.same_dtype_too and ours.get("compute_dtype") != args.baseline_dtype:
@@ -303,7 +323,7 @@ def main() -> None:
             print(f"fashionfuse (packed, {args.baseline_dtype}): {again['train_seconds']:.1f} s, "
                   f"{same_dtype_tps:.0f} tokens/s")
 
-        loss_base = held_out_loss(cfg.model, tmp / "baseline_adapter", held_out, tok.pad_token_id)
+        loss_base = held_out_loss(cfg.model, tmp / "baseline_0" / "baseline_adapter", held_out, tok.pad_token_id)
         loss_ours = held_out_loss(cfg.model, run / "adapters" / "chat", held_out, tok.pad_token_id)
         if args.profile:
             profile_run = sharing_data(run, tmp / "profile_run")
@@ -312,6 +332,8 @@ def main() -> None:
     print(f"tokens_per_s_baseline: {base_tps:.1f}")
     print(f"tokens_per_s_fashionfuse: {ours_tps:.1f}")
     print(f"padding_waste_pct_baseline: {base['padding_pct']:.2f}")
+    if args.repeats > 1:
+        print(f"tokens_per_s_ratio_per_pair: {', '.join(f'{r:.2f}' for r in pair_ratios)}")
     print(f"tokens_per_s_ratio{suffix}: {ours_tps / base_tps:.2f}")
     if same_dtype_tps is not None:
         print(f"tokens_per_s_ratio{suffix}_same_dtype: {same_dtype_tps / base_tps:.2f}")

@@ -1,0 +1,82 @@
+"""The lean LoRA forward fashionfuse trains with computes PEFT's function and gradients."""
+
+import pytest
+import torch
+
+from fashionfuse.train.lora_forward import use_lean_lora_forward
+
+
+def _trainable(make_config):
+    from fashionfuse.config import load_config
+    from fashionfuse.train.model import build_trainable_model
+
+    cfg = load_config(make_config())
+    model = build_trainable_model(cfg.model, cfg.training, device="cpu", log=lambda *a: None).model
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero: make the adapter contribute
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _ids(model, n, seed):
+    return torch.randint(3, model.config.vocab_size, (2, n),
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def _loss_and_grads(model, ids, seed):
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout masks on both routes
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads
+
+
+def _peft_forward(model):
+    from fashionfuse.lora import lora_layers
+
+    for layer in lora_layers(model).values():
+        layer.__dict__.pop("forward", None)  # back to the class's (PEFT's) forward
+
+
+@pytest.mark.parametrize("training_mode", [True, False])
+def test_same_output_and_gradients_as_peft(make_config, training_mode):
+    """Same logits and LoRA gradients as PEFT's forward with the same dropout masks (PEFT's
+    forward applies `UniformMaskDropout.forward`, the lean one its mask and folds the scale)."""
+    model = _trainable(make_config)
+    model.train(training_mode)
+    ids = _ids(model, 24, seed=1)
+    lean_logits, lean_grads = _loss_and_grads(model, ids, seed=5)
+    _peft_forward(model)
+    peft_logits, peft_grads = _loss_and_grads(model, ids, seed=5)
+    assert torch.allclose(lean_logits, peft_logits, atol=1e-5)
+    assert lean_grads.keys() == peft_grads.keys() and lean_grads
+    for name, grad in peft_grads.items():
+        assert grad.abs().max() > 0, name
+        assert torch.allclose(lean_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_dropout_is_applied_in_training(make_config):
+    """The lean route still drops: two seeds give two outputs."""
+    model = _trainable(make_config).train()
+    ids = _ids(model, 16, seed=2)
+    a, _ = _loss_and_grads(model, ids, seed=1)
+    b, _ = _loss_and_grads(model, ids, seed=2)
+    assert not torch.allclose(a, b)
+
+
+def test_installed_on_every_trained_layer(make_config):
+    from fashionfuse.lora import lora_layers
+
+    model = _trainable(make_config)
+    layers = lora_layers(model)
+    assert layers and all("forward" in vars(layer) for layer in layers.values())
+    assert use_lean_lora_forward(model) == len(layers)
+    model.eval()
+    ids = _ids(model, 12, seed=3)
+    with torch.no_grad():
+        lean = model(input_ids=ids).logits
+        with model.disable_adapter():  # handed to PEFT's forward: the base alone
+            base = model(input_ids=ids).logits
+    assert not torch.allclose(lean, base)
