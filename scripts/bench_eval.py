@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--leaderboard", action="store_true")
     parser.add_argument("--logits", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="--leaderboard: time each side this many times, alternating; medians")
     parser.add_argument("--compute-dtype", default="bfloat16",
                         choices=["auto", "bfloat16", "float16", "float32"],
                         help="--leaderboard: model.quantization.compute_dtype of the evals")
@@ -110,15 +113,20 @@ def leaderboard(args, env: dict) -> None:
     for stage in ("curate", "train-adapter", "search-weights"):
         subprocess.run(ff + [stage, str(CONFIG), "--set", f"run_dir={RUN}"], cwd=ROOT, env=env,
                        check=True, capture_output=True)
-    seconds, timings = {}, {}
-    for label, models in (("one", "[base]"), ("five", "[base, adapters, fused]")):
-        seconds[label] = _timed(ff + ["eval", str(CONFIG), "--force", *common,
-                                      "--set", f"eval.models={models}"], env)
-        timings[label] = json.loads((RUN / "eval" / "timings.json").read_text())
-        print(f"{label}: {seconds[label]:.1f} s; {timings[label]}", flush=True)
-    print(f"eval_one_model_s: {seconds['one']:.1f}")
-    print(f"eval_five_models_s: {seconds['five']:.1f}")
-    print(f"eval_five_models_vs_one: {seconds['five'] / seconds['one']:.2f}")
+    seconds, timings = {"one": [], "five": []}, {}
+    for _ in range(args.repeats):  # alternating; medians (this machine's speed drifts)
+        for label, models in (("one", "[base]"), ("five", "[base, adapters, fused]")):
+            seconds[label].append(_timed(ff + ["eval", str(CONFIG), "--force", *common,
+                                               "--set", f"eval.models={models}"], env))
+            timings[label] = json.loads((RUN / "eval" / "timings.json").read_text())
+            print(f"{label}: {seconds[label][-1]:.1f} s; {timings[label]}", flush=True)
+    one, five = statistics.median(seconds["one"]), statistics.median(seconds["five"])
+    if args.repeats > 1:
+        print("eval_five_vs_one_per_pair: " + ", ".join(
+            f"{f / o:.2f}" for o, f in zip(seconds["one"], seconds["five"])))
+    print(f"eval_one_model_s: {one:.1f}")
+    print(f"eval_five_models_s: {five:.1f}")
+    print(f"eval_five_models_vs_one: {five / one:.2f}")
 
 
 def logits_where_scored(args) -> None:

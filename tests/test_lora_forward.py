@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fashionfuse.train.lora_forward import use_lean_lora_forward
+from fashionfuse.lora_forward import use_lean_lora_forward
 
 
 def _trainable(make_config):
@@ -80,3 +80,15 @@ def test_installed_on_every_trained_layer(make_config):
         with model.disable_adapter():  # handed to PEFT's forward: the base alone
             base = model(input_ids=ids).logits
     assert not torch.allclose(lean, base)
+
+
+def test_without_gradients_bit_identical_to_peft(make_config):
+    """Eval and the search's task objective run without gradients: there the lean forward keeps
+    PEFT's order of operations (in place), so lm-eval's own CLI scores the same numbers."""
+    model = _trainable(make_config).eval()
+    ids = _ids(model, 20, seed=4)
+    with torch.no_grad():
+        lean = model(input_ids=ids).logits
+        _peft_forward(model)
+        peft = model(input_ids=ids).logits
+    assert torch.equal(lean, peft)

@@ -85,6 +85,9 @@ def wrap_model(model, tokenizer, batch_size, accelerator=None, rank: int = 0, wo
     its rank, world size and accelerator (private attributes) are set here, on CPU too."""
     from lm_eval.models.huggingface import HFLM
 
+    from .lora_forward import use_lean_lora_forward
+
+    use_lean_lora_forward(model)  # without gradients: PEFT's arithmetic, in place (bit-identical)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     if accelerator is not None:
         lm._rank, lm._world_size, lm.accelerator = rank, world, accelerator

@@ -46,7 +46,7 @@ class UniformMaskDropout(torch.nn.Module):
     def mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The kept entries of `x` (others zeroed, not rescaled) and the rescaling still owed
         to them (1.0 in eval mode): a caller that applies a linear map next can rescale its
-        smaller output instead (see lora_forward.py)."""
+        smaller output instead (see fashionfuse/lora_forward.py)."""
         if not self.training:
             return x, 1.0
         if x.device.type == "cpu":

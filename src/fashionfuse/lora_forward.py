@@ -1,4 +1,4 @@
-"""A leaner forward for the LoRA layers being trained.
+"""A leaner forward for LoRA layers: in training, and exact to the bit without gradients.
 
 PEFT's LoRA layer computes `result.clone() + B(A(dropout(x))) * scaling`. Besides its two small
 matmuls it makes passes over full-width tensors that the function does not need: the
@@ -12,6 +12,10 @@ layer's width, and the add is fused into the B matmul. Gradients are those of th
 function; only float rounding differs from PEFT's order of operations (tested against PEFT's
 forward). Measured on a 30M-parameter QLoRA step: see the README's Benchmarks.
 
+Without gradients (eval, the search's task objective) the order of PEFT's operations is kept,
+so the output is bit-identical to PEFT's (what lm-eval's own CLI scores): only the defensive
+clone goes and the scaling and the add happen in place.
+
 Anything else PEFT's forward handles (mixed-adapter batches, merged or disabled adapters, DoRA
 and other variants, LoRA biases, autocast, extra arguments) goes to PEFT's own forward.
 """
@@ -22,7 +26,7 @@ import types
 
 import torch
 
-from .lora_dropout import UniformMaskDropout
+from .train.lora_dropout import UniformMaskDropout
 
 
 def lean_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -34,6 +38,12 @@ def lean_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
     if any(layer.lora_B[a].bias is not None for a in adapters):
         return peft_forward(layer, x, *args, **kwargs)
+    if not torch.is_grad_enabled():
+        if not (_casts_each_output(layer) or all(
+                layer.lora_B[a].weight.dtype == layer.get_base_layer().weight.dtype
+                for a in adapters)):  # PEFT adds in the promoted dtype: keep its route
+            return peft_forward(layer, x, *args, **kwargs)
+        return _add_in_place(layer, adapters, x, layer.base_layer(x))
     result = layer.base_layer(x)
     width = result.shape[-1]
     for name in adapters:
@@ -54,12 +64,34 @@ def lean_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return result
 
 
+def _casts_each_output(layer) -> bool:
+    """PEFT's 4-bit LoRA layer casts each adapter's output to the result's dtype before adding;
+    its plain layer adds in the promoted dtype and casts once at the end."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return False
+    return isinstance(layer, Linear4bit)
+
+
+def _add_in_place(layer, adapters: list[str], x: torch.Tensor, result: torch.Tensor):
+    """PEFT's arithmetic in PEFT's order, in place: `result += (B(A(dropout(x))) * scaling)`
+    cast to the result's dtype."""
+    for name in adapters:
+        lora_a = layer.lora_A[name]
+        h = layer._cast_input_dtype(x, lora_a.weight.dtype)
+        out = layer.lora_B[name](lora_a(layer.lora_dropout[name](h)))
+        out.mul_(layer.scaling[name])
+        result.add_(out.to(result.dtype))
+    return result
+
+
 def use_lean_lora_forward(model) -> int:
     """Give every LoRA linear layer of `model` (plain or bitsandbytes 4/8-bit) the lean forward;
     return how many layers got it."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    from ..lora import lora_layers
+    from .lora import lora_layers
 
     linear_types = [LoraLinear]
     try:
