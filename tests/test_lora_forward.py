@@ -92,3 +92,24 @@ def test_without_gradients_bit_identical_to_peft(make_config):
         _peft_forward(model)
         peft = model(input_ids=ids).logits
     assert torch.equal(lean, peft)
+
+
+def test_several_active_adapters_without_gradients_bit_identical(pipeline_run):
+    """A fused candidate in the search (several adapters active with their own scales) scores
+    the same bits through the lean forward as through PEFT's."""
+    from fashionfuse.base_model import load_base_model
+    from fashionfuse.config import load_config
+    from fashionfuse.lora import attach_adapters, set_fusion_weights
+
+    cfg = load_config(pipeline_run["config"])
+    run = pipeline_run["run_dir"]
+    model = attach_adapters(load_base_model(cfg.model, device="cpu"),
+                            {n: run / "adapters" / n for n in ("chat", "orca")})
+    set_fusion_weights(model, {"chat": 0.7, "orca": 0.4})
+    assert use_lean_lora_forward(model) > 0
+    ids = _ids(model, 20, seed=6)
+    with torch.no_grad():
+        lean = model(input_ids=ids).logits
+        _peft_forward(model)
+        peft = model(input_ids=ids).logits
+    assert torch.equal(lean, peft)

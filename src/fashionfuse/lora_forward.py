@@ -79,8 +79,8 @@ def _add_in_place(layer, adapters: list[str], x: torch.Tensor, result: torch.Ten
     cast to the result's dtype."""
     for name in adapters:
         lora_a = layer.lora_A[name]
-        h = layer._cast_input_dtype(x, lora_a.weight.dtype)
-        out = layer.lora_B[name](lora_a(layer.lora_dropout[name](h)))
+        x = layer._cast_input_dtype(x, lora_a.weight.dtype)  # carried over, as PEFT does
+        out = layer.lora_B[name](lora_a(layer.lora_dropout[name](x)))
         out.mul_(layer.scaling[name])
         result.add_(out.to(result.dtype))
     return result
