@@ -323,7 +323,8 @@ def main() -> None:
             print(f"fashionfuse (packed, {args.baseline_dtype}): {again['train_seconds']:.1f} s, "
                   f"{same_dtype_tps:.0f} tokens/s")
 
-        loss_base = held_out_loss(cfg.model, tmp / "baseline_0" / "baseline_adapter", held_out, tok.pad_token_id)
+        loss_base = held_out_loss(cfg.model, tmp / "baseline_0" / "baseline_adapter", held_out,
+                                  tok.pad_token_id)
         loss_ours = held_out_loss(cfg.model, run / "adapters" / "chat", held_out, tok.pad_token_id)
         if args.profile:
             profile_run = sharing_data(run, tmp / "profile_run")

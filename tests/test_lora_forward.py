@@ -40,6 +40,14 @@ def _peft_forward(model):
         layer.__dict__.pop("forward", None)  # back to the class's (PEFT's) forward
 
 
+def _lean_then_peft_logits(model, ids):
+    """Logits without gradients through the lean forward, then through PEFT's."""
+    with torch.no_grad():
+        lean = model(input_ids=ids).logits
+        _peft_forward(model)
+        return lean, model(input_ids=ids).logits
+
+
 @pytest.mark.parametrize("training_mode", [True, False])
 def test_same_output_and_gradients_as_peft(make_config, training_mode):
     """Same logits and LoRA gradients as PEFT's forward with the same dropout masks (PEFT's
@@ -87,10 +95,7 @@ def test_without_gradients_bit_identical_to_peft(make_config):
     PEFT's order of operations (in place), so lm-eval's own CLI scores the same numbers."""
     model = _trainable(make_config).eval()
     ids = _ids(model, 20, seed=4)
-    with torch.no_grad():
-        lean = model(input_ids=ids).logits
-        _peft_forward(model)
-        peft = model(input_ids=ids).logits
+    lean, peft = _lean_then_peft_logits(model, ids)
     assert torch.equal(lean, peft)
 
 
@@ -108,8 +113,5 @@ def test_several_active_adapters_without_gradients_bit_identical(pipeline_run):
     set_fusion_weights(model, {"chat": 0.7, "orca": 0.4})
     assert use_lean_lora_forward(model) > 0
     ids = _ids(model, 20, seed=6)
-    with torch.no_grad():
-        lean = model(input_ids=ids).logits
-        _peft_forward(model)
-        peft = model(input_ids=ids).logits
+    lean, peft = _lean_then_peft_logits(model, ids)
     assert torch.equal(lean, peft)

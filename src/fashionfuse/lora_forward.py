@@ -22,6 +22,7 @@ and other variants, LoRA biases, autocast, extra arguments) goes to PEFT's own f
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -64,14 +65,24 @@ def lean_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return result
 
 
+@functools.cache
+def _lora_linear_types() -> tuple[tuple[type, ...], type | None]:
+    """PEFT's LoRA linear layer classes (plain, and bitsandbytes 4/8-bit where installed) and
+    the 4-bit one (None without bitsandbytes), looked up once."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    try:
+        from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
+    except ImportError:  # bitsandbytes absent
+        return (LoraLinear,), None
+    return (LoraLinear, Linear4bit, Linear8bitLt), Linear4bit
+
+
 def _casts_each_output(layer) -> bool:
     """PEFT's 4-bit LoRA layer casts each adapter's output to the result's dtype before adding;
     its plain layer adds in the promoted dtype and casts once at the end."""
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-    except ImportError:
-        return False
-    return isinstance(layer, Linear4bit)
+    four_bit = _lora_linear_types()[1]
+    return four_bit is not None and isinstance(layer, four_bit)
 
 
 def _add_in_place(layer, adapters: list[str], x: torch.Tensor, result: torch.Tensor):
@@ -89,17 +100,9 @@ def _add_in_place(layer, adapters: list[str], x: torch.Tensor, result: torch.Ten
 def use_lean_lora_forward(model) -> int:
     """Give every LoRA linear layer of `model` (plain or bitsandbytes 4/8-bit) the lean forward;
     return how many layers got it."""
-    from peft.tuners.lora import Linear as LoraLinear
-
     from .lora import lora_layers
 
-    linear_types = [LoraLinear]
-    try:
-        from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
-
-        linear_types += [Linear4bit, Linear8bitLt]
-    except ImportError:  # bitsandbytes absent
-        pass
+    linear_types = _lora_linear_types()[0]
     changed = 0
     for module in lora_layers(model).values():
         if type(module) in linear_types:

@@ -58,7 +58,7 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
         base.gradient_checkpointing_enable()
     model = get_peft_model(base, lora_config(train, targets))
     use_uniform_mask_dropout(model)  # same dropout, cheaper mask (see lora_dropout.py)
-    use_lean_lora_forward(model)  # same function, fewer full-width passes (see fashionfuse/lora_forward.py)
+    use_lean_lora_forward(model)  # same function, fewer full-width passes (lora_forward.py)
     if frozen_adapters:
         from ..lora import lora_layers
 
