@@ -7,10 +7,15 @@ from fashionfuse.lora_forward import use_lean_lora_forward
 
 
 def _trainable(make_config):
-    from fashionfuse.config import load_config
+    from fashionfuse.config import RunConfig, load_config
     from fashionfuse.train.model import build_trainable_model
 
-    cfg = load_config(make_config())
+    data = load_config(make_config()).model_dump(mode="json")
+    # the two forwards compute one function: compare them in float32, where the order of the
+    # additions cannot hide a difference (in bfloat16 it rounds differently, on CPUs where
+    # `auto` resolves to bfloat16)
+    data["model"]["quantization"]["compute_dtype"] = "float32"
+    cfg = RunConfig.model_validate(data)
     model = build_trainable_model(cfg.model, cfg.training, device="cpu", log=lambda *a: None).model
     torch.manual_seed(0)
     for name, p in model.named_parameters():

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from fashionfuse.cli import app
 from fashionfuse.config import SearchConfig, load_config
-from fashionfuse.lora import load_saved_adapter, weighted_delta
+from fashionfuse.lora import FusionError, load_saved_adapter, weighted_delta
 from fashionfuse.search.methods.grid import candidates as grid_candidates
 from fashionfuse.search.methods.random import candidates as random_candidates
 from fashionfuse.search.pipeline import search_weights
@@ -149,12 +149,18 @@ def test_merged_export_uses_dequantised_nf4_weights(pipeline_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from fashionfuse.base_model import load_base_model
-    from fashionfuse.lora import export_merged_model
+    from fashionfuse.lora import export_merged_model, trained_quantization
+    from fashionfuse.rundir import read_manifest
 
     cfg = load_config(pipeline_run["config"])
     fused_dir = pipeline_run["run_dir"] / "search" / "fused"
     out = tmp_path / "merged"
-    report = export_merged_model(cfg.model, fused_dir, out, dtype=torch.float32)
+    with pytest.raises(FusionError, match="quantisation record"):  # a fused dir has no manifest
+        export_merged_model(cfg.model, fused_dir, out, dtype=torch.float32)
+    record = trained_quantization({n: read_manifest(pipeline_run["run_dir"] / "adapters" / n)
+                                   for n in ("chat", "orca")})
+    report = export_merged_model(cfg.model, fused_dir, out, dtype=torch.float32,
+                                 quantization=record)
     assert report["dtype"] == "float32" and report["update_relative_error"] < 1e-3
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     original = AutoModelForCausalLM.from_pretrained(cfg.model.base, dtype=torch.float32)

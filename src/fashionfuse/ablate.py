@@ -24,6 +24,7 @@ minus the best single adapter's.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import RunConfig
@@ -66,69 +67,111 @@ def variant_config(cfg: RunConfig, name: str, **search) -> RunConfig:
     """A config whose run dir `ablate/<name>` shares the parent's curated data and adapters
     (links) and searches with `search` settings instead."""
     root = link_shared(cfg.run_dir, RunLayout(cfg.run_dir).ablation(name), ("curate", "adapters"))
+    return _with_search(cfg, str(root), search)
+
+
+def _with_search(cfg: RunConfig, run_dir: str, search: dict) -> RunConfig:
     data = cfg.model_dump(mode="json")
-    data["run_dir"] = str(root)
+    data["run_dir"] = run_dir
     data["search"].update(search)
     return RunConfig.model_validate(data)
 
 
-def _fusions(cfg: RunConfig, force: bool) -> dict[str, Path]:
-    """Run the fusion variants' searches; label -> fused adapter directory."""
-    from .search import search_weights
+@dataclass(frozen=True)
+class FusionVariant:
+    """One fusion row of the ablation: its run dir `ablate/<folder>` (None: the run's own
+    search), its table label (dense operators add density and SVD error once searched), the
+    search settings it overrides, and whether it is a row of its own (the layer-wise search
+    also feeds the refined variant)."""
 
-    n = len(cfg.search_adapters)
-    variants, out = cfg.ablate.variants, {}
-    fixed = [("weights_one", "weights-one", "V0.5 fusion, weights 1", 1.0),
-             ("uniform", "uniform", f"fusion, uniform 1/{n}", round(1.0 / n, 6))]
-    for key, folder, label, weight in fixed:
-        if key in variants:
-            vcfg = variant_config(cfg, folder, method="grid", grid_values=[weight],
-                                  halving_fractions=None, export_merged=False)
-            search_weights(vcfg, force=force)
-            out[label] = RunLayout(vcfg.run_dir).fused
+    folder: str | None
+    label: str
+    search: dict = field(default_factory=dict)
+    in_table: bool = True
+
+
+def fusion_variants(cfg: RunConfig) -> list[FusionVariant]:
+    """The configured fusion variants, in table order. Variants that learn weights by gradient
+    need a differentiable objective: when `search.objective` is not one (lm_eval, mix), they
+    learn on the validation loss of the same datasets, and their label says so."""
+    from .search import registry
+
+    variants, n = cfg.ablate.variants, len(cfg.search_adapters)
+    plain = {"halving_fractions": None, "export_merged": False}
+    learned = dict(plain, method="gradient", operator="sum", layer_weights_from=None)
+    on = ""
+    if not registry.objective_class(cfg.search.objective.type).differentiable:
+        learned["objective"] = dict(cfg.search.objective.model_dump(mode="json"), type="val_loss")
+        on = " on validation loss"
+    out = [FusionVariant(folder, label, dict(plain, **_PLAIN_SUM, method="grid",
+                                             grid_values=[weight]))
+           for key, folder, label, weight in (
+               ("weights_one", "weights-one", "V0.5 fusion, weights 1", 1.0),
+               ("uniform", "uniform", f"fusion, uniform 1/{n}", round(1.0 / n, 6)))
+           if key in variants]
     if "searched" in variants:
-        search_weights(cfg, force=force)
-        out[f"V1 fusion, searched ({cfg.search.method})"] = RunLayout(cfg.run_dir).fused
+        out.append(FusionVariant(None, f"V1 fusion, searched ({cfg.search.method})"))
     if "gradient" in variants:
-        vcfg = variant_config(cfg, "gradient", method="gradient", halving_fractions=None,
-                              export_merged=False, **_PLAIN_SUM)
-        search_weights(vcfg, force=force)
-        out["fusion, learned (gradient)"] = RunLayout(vcfg.run_dir).fused
-    out.update(_finer_fusions(cfg, force))
+        out.append(FusionVariant("gradient", f"fusion, learned (gradient{on})",
+                                 dict(learned, granularity="adapter")))
+    if "layerwise" in variants or "layerwise_refined" in variants:
+        out.append(FusionVariant("layerwise", f"fusion, layer-wise learned (gradient{on})",
+                                 dict(learned, granularity="layer"), "layerwise" in variants))
+    if "layerwise_refined" in variants:
+        best = RunLayout(cfg.run_dir).ablation("layerwise") / "search" / "best.json"
+        out.append(FusionVariant("layerwise-refined", "fusion, layer-wise x grid multiplier",
+                                 dict(plain, method="grid", granularity="layer", operator="sum",
+                                      layer_weights_from=str(best),
+                                      grid_values=REFINE_MULTIPLIERS)))
+    method = "grid" if cfg.search.method == "gradient" else cfg.search.method
+    out += [FusionVariant(op, op.upper() if op != "magnitude" else op,
+                          dict(plain, method=method, operator=op, granularity="adapter",
+                               layer_weights_from=None))
+            for op in ("ties", "dare", "magnitude") if op in variants]
     return out
 
 
-def _finer_fusions(cfg: RunConfig, force: bool) -> dict[str, Path]:
-    """Issue-15 variants: layer-wise learned weights (and a per-adapter grid multiplier on
-    them), and the dense merge operators searched by the config's method."""
+def check_fusion_variants(cfg: RunConfig, planned: list[FusionVariant]) -> None:
+    """Validate every fusion variant's config before any work, so a variant that cannot run
+    fails at once instead of after hours of training and searching; the error names the
+    variants to drop from `ablate.variants`."""
+    from pydantic import ValidationError
+
+    from .search import registry
+
+    bad = []
+    for v in planned:
+        try:
+            vcfg = _with_search(cfg, cfg.run_dir, v.search) if v.search else cfg
+        except ValidationError as e:
+            bad.append(f"{v.folder or 'searched'} ({e.errors()[0]['msg']})")
+            continue
+        objective = registry.objective_class(vcfg.search.objective.type)
+        if vcfg.search.method == "gradient" and not objective.differentiable:
+            bad.append(f"{v.folder or 'searched'} (method gradient needs a differentiable "
+                       f"objective, not {vcfg.search.objective.type})")
+    if bad:
+        raise UserError(f"ablate: these variants cannot run with this config: {'; '.join(bad)}; "
+                        "drop them from ablate.variants")
+
+
+def _fusions(cfg: RunConfig, planned: list[FusionVariant], force: bool) -> dict[str, Path]:
+    """Run the fusion variants' searches; label -> fused adapter directory."""
     from .search import search_weights
 
-    variants, out = cfg.ablate.variants, {}
-    plain = {"halving_fractions": None, "export_merged": False}
-    if "layerwise" in variants or "layerwise_refined" in variants:
-        vcfg = variant_config(cfg, "layerwise", method="gradient", granularity="layer",
-                              operator="sum", layer_weights_from=None, **plain)
-        search_weights(vcfg, force=force)
-        if "layerwise" in variants:
-            out["fusion, layer-wise learned (gradient)"] = RunLayout(vcfg.run_dir).fused
-        if "layerwise_refined" in variants:
-            learned = RunLayout(vcfg.run_dir).search / "best.json"
-            rcfg = variant_config(cfg, "layerwise-refined", method="grid", granularity="layer",
-                                  operator="sum", layer_weights_from=str(learned),
-                                  grid_values=REFINE_MULTIPLIERS, **plain)
-            search_weights(rcfg, force=force)
-            out["fusion, layer-wise x grid multiplier"] = RunLayout(rcfg.run_dir).fused
-    method = "grid" if cfg.search.method == "gradient" else cfg.search.method
-    for op in ("ties", "dare", "magnitude"):
-        if op in variants:
-            vcfg = variant_config(cfg, op, method=method, operator=op, granularity="adapter",
-                                  layer_weights_from=None, **plain)
-            best = search_weights(vcfg, force=force)
-            fused = RunLayout(vcfg.run_dir).fused
+    out = {}
+    for v in planned:
+        vcfg = variant_config(cfg, v.folder, **v.search) if v.folder else cfg
+        best = search_weights(vcfg, force=force)
+        fused = RunLayout(vcfg.run_dir).fused
+        label = v.label
+        if v.search.get("operator", "sum") != "sum":
             svd = json.loads((fused / "svd_report.json").read_text())
-            name = op.upper() if op != "magnitude" else op
-            out[f"fusion, {name} ({method}, density {best['best_density']:g}; SVD rank "
-                f"{svd['rank']}, error {100 * svd['relative_error']:.1f}%)"] = fused
+            label = (f"fusion, {v.label} ({v.search['method']}, density "
+                     f"{best['best_density']:g}; SVD rank {svd['rank']}, error "
+                     f"{100 * svd['relative_error']:.1f}%)")
+        if v.in_table:
+            out[label] = fused
     return out
 
 
@@ -141,6 +184,8 @@ def build_variants(cfg: RunConfig, force: bool = False) -> dict[str, Path | None
     if cfg.rounds:
         raise UserError("ablate: compares the variants of one fusion; remove `rounds` from the "
                         "config (or ablate each round's config)")
+    planned = fusion_variants(cfg)
+    check_fusion_variants(cfg, planned)
     acfg = ablation_config(cfg)
     layout = RunLayout(cfg.run_dir)
     curate(acfg, force=force)
@@ -159,7 +204,7 @@ def build_variants(cfg: RunConfig, force: bool = False) -> dict[str, Path | None
     if "sequential" in cfg.ablate.variants:
         order = cfg.ablate.sequential_order or datasets
         models[f"V0.4 sequential ({' -> '.join(order)})"] = layout.adapter(sequential_chain(cfg)[-1])
-    models.update(_fusions(cfg, force))
+    models.update(_fusions(cfg, planned, force))
     return models
 
 

@@ -85,26 +85,68 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_base_model(cfg: ModelConfig, *, quantized: bool | None = None, device: str | None = None):
+def load_base_model(cfg: ModelConfig, *, quantized: bool | None = None, device: str | None = None,
+                    weight_dtype: str | None = None):
     """The frozen base model: 4-bit NF4 when `quantization.bits == 4` (or `quantized=True`),
-    with `model.merge_adapters` merged into its full-precision weights before quantisation."""
+    with `model.merge_adapters` merged into its full-precision weights before quantisation.
+    The weights are cast to the compute dtype resolved for `device` (or to `weight_dtype`, the
+    one recorded when an adapter was trained) before they are quantised: that dtype decides the
+    NF4 codes."""
     from transformers import AutoModelForCausalLM
 
     q = cfg.quantization
     quantized = q.bits == 4 if quantized is None else quantized
     device = device or default_device()
+    if weight_dtype is not None:
+        q = q.model_copy(update={"compute_dtype": weight_dtype})
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                   dtype=DTYPES[resolve_compute_dtype(q, device)])
     if quantized:
         kwargs["quantization_config"] = quantization_config(q, device)
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(cfg.base, **kwargs)
-    if not quantized:
+    if quantized:
+        keep_4bit_layout(model)
+    else:
         model.to(device)
     if cfg.merge_adapters:
         merge_into_base(model, cfg, adapter_deltas(cfg.merge_adapters))
     model.config.use_cache = False
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep every 4-bit weight in bitsandbytes' standard layout. On CPUs with AVX512-BF16,
+    a Linear4bit's first no-gradient forward in eval mode repacks its weight for a CPU inference
+    kernel and keeps it packed; that kernel has no backward (gradients through the layer are
+    silently dropped, and a layer with a bias fails) and a packed weight no longer dequantises
+    as stored. Training, gradient-learned fusion weights and the merged export all meet the
+    same resident weights after no-gradient passes, so the repacking is switched off."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def quantization_record(model) -> dict | None:
+    """How the model's 4-bit weights were quantised, read from bitsandbytes' quant state of its
+    first 4-bit layer: the dtype the weights were cast to before quantisation, the quant type,
+    block size, double quantisation, storage dtype and device. None without 4-bit layers.
+    Training stores it in the adapter's manifest; the merged export re-quantises the base with
+    it, so it starts from the very NF4 codes the adapter was trained against."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = module.weight
+            state = weight.quant_state
+            return {"weight_dtype": str(state.dtype).removeprefix("torch."),
+                    "quant_type": state.quant_type, "blocksize": int(state.blocksize),
+                    "double_quant": bool(state.nested),
+                    "quant_storage": str(weight.quant_storage).removeprefix("torch."),
+                    "device": weight.device.type}
+    return None
 
 
 def load_full_precision(cfg: ModelConfig, dtype: torch.dtype | str = "auto"):

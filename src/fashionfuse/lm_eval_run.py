@@ -92,7 +92,59 @@ def wrap_model(model, tokenizer, batch_size, accelerator=None, rank: int = 0, wo
     if accelerator is not None:
         lm._rank, lm._world_size, lm.accelerator = rank, world, accelerator
     _logits_where_scored(lm)
+    _auto_batch_size_within_memory(lm)
     return lm
+
+
+def _auto_batch_size_within_memory(lm) -> None:
+    """Make `batch_size: auto` safe wherever it runs and detect it once per row length.
+
+    HFLM tries forwards of its longest row from `max_batch_size` down until one does not run
+    out of memory; on a CPU nothing runs out and the kernel kills the process instead. Here the
+    start is bounded by `forward_memory.rows_that_fit` (the trial builds full logits): on a CPU
+    that bound is the answer and no trial forward runs; on a GPU lm-eval's out-of-memory
+    search starts from it. The result is kept per longest-row length, what the memory depends
+    on (every model scored through this HFLM has the same shapes). Processes of one data-parallel
+    run share a CPU's memory, so each takes its share, and all use the smallest size found.
+    (Wraps HFLM's private `_detect_batch_size`.)"""
+    import torch
+
+    from .forward_memory import rows_that_fit
+
+    if not str(lm.batch_size).startswith("auto"):
+        return
+    detect, sizes = lm._detect_batch_size, {}
+    model = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
+    dtype_bytes = getattr(model, "dtype", torch.float32).itemsize
+
+    def detect_within_memory(requests=None, pos: int = 0) -> int:
+        if requests:
+            _, context, continuation = requests[pos]
+            length = len((list(context) + list(continuation))[-(lm.max_length + 1):][:-1])
+        else:
+            length = lm.max_length
+        if length in sizes:
+            return sizes[length]
+        share = lm.world_size if lm.device.type == "cpu" else 1
+        most = rows_that_fit(model.config, length, dtype_bytes, str(lm.device),
+                             lm.max_batch_size, share=share)
+        if lm.device.type == "cuda":
+            ceiling, lm.max_batch_size = lm.max_batch_size, most
+            try:
+                most = detect(requests, pos)
+            finally:
+                lm.max_batch_size = ceiling
+        elif lm.world_size > 1 and torch.distributed.is_initialized():
+            found = torch.tensor([most])
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
+            most = int(found.item())
+        if lm.rank == 0:
+            print(f"eval: batch_size auto -> {most} for rows of {length} tokens "
+                  f"(bounded by the memory available on {lm.device.type})")
+        sizes[length] = most
+        return most
+
+    lm._detect_batch_size = detect_within_memory
 
 
 def _logits_where_scored(lm) -> None:
@@ -128,21 +180,23 @@ def _logits_where_scored(lm) -> None:
             continuation_len.clear()
 
     def positions_needed(inps) -> int:
-        """How many trailing positions cover every row's continuation (rows are right-padded
-        with 0; a row that really ends in 0 is found by trying the longer lengths)."""
+        """How many trailing positions cover every row's continuation. Rows are right-padded
+        with 0 and a real row may end in 0 itself, so a padded row can match several requests
+        (the row of (ctx, [9, 0, 11]) is the row of (ctx + [9], [12]) padded by one): every
+        length from the unpadded one to the padded one is looked up, and the row keeps what
+        the most demanding match needs. A row that matches nothing keeps every position."""
         padded_len, needed = inps.shape[1], 1
         for row in inps.tolist():
             length = padded_len
             while length and row[length - 1] == 0:
                 length -= 1
-            for n in range(length, padded_len + 1):
-                cont = continuation_len.get(hash(tuple(row[:n])))
-                if cont is not None:
-                    needed = max(needed, padded_len - n + cont)
-                    break
-            else:
+            matches = [(n, continuation_len.get(hash(tuple(row[:n]))))
+                       for n in range(max(length, 1), padded_len + 1)]
+            row_needs = [padded_len - n + cont for n, cont in matches if cont is not None]
+            if not row_needs:
                 return padded_len
-        return needed
+            needed = max(needed, *row_needs)
+        return min(needed, padded_len)
 
     def _model_call(inps, attn_mask=None, labels=None):
         if not continuation_len or attn_mask is not None or labels is not None:

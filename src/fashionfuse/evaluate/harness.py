@@ -19,12 +19,11 @@ from pathlib import Path
 
 from ..architectures import check_tokenizer_fits
 from ..base_model import (
-    DTYPES,
     base_fingerprint_parts,
     default_device,
     load_base_model,
     load_tokenizer,
-    resolve_compute_dtype,
+    quantization_record,
 )
 from ..config import RunConfig, config_hash
 from ..errors import UserError
@@ -156,6 +155,17 @@ class EvalSetup:
     accelerator: object
     task_sets: dict = field(default_factory=dict)  # few-shot count -> TaskSet, on first use
     lm: object = None  # the HFLM around the resident model, shared by every model scored on it
+    scored_as: dict[str, str] = field(default_factory=dict)  # label -> weights as scored
+
+    @property
+    def resident_as(self) -> str:
+        """The resident model's weights as scored: 4-bit (quant type, dtype it was quantised
+        from, compute dtype) or its plain dtype."""
+        record = quantization_record(self.model)
+        if record is None:
+            return str(self.model.dtype).removeprefix("torch.")
+        return (f"{record['quant_type']} 4-bit from {record['weight_dtype']}, "
+                f"{str(self.model.dtype).removeprefix('torch.')} compute")
 
     def tasks_for(self, shots: int | None, seed: int) -> TaskSet:
         """The task set of one few-shot group, loaded once for every model."""
@@ -194,26 +204,26 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
     """lm-eval results of one model (on rank 0; None on the other ranks)."""
     from lm_eval.utils import handle_non_serializable
 
-    if label == "merged":  # a separate full model: loaded on its own, unquantised
+    if label == "merged":  # a separate full model, scored in the dtype it was exported in
         from transformers import AutoModelForCausalLM
 
-        target = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[resolve_compute_dtype(cfg.model.quantization, ev.device)]
-        ).to(ev.device).eval()
+        target = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(ev.device).eval()
+        ev.scored_as[label] = str(target.dtype).removeprefix("torch.")
         lm = wrap_model(target, ev.tokenizer, cfg.eval.batch_size, ev.accelerator, ev.rank,
                         ev.world)
     else:
+        ev.scored_as[label] = ev.resident_as
         if ev.keys:
             activate(ev.model, ev.keys.get(label), list(ev.keys.values()))
         if ev.lm is None:
             ev.lm = wrap_model(ev.model, ev.tokenizer, cfg.eval.batch_size, ev.accelerator,
                                ev.rank, ev.world)
-            _detect_batch_size_once(ev.lm)
         lm = ev.lm
     parts = []
     for shots, names in ev.by_shots.items():
         if ev.rank == 0:
-            print(f"eval {label}: {len(names)} task(s), num_fewshot={shots}, processes={ev.world}")
+            print(f"eval {label}: {len(names)} task(s), num_fewshot={shots}, processes={ev.world}, "
+                  f"weights {ev.scored_as[label]}")
         parts.append(ev.tasks_for(shots, cfg.seed).score(lm, limit=cfg.eval.limit,
                                                          log_samples=cfg.eval.log_samples))
     if ev.rank != 0:
@@ -222,27 +232,12 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
     return json.loads(json.dumps(res, default=handle_non_serializable))
 
 
-def _detect_batch_size_once(lm) -> None:
-    """With `batch_size: auto` HFLM detects the largest batch size on every call; every model
-    scored on the resident base has the same size and the same requests, so detect once per
-    request set. (Wraps HFLM's private `_detect_batch_size`.)"""
-    detect, memo = lm._detect_batch_size, {}
-
-    def once(requests=None, pos: int = 0):
-        key = (len(requests) if requests is not None else None, pos)
-        if key not in memo:
-            memo[key] = detect(requests, pos)
-        return memo[key]
-
-    lm._detect_batch_size = once
-
-
-def _write_eval(cfg: RunConfig, fp: str, models: dict, results_by_model: dict, specs,
-                world: int, out: Path, timings: dict) -> dict:
+def _write_eval(cfg: RunConfig, fp: str, models: dict, results_by_model: dict,
+                ev: EvalSetup, out: Path, timings: dict) -> dict:
     """Per-model results JSON, the side-by-side table (MD, CSV, JSON, PNG), where the time
     went (timings.json: loading the model and task folders, then each model with the task
     loading of the first), the manifest."""
-    table = build_table(results_by_model, specs)
+    table = build_table(results_by_model, ev.specs)
     with atomic_dir(out) as tmp:
         for label, res in results_by_model.items():
             write_text(tmp / _folder(label) / "results.json", json.dumps(res, indent=2) + "\n")
@@ -254,7 +249,7 @@ def _write_eval(cfg: RunConfig, fp: str, models: dict, results_by_model: dict, s
         write_manifest(tmp, stage="eval", fingerprint=fp, config_hash=config_hash(cfg.eval),
                        inputs={k: str(v) for k, v in models.items()}, seed=cfg.seed,
                        metrics={r["model"]: r["average"] for r in table["rows"]},
-                       extra={"processes": world})
+                       extra={"processes": ev.world, "scored_weights": ev.scored_as})
     print(to_markdown(table))
     return table
 
@@ -286,4 +281,4 @@ def evaluate(cfg: RunConfig, force: bool = False, models: dict[str, Path | None]
     if ev.rank != 0:
         return {}
     timings["setup_s"] = round(timings["setup_s"], 3)
-    return _write_eval(cfg, fp, models, results, ev.specs, ev.world, out, timings)
+    return _write_eval(cfg, fp, models, results, ev, out, timings)

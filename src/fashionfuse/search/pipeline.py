@@ -31,6 +31,7 @@ from ..lora import (
     fuse_adapters,
     load_saved_adapter,
     lora_layers,
+    trained_quantization,
 )
 from ..plots import pyplot, save_figure
 from ..rundir import (
@@ -40,6 +41,7 @@ from ..rundir import (
     file_digest,
     fingerprint,
     is_up_to_date,
+    read_manifest,
     write_json,
     write_manifest,
 )
@@ -180,10 +182,7 @@ def _write_result(cfg: RunConfig, fp: str, ctx: SearchContext, adapter_dirs: dic
                 shutil.copy(adapter_dirs[names[0]] / f, tmp / "fused" / f)
         _plots(trials, names, tmp / "search.png")
         if s.export_merged:
-            report = export_merged_model(cfg.model, tmp / "fused", tmp / "merged",
-                                         DTYPES.get(s.export_dtype), deltas=deltas)
-            metrics["merged_update_relative_error"] = report["update_relative_error"]
-            metrics["merged_dtype"] = report["dtype"]
+            _export_merged(cfg, fp, tmp, adapter_dirs, names, deltas, metrics)
         write_manifest(tmp, stage="search", fingerprint=fp, config_hash=config_hash(s),
                        inputs={n: artifact_id(adapter_dirs[n]) for n in names},
                        seed=cfg.seed, metrics=metrics, extra={"best_weights": best["weights"]},
@@ -191,6 +190,27 @@ def _write_result(cfg: RunConfig, fp: str, ctx: SearchContext, adapter_dirs: dic
     print(f"search: {len(trials)} trials ({pruned} pruned), best {_short(best['weights'])} -> "
           f"{best['score']:.4f}")
     return result
+
+
+def _export_merged(cfg: RunConfig, fp: str, tmp: Path, adapter_dirs: dict, names: list[str], deltas,
+                   metrics: dict) -> None:
+    """Save base + fused adapter as one model in `merged/`, re-quantising a 4-bit base exactly
+    as the adapters were trained on it; its own manifest hashes every file, so what eval scores
+    is fingerprinted by its bytes."""
+    quantization = None
+    if cfg.model.quantization.bits == 4:
+        quantization = trained_quantization({n: read_manifest(adapter_dirs[n]) for n in names})
+    report = export_merged_model(cfg.model, tmp / "fused", tmp / "merged",
+                                 DTYPES.get(cfg.search.export_dtype), deltas=deltas,
+                                 quantization=quantization)
+    metrics["merged_update_relative_error"] = report["update_relative_error"]
+    metrics["merged_dtype"] = report["dtype"]
+    merged = tmp / "merged"
+    write_manifest(merged, stage="search.merged", fingerprint=fp,
+                   config_hash=config_hash(cfg.search), inputs={"fused": "fused"},
+                   seed=cfg.seed, metrics={k: v for k, v in report.items() if k != "per_module"},
+                   content=sorted(str(p.relative_to(merged)) for p in merged.rglob("*")
+                                  if p.is_file()))
 
 
 def _short(weights: dict[str, float], most: int = 6) -> str:

@@ -22,7 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..architectures import check_tokenizer_fits
-from ..base_model import base_fingerprint_parts, load_tokenizer, resolve_compute_dtype
+from ..base_model import (
+    base_fingerprint_parts,
+    load_tokenizer,
+    quantization_record,
+    resolve_compute_dtype,
+)
 from ..chat_template import IGNORE_INDEX, install_chat_template
 from ..config import AdapterSpec, RunConfig, config_hash
 from ..console import progress_file
@@ -345,7 +350,8 @@ def _save_adapter(job: TrainJob, s: Session, tokenizer, metrics: dict) -> None:
                        inputs={str(p): artifact_id(p.parent) for p in job.splits},
                        seed=cfg.seed, metrics=metrics,
                        extra={"adapter": job.name, "datasets": spec.datasets,
-                              "on_top_of": spec.on_top_of},
+                              "on_top_of": spec.on_top_of,
+                              "quantization": quantization_record(s.model)},
                        content=["adapter_model.safetensors", "adapter_config.json"])
 
 
