@@ -6,6 +6,7 @@ start-up included. The script first builds the demo adapters in runs/bench_eval 
 
     python scripts/bench_eval.py [--limit N]
     python scripts/bench_eval.py --leaderboard [--benchmarks ../shared/benchmarks]
+    python scripts/bench_eval.py --prefix [--limit 20] [--compute-dtype float32]
 
 Ends with `speedup_vs_separate: X` (separate seconds / one-command seconds).
 
@@ -14,6 +15,17 @@ Ends with `speedup_vs_separate: X` (separate seconds / one-command seconds).
 and on five (base, three adapters, fused), each one `fashionfuse eval` process:
 `eval_five_models_vs_one` = five-model seconds / one-model seconds, with the time breakdown
 from `eval/timings.json`.
+
+`--prefix`: the `leaderboard_v1` preset with `--limit 20` (default) on five models (base, three
+adapters, fused) with `eval.max_length` 4096 (the demo prompts are 1,000-3,000 of its tokens;
+beyond its 512 trained positions its scores mean nothing, but both routes compute the same
+function on the same rows, which is what is measured), one `fashionfuse eval` each with `eval.shared_contexts` false (lm-eval's own
+path: every answer choice a row with its context) and true (one pass per shared context):
+`prefix_tokens_ratio` (token positions through the model, plain / shared),
+`leaderboard_speedup_vs_plain` (scoring seconds, plain / shared), the largest log-likelihood
+difference and how many items' metrics differ; then one candidate of the search's `lm_eval`
+objective on ARC-Challenge 25-shot and HellaSwag 10-shot (the resident 4-bit model with the
+fused weights set, the objective's `TaskSet` and `wrap_model`): `task_objective_speedup`.
 """
 
 from __future__ import annotations
@@ -47,6 +59,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--leaderboard", action="store_true")
     parser.add_argument("--logits", action="store_true")
+    parser.add_argument("--prefix", action="store_true")
+    parser.add_argument("--max-length", type=int, default=4096,
+                        help="--prefix: eval.max_length (the demo model's own window, 512, cuts "
+                        "ARC and HellaSwag prompts from the left, and cut rows are not shared)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="--leaderboard: time each side this many times, alternating; medians")
     parser.add_argument("--compute-dtype", default="bfloat16",
@@ -60,6 +76,9 @@ def main() -> None:
         return
     if args.logits:
         logits_where_scored(args)
+        return
+    if args.prefix:
+        shared_prefix(args, env)
         return
     ff = [sys.executable, "-m", "fashionfuse.cli"]
     common = ["--set", f"run_dir={RUN}", "--set", "eval.load_in_4bit=false",
@@ -127,6 +146,103 @@ def leaderboard(args, env: dict) -> None:
     print(f"eval_one_model_s: {one:.1f}")
     print(f"eval_five_models_s: {five:.1f}")
     print(f"eval_five_models_vs_one: {five / one:.2f}")
+
+
+def _samples(eval_dir: Path) -> dict:
+    """(model, task, doc id) -> (per-choice log-likelihoods, metrics) from logged samples."""
+    out = {}
+    for res_file in eval_dir.glob("*/results.json"):
+        res = json.loads(res_file.read_text())
+        for task, samples in (res.get("samples") or {}).items():
+            for s in samples:
+                lls = [float(r[0][0] if isinstance(r[0], list) else r[0]) for r in s["resps"]]
+                metrics = {k: s[k] for k in ("acc", "acc_norm", "mc2") if k in s}
+                if "truthfulqa" in task:  # mc2 is logged under "acc"
+                    metrics = {"mc2": s["acc"]}
+                out[(res_file.parent.name, task, s["doc_id"])] = (lls, metrics)
+    return out
+
+
+def shared_prefix(args, env: dict) -> None:
+    """leaderboard_v1 on five models with and without shared contexts; then the objective."""
+    if not args.benchmarks.is_dir():
+        sys.exit(f"{args.benchmarks}: benchmark files not found (pass --benchmarks)")
+    limit = args.limit or 20
+    ff = [sys.executable, "-m", "fashionfuse.cli"]
+    for stage in ("curate", "train-adapter", "search-weights"):
+        subprocess.run(ff + [stage, str(CONFIG), "--set", f"run_dir={RUN}"], cwd=ROOT, env=env,
+                       check=True, capture_output=True)
+    common = ["--set", f"run_dir={RUN}", "--set", "eval.preset=leaderboard_v1",
+              "--set", f"eval.benchmark_data={args.benchmarks}", "--set", "eval.tasks=[]",
+              "--set", "eval.include_paths=[]", "--set", "eval.num_fewshot=null",
+              "--set", f"eval.limit={limit}", "--set", f"eval.batch_size={args.batch_size}",
+              "--set", "eval.log_samples=true", "--set", "eval.models=[base, adapters, fused]",
+              "--set", f"model.quantization.compute_dtype={args.compute_dtype}",
+              "--set", f"eval.max_length={args.max_length}"]
+    seconds, tokens, samples, tables = {}, {}, {}, {}
+    for route, flag in (("plain", "false"), ("shared", "true")):
+        total = _timed(ff + ["eval", str(CONFIG), "--force", *common,
+                             "--set", f"eval.shared_contexts={flag}"], env)
+        timings = json.loads((RUN / "eval" / "timings.json").read_text())
+        seconds[route] = sum(timings["models_s"].values())
+        tokens[route] = sum(timings["tokens_through_model"].values())
+        samples[route] = _samples(RUN / "eval")
+        tables[route] = json.loads((RUN / "eval" / "table.json").read_text())
+        print(f"{route}: command {total:.1f} s, scoring {seconds[route]:.1f} s, "
+              f"{tokens[route]:,} token positions", flush=True)
+    assert samples["plain"].keys() == samples["shared"].keys() and samples["plain"]
+    plain, shared = samples["plain"], samples["shared"]
+    diff = max(abs(a - b) for k in plain for a, b in zip(plain[k][0], shared[k][0]))
+    flipped = sum(plain[k][1].get(m) != shared[k][1].get(m) for k in plain
+                  for m in ("acc", "acc_norm"))
+    mc2 = max((abs(plain[k][1]["mc2"] - shared[k][1]["mc2"]) for k in plain
+               if "mc2" in plain[k][1]), default=0.0)
+    print(f"items: {len(samples['plain'])} (5 models, leaderboard_v1, limit {limit}), "
+          f"compute dtype {args.compute_dtype}")
+    print(f"max_loglikelihood_difference: {diff:.2e}")
+    print(f"acc_or_acc_norm_flips: {flipped}")
+    print(f"max_mc2_difference: {mc2:.2e}")
+    print(f"tables_identical: {tables['plain']['rows'] == tables['shared']['rows']}")
+    print(f"prefix_tokens_ratio: {tokens['plain'] / tokens['shared']:.2f}")
+    print(f"leaderboard_speedup_vs_plain: {seconds['plain'] / seconds['shared']:.2f}")
+    task_objective(args, limit)
+
+
+def task_objective(args, limit: int) -> None:
+    """One candidate of the search's lm_eval objective (ARC 25-shot, HellaSwag 10-shot) on the
+    resident 4-bit model with the fused weights set, plain vs shared contexts."""
+    from fashionfuse.base_model import load_base_model, load_tokenizer
+    from fashionfuse.config import load_config
+    from fashionfuse.evaluate.benchmarks import write_local_leaderboard_tasks
+    from fashionfuse.lm_eval_run import TaskSet, task_manager, wrap_model
+    from fashionfuse.lora import attach_adapters, set_fusion_weights
+
+    cfg = load_config(CONFIG, [f"run_dir={RUN}",
+                               f"model.quantization.compute_dtype={args.compute_dtype}"])
+    best = json.loads((RUN / "search" / "best.json").read_text())["best_weights"]
+    model = attach_adapters(load_base_model(cfg.model, device="cpu"),
+                            {n: RUN / "adapters" / n for n in best})
+    set_fusion_weights(model, best)
+    tokenizer = load_tokenizer(cfg.model)
+    tasks_dir = write_local_leaderboard_tasks(str(args.benchmarks), RUN / "bench_prefix_tasks")
+    manager = task_manager([str(tasks_dir)], ["local_arc_challenge", "local_hellaswag"])
+    seconds, scores = {}, {}
+    for route in ("plain", "shared"):
+        runs = []
+        for name, shots in (("local_arc_challenge", 25), ("local_hellaswag", 10)):
+            task_set = TaskSet(manager, [name], num_fewshot=shots, seed=cfg.seed)
+            lm = wrap_model(model, tokenizer, args.batch_size, shared_contexts=route == "shared",
+                            max_length=args.max_length)
+            t0 = time.perf_counter()
+            res = task_set.score(lm, limit=limit)
+            runs.append(time.perf_counter() - t0)
+            scores[(route, name)] = res["results"][name]["acc_norm,none"]
+        seconds[route] = sum(runs)
+        print(f"objective {route}: {seconds[route]:.1f} s per candidate", flush=True)
+    same = all(scores[("plain", n)] == scores[("shared", n)]
+               for n in ("local_arc_challenge", "local_hellaswag"))
+    print(f"task_objective_scores_identical: {same}")
+    print(f"task_objective_speedup: {seconds['plain'] / seconds['shared']:.2f}")
 
 
 def logits_where_scored(args) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from .config import ModelConfig, QuantizationConfig
 from .errors import MissingFileError
+from .gguf_base import checkpoint_dir, gguf_path
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -17,8 +18,13 @@ def base_fingerprint_parts(cfg: ModelConfig) -> dict:
     """What identifies the base weights: the local files' hash, or the hub id and revision."""
     from .rundir import path_fingerprint
 
-    parts = ({"base_files": path_fingerprint(cfg.base)} if Path(cfg.base).exists()
-             else {"base": cfg.base, "revision": cfg.revision})
+    gguf = gguf_path(cfg)
+    if gguf is not None:
+        parts = {"gguf_file": path_fingerprint(gguf)}
+    elif Path(cfg.base).exists():
+        parts = {"base_files": path_fingerprint(cfg.base)}
+    else:
+        parts = {"base": cfg.base, "revision": cfg.revision}
     if cfg.merge_adapters:
         parts["merged_adapters"] = [path_fingerprint(p) if Path(p).exists() else p
                                     for p in cfg.merge_adapters]
@@ -29,7 +35,7 @@ def load_tokenizer(cfg: ModelConfig):
     """The base model's tokenizer (fast), with a pad token set."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.base, revision=cfg.revision,
+    tok = AutoTokenizer.from_pretrained(checkpoint_dir(cfg), revision=cfg.revision,
                                         trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
@@ -104,7 +110,7 @@ def load_base_model(cfg: ModelConfig, *, quantized: bool | None = None, device: 
     if quantized:
         kwargs["quantization_config"] = quantization_config(q, device)
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(cfg.base, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir(cfg), **kwargs)
     if quantized:
         keep_4bit_layout(model)
     else:
@@ -153,7 +159,7 @@ def load_full_precision(cfg: ModelConfig, dtype: torch.dtype | str = "auto"):
     """The base model as stored (no quantisation, no merged adapters), on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(cfg.base, revision=cfg.revision,
+    return AutoModelForCausalLM.from_pretrained(checkpoint_dir(cfg), revision=cfg.revision,
                                                 trust_remote_code=cfg.trust_remote_code,
                                                 dtype=dtype)
 

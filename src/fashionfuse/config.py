@@ -49,7 +49,11 @@ class QuantizationConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    base: str = Field(description="Hub id (meta-llama/Llama-2-70b-hf) or local directory")
+    base: str = Field(description="Hub id (meta-llama/Llama-2-70b-hf), local directory, or a "
+                      "GGUF file (.gguf)")
+    gguf_file: str | None = Field(
+        default=None, description="A GGUF file inside the local folder `base` (instead of naming "
+        "the file in `base`)")
     revision: str | None = None
     trust_remote_code: bool = False
     quantization: QuantizationConfig = QuantizationConfig()
@@ -61,6 +65,14 @@ class ModelConfig(_Strict):
     merge_adapters: list[str] = Field(
         default=[], description="PEFT adapter dirs merged into the base at load, in order "
         "(iterative fusion rounds; continuing from a fused model)")
+
+    @model_validator(mode="after")
+    def _gguf(self) -> "ModelConfig":
+        if self.gguf_file and self.base.endswith(".gguf"):
+            raise ValueError("gguf_file: base already names a .gguf file")
+        if self.gguf_file and not self.gguf_file.endswith(".gguf"):
+            raise ValueError(f"gguf_file: {self.gguf_file!r} is not a .gguf file")
+        return self
 
 
 # --------------------------------------------------------------------------- curation
@@ -378,6 +390,12 @@ class EvalConfig(_Strict):
         default=None, description="Default: same as model.quantization.bits == 4"
     )
     log_samples: bool = False
+    max_length: Annotated[int, Field(gt=1)] | None = Field(
+        default=None, description="Longest row lm-eval scores, in tokens (longer rows are cut "
+        "from the left); default: the model's own window")
+    shared_contexts: bool = Field(
+        default=True, description="Score the answer choices of a question with one pass over "
+        "their shared context (same scores as lm-eval's own path; false: lm-eval's path)")
 
     @model_validator(mode="after")
     def _data_needs_preset(self) -> "EvalConfig":
@@ -525,6 +543,9 @@ def filesystem_problems(cfg: RunConfig, reads_sources: bool = True) -> list[str]
         problems.append(f"run_dir: {run_dir}: exists and is not a folder")
     files = [(f"curate.decontaminate.benchmarks.{i}", p)
              for i, p in enumerate(cfg.curate.decontaminate.benchmarks)]
+    if cfg.model.gguf_file or cfg.model.base.endswith(".gguf"):
+        gguf = Path(cfg.model.base) / (cfg.model.gguf_file or "")
+        files.append(("model.gguf_file" if cfg.model.gguf_file else "model.base", str(gguf)))
     if reads_sources:
         files += [(f"datasets.{i}.source.path", d.source.path)
                   for i, d in enumerate(cfg.datasets) if d.source.path]

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from .errors import MissingFileError
+from .shared_context import cache_argument, with_shared_prefixes
 
 PREFERRED_METRICS = ("acc_norm,none", "acc,none", "mc2,none", "exact_match,none")
 
@@ -79,21 +80,42 @@ def task_manager(include_paths: list[str], task_names: list[str]):
 
 
 
-def wrap_model(model, tokenizer, batch_size, accelerator=None, rank: int = 0, world: int = 1):
+def wrap_model(model, tokenizer, batch_size, accelerator=None, rank: int = 0, world: int = 1,
+               shared_contexts: bool = True, max_length: int | None = None):
     """lm-eval's HFLM around a resident model. Under `accelerate launch`/`torchrun` it shards the
     requests by rank and gathers them on rank 0: HFLM only does that itself for several GPUs, so
-    its rank, world size and accelerator (private attributes) are set here, on CPU too."""
+    its rank, world size and accelerator (private attributes) are set here, on CPU too. With
+    `shared_contexts`, requests that share a context are scored with one pass over it
+    (`shared_context.py`). `max_length`: the longest row scored (default: the model's
+    window). `lm.tokens_through_model` counts the token positions (padding included) the model
+    has run."""
     from lm_eval.models.huggingface import HFLM
 
     from .lora_forward import use_lean_lora_forward
 
     use_lean_lora_forward(model)  # without gradients: PEFT's arithmetic, in place (bit-identical)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     if accelerator is not None:
         lm._rank, lm._world_size, lm.accelerator = rank, world, accelerator
     _logits_where_scored(lm)
     _auto_batch_size_within_memory(lm)
+    _count_tokens(lm)
+    if shared_contexts and cache_argument(lm):
+        lm._loglikelihood_tokens = with_shared_prefixes(lm, lm._loglikelihood_tokens)
     return lm
+
+
+def _count_tokens(lm) -> None:
+    """Count in `lm.tokens_through_model` the token positions (padding included) lm-eval's
+    scoring forwards run (`_model_call`); the shared-context path adds its own."""
+    lm.tokens_through_model = 0
+    model_call = lm._model_call
+
+    def _model_call(inps, attn_mask=None, labels=None):
+        lm.tokens_through_model += inps.numel()
+        return model_call(inps, attn_mask, labels)
+
+    lm._model_call = _model_call
 
 
 def _auto_batch_size_within_memory(lm) -> None:

@@ -228,7 +228,9 @@ def stored_dtype(model_cfg) -> torch.dtype:
     """The dtype the base checkpoint is stored in (float32 when its config does not say)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_cfg.base, revision=model_cfg.revision,
+    from .gguf_base import checkpoint_dir
+
+    config = AutoConfig.from_pretrained(checkpoint_dir(model_cfg), revision=model_cfg.revision,
                                         trust_remote_code=model_cfg.trust_remote_code)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):

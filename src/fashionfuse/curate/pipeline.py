@@ -194,8 +194,7 @@ def _filter_shards(cfg: RunConfig, ds: DatasetConfig, benchmark_index, work: Pat
                        hub_config=src.hub_config, split=src.split, revision=src.revision)
     jobs = _shards(rows, cfg.curate.shard_size, work)
     nproc = cfg.curate.num_proc or (mp.cpu_count() or 1)
-    pool = mp.get_context("fork").Pool(nproc) if nproc > 1 else None
-    results = pool.imap(_filter_shard, jobs) if pool else map(_filter_shard, jobs)
+    results = _in_order(_filter_shard, jobs, nproc) if nproc > 1 else map(_filter_shard, jobs)
     bar = tqdm(desc=f"curate {ds.name}", unit="row", leave=False, mininterval=0.5,
                file=progress_file())
     full = False
@@ -223,10 +222,32 @@ def _filter_shards(cfg: RunConfig, ds: DatasetConfig, benchmark_index, work: Pat
                 progress(n_done)
     finally:
         bar.close()
-        if pool:
-            pool.terminate()
-            pool.join()
+        if nproc > 1:
+            results.close()  # stops the workers (see _in_order)
     return passed, funnel, rejects
+
+
+def _in_order(func, jobs, nproc: int):
+    """`func` over `jobs` in forked worker processes, results in job order, at most two jobs a
+    worker in flight (the job iterator is read lazily). Closing the generator early cancels the
+    jobs not started and waits for the running ones: `multiprocessing.Pool.terminate` after an
+    early stop could hang for ever, its task thread blocked writing a queued shard to a pipe
+    that no killed worker would drain."""
+    import multiprocessing as mp
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    executor = ProcessPoolExecutor(nproc, mp_context=mp.get_context("fork"))
+    pending: deque = deque()
+    try:
+        for job in jobs:
+            pending.append(executor.submit(func, job))
+            if len(pending) >= 2 * nproc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,

@@ -156,6 +156,7 @@ class EvalSetup:
     task_sets: dict = field(default_factory=dict)  # few-shot count -> TaskSet, on first use
     lm: object = None  # the HFLM around the resident model, shared by every model scored on it
     scored_as: dict[str, str] = field(default_factory=dict)  # label -> weights as scored
+    tokens: dict[str, int] = field(default_factory=dict)  # label -> token positions run (rank's)
 
     @property
     def resident_as(self) -> str:
@@ -210,15 +211,18 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
         target = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(ev.device).eval()
         ev.scored_as[label] = str(target.dtype).removeprefix("torch.")
         lm = wrap_model(target, ev.tokenizer, cfg.eval.batch_size, ev.accelerator, ev.rank,
-                        ev.world)
+                        ev.world, shared_contexts=cfg.eval.shared_contexts,
+                        max_length=cfg.eval.max_length)
     else:
         ev.scored_as[label] = ev.resident_as
         if ev.keys:
             activate(ev.model, ev.keys.get(label), list(ev.keys.values()))
         if ev.lm is None:
             ev.lm = wrap_model(ev.model, ev.tokenizer, cfg.eval.batch_size, ev.accelerator,
-                               ev.rank, ev.world)
+                               ev.rank, ev.world, shared_contexts=cfg.eval.shared_contexts,
+                        max_length=cfg.eval.max_length)
         lm = ev.lm
+    tokens_before = lm.tokens_through_model
     parts = []
     for shots, names in ev.by_shots.items():
         if ev.rank == 0:
@@ -226,6 +230,7 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
                   f"weights {ev.scored_as[label]}")
         parts.append(ev.tasks_for(shots, cfg.seed).score(lm, limit=cfg.eval.limit,
                                                          log_samples=cfg.eval.log_samples))
+    ev.tokens[label] = lm.tokens_through_model - tokens_before
     if ev.rank != 0:
         return None
     res = _merge_results([dict(p) for p in parts])
@@ -281,4 +286,5 @@ def evaluate(cfg: RunConfig, force: bool = False, models: dict[str, Path | None]
     if ev.rank != 0:
         return {}
     timings["setup_s"] = round(timings["setup_s"], 3)
+    timings["tokens_through_model"] = ev.tokens
     return _write_eval(cfg, fp, models, results, ev, out, timings)
