@@ -394,8 +394,9 @@ class EvalConfig(_Strict):
         default=None, description="Longest row lm-eval scores, in tokens (longer rows are cut "
         "from the left); default: the model's own window")
     shared_contexts: bool = Field(
-        default=True, description="Score the answer choices of a question with one pass over "
-        "their shared context (same scores as lm-eval's own path; false: lm-eval's path)")
+        default=True, description="Score requests that share a token prefix (a question's "
+        "choices, questions after the same exemplars) with one pass over it (same scores as "
+        "lm-eval's own path; false: lm-eval's path)")
 
     @model_validator(mode="after")
     def _data_needs_preset(self) -> "EvalConfig":

@@ -42,11 +42,7 @@ def available_bytes(device: str) -> int:
 
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
-    candidates = [_meminfo_available()]
-    cgroup = _cgroup_left()
-    if cgroup is not None:
-        candidates.append(cgroup)
-    known = [c for c in candidates if c is not None]
+    known = [b for b in (_meminfo_available(), _cgroup_left()) if b is not None]
     if not known:  # no /proc (not Linux): what the interpreter can see is unknown, be modest
         return 4 << 30
     return min(known)

@@ -85,7 +85,7 @@ def wrap_model(model, tokenizer, batch_size, accelerator=None, rank: int = 0, wo
     """lm-eval's HFLM around a resident model. Under `accelerate launch`/`torchrun` it shards the
     requests by rank and gathers them on rank 0: HFLM only does that itself for several GPUs, so
     its rank, world size and accelerator (private attributes) are set here, on CPU too. With
-    `shared_contexts`, requests that share a context are scored with one pass over it
+    `shared_contexts`, requests that share a token prefix are scored with one pass over it
     (`shared_context.py`). `max_length`: the longest row scored (default: the model's
     window). `lm.tokens_through_model` counts the token positions (padding included) the model
     has run."""

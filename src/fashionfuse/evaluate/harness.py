@@ -155,18 +155,9 @@ class EvalSetup:
     accelerator: object
     task_sets: dict = field(default_factory=dict)  # few-shot count -> TaskSet, on first use
     lm: object = None  # the HFLM around the resident model, shared by every model scored on it
+    resident_as: str = ""  # the resident model's weights as scored (see _weights_as_scored)
     scored_as: dict[str, str] = field(default_factory=dict)  # label -> weights as scored
     tokens: dict[str, int] = field(default_factory=dict)  # label -> token positions run (rank's)
-
-    @property
-    def resident_as(self) -> str:
-        """The resident model's weights as scored: 4-bit (quant type, dtype it was quantised
-        from, compute dtype) or its plain dtype."""
-        record = quantization_record(self.model)
-        if record is None:
-            return str(self.model.dtype).removeprefix("torch.")
-        return (f"{record['quant_type']} 4-bit from {record['weight_dtype']}, "
-                f"{str(self.model.dtype).removeprefix('torch.')} compute")
 
     def tasks_for(self, shots: int | None, seed: int) -> TaskSet:
         """The task set of one few-shot group, loaded once for every model."""
@@ -197,8 +188,26 @@ def _setup(cfg: RunConfig, models: dict[str, Path | None]) -> EvalSetup:
     check_tokenizer_fits(base, tokenizer)
     keys = adapter_keys(models)
     model = attach_adapters(base, {keys[label]: models[label] for label in keys}) if keys else base
+    resident = _weights_as_scored(model)
     return EvalSetup(specs, by_shots, task_manager([*include], [s.task for s in specs]), tokenizer,
-                     model, keys, device, rank, world, accelerator)
+                     model, keys, device, rank, world, accelerator, resident_as=resident)
+
+
+def _weights_as_scored(model) -> str:
+    """A model's weights as scored: 4-bit (quant type, the dtype it was quantised from, compute
+    dtype) or its plain dtype."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    record = quantization_record(model)
+    if record is None:
+        return dtype
+    return f"{record['quant_type']} 4-bit from {record['weight_dtype']}, {dtype} compute"
+
+
+def _wrap(cfg: RunConfig, ev: EvalSetup, model):
+    """The lm-eval wrapper of one scored model, with this eval's batch size, window, prefix
+    sharing and data-parallel world."""
+    return wrap_model(model, ev.tokenizer, cfg.eval.batch_size, ev.accelerator, ev.rank, ev.world,
+                      shared_contexts=cfg.eval.shared_contexts, max_length=cfg.eval.max_length)
 
 
 def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -> dict | None:
@@ -210,17 +219,13 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
 
         target = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(ev.device).eval()
         ev.scored_as[label] = str(target.dtype).removeprefix("torch.")
-        lm = wrap_model(target, ev.tokenizer, cfg.eval.batch_size, ev.accelerator, ev.rank,
-                        ev.world, shared_contexts=cfg.eval.shared_contexts,
-                        max_length=cfg.eval.max_length)
+        lm = _wrap(cfg, ev, target)
     else:
         ev.scored_as[label] = ev.resident_as
         if ev.keys:
             activate(ev.model, ev.keys.get(label), list(ev.keys.values()))
         if ev.lm is None:
-            ev.lm = wrap_model(ev.model, ev.tokenizer, cfg.eval.batch_size, ev.accelerator,
-                               ev.rank, ev.world, shared_contexts=cfg.eval.shared_contexts,
-                        max_length=cfg.eval.max_length)
+            ev.lm = _wrap(cfg, ev, ev.model)
         lm = ev.lm
     tokens_before = lm.tokens_through_model
     parts = []

@@ -192,8 +192,8 @@ def _write_result(cfg: RunConfig, fp: str, ctx: SearchContext, adapter_dirs: dic
     return result
 
 
-def _export_merged(cfg: RunConfig, fp: str, tmp: Path, adapter_dirs: dict, names: list[str], deltas,
-                   metrics: dict) -> None:
+def _export_merged(cfg: RunConfig, fp: str, tmp: Path, adapter_dirs: dict, names: list[str],
+                   deltas, metrics: dict) -> None:
     """Save base + fused adapter as one model in `merged/`, re-quantising a 4-bit base exactly
     as the adapters were trained on it; its own manifest hashes every file, so what eval scores
     is fingerprinted by its bytes."""
