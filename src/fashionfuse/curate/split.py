@@ -33,7 +33,7 @@ def split_to_fit(rec: Record, count_tokens: Callable[[list[dict], str | None], i
             for k, seg in enumerate(segments)]
 
 
-def train_validation_split(records: list[Record], fraction: float, seed: int
+def train_validation_split(records: list[Record], fraction: float, seed: int | str
                            ) -> tuple[list[Record], list[Record]]:
     """Deterministic split by conversation: the conversations with the smallest seeded
     id-hashes go to validation until it holds `fraction` of the records. The segments of a

@@ -42,6 +42,7 @@ from ..rundir import (
 )
 from .benchmarks import PREFIX, write_local_leaderboard_tasks
 from .presets import PRESETS, TaskSpec, custom_specs
+from .skills import skill_specs, test_files, write_skill_tasks
 from .table import build_table, plot_table, to_csv, to_markdown
 
 
@@ -99,13 +100,14 @@ def activate(model, key: str | None, keys: list[str]) -> None:
 
 
 def task_specs(cfg: RunConfig) -> list[TaskSpec]:
-    """Every task to run: the preset's (local copies when benchmark_data is set) then custom ones."""
-    specs: list[TaskSpec] = []
+    """Every task to run: the per-skill tasks, the preset's (local copies when benchmark_data is
+    set), then custom ones."""
+    specs: list[TaskSpec] = skill_specs(cfg) if cfg.eval.skill_tasks else []
     if cfg.eval.preset:
         specs += PRESETS[cfg.eval.preset](PREFIX if cfg.eval.benchmark_data else "")
     specs += custom_specs(list(cfg.eval.tasks), cfg.eval.num_fewshot)
     if not specs:
-        raise EvalError("eval: no tasks configured (set eval.preset or eval.tasks)")
+        raise EvalError("eval: no tasks configured (set eval.preset, eval.tasks or eval.skill_tasks)")
     return specs
 
 
@@ -125,9 +127,12 @@ def _merge_results(parts: list[dict]) -> dict:
 def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
     """Everything the scores depend on: eval section, base weights, the evaluated artifacts'
     contents, the benchmark files, the task YAMLs under include_paths and the task code."""
-    from . import benchmarks  # the generated task YAMLs are part of the input
+    from . import benchmarks, skills  # the generated task YAMLs are part of the input
 
     return fingerprint({
+        "skills": ({name: path_fingerprint(p) if p.is_file() else None
+                    for name, p in test_files(cfg).items()} if cfg.eval.skill_tasks else None),
+        "skill_code": path_fingerprint(skills.__file__),
         "benchmark_data": path_fingerprint(cfg.eval.benchmark_data) if cfg.eval.benchmark_data else None,
         "task_code": path_fingerprint(benchmarks.__file__),
         "include_paths": {p: path_fingerprint(p) for p in cfg.eval.include_paths},
@@ -177,12 +182,14 @@ def _setup(cfg: RunConfig, models: dict[str, Path | None]) -> EvalSetup:
     if cfg.eval.benchmark_data:
         include.append(str(write_local_leaderboard_tasks(cfg.eval.benchmark_data,
                                                          tasks_dir / "leaderboard")))
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.eval.skill_tasks:
+        include.append(str(write_skill_tasks(cfg, tokenizer, tasks_dir / "skills")))
     by_shots: dict[int | None, list[str]] = {}
     for spec in specs:
         by_shots.setdefault(spec.num_fewshot, []).append(spec.task)
     quantized = cfg.eval.load_in_4bit
     quantized = cfg.model.quantization.bits == 4 if quantized is None else quantized
-    tokenizer = load_tokenizer(cfg.model)
     device = str(accelerator.device) if accelerator is not None else default_device()
     base = load_base_model(cfg.model, quantized=quantized, device=device)
     check_tokenizer_fits(base, tokenizer)

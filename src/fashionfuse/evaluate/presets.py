@@ -12,14 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# the general ability a fine-tune should keep: the group of the preset's columns
+RETENTION = "retention"
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """One lm-eval task run: its name, shots, the metric key read from results, its table column."""
+    """One lm-eval task run: its name, shots, the metric key read from results, its table column,
+    and the group its column is averaged in ("skill", "retention"; "" for none)."""
 
     task: str
     num_fewshot: int | None
     metric: str  # key in lm-eval's results, e.g. "acc_norm,none"
     column: str
+    group: str = ""
 
 
 def lm_eval_tasks_dir() -> Path:
@@ -37,11 +43,12 @@ def mmlu_subjects() -> list[str]:
 def leaderboard_v1(prefix: str = "") -> list[TaskSpec]:
     """The v1 leaderboard tasks; `prefix` names locally generated copies (e.g. "local_")."""
     specs = [
-        TaskSpec(f"{prefix}arc_challenge", 25, "acc_norm,none", "arc_challenge"),
-        TaskSpec(f"{prefix}hellaswag", 10, "acc_norm,none", "hellaswag"),
+        TaskSpec(f"{prefix}arc_challenge", 25, "acc_norm,none", "arc_challenge", RETENTION),
+        TaskSpec(f"{prefix}hellaswag", 10, "acc_norm,none", "hellaswag", RETENTION),
     ]
-    specs += [TaskSpec(f"{prefix}mmlu_{s}", 5, "acc,none", "mmlu") for s in mmlu_subjects()]
-    specs.append(TaskSpec(f"{prefix}truthfulqa_mc2", 0, "acc,none", "truthfulqa_mc2"))
+    specs += [TaskSpec(f"{prefix}mmlu_{s}", 5, "acc,none", "mmlu", RETENTION)
+              for s in mmlu_subjects()]
+    specs.append(TaskSpec(f"{prefix}truthfulqa_mc2", 0, "acc,none", "truthfulqa_mc2", RETENTION))
     return specs
 
 

@@ -8,16 +8,36 @@ import io
 from ..lm_eval_run import headline_metric
 
 
+def _mean(values: list) -> float | None:
+    scored = [v for v in values if v is not None]
+    return round(sum(scored) / len(scored), 2) if scored else None
+
+
+def column_groups(specs: list) -> dict[str, list[str]]:
+    """Group name -> its columns, when the specs fall into two groups or more (skill tasks and
+    the retention preset, say; ungrouped columns form "other"); empty otherwise."""
+    groups: dict[str, list[str]] = {}
+    for s in specs:
+        cols = groups.setdefault(s.group or "other", [])
+        if s.column not in cols:
+            cols.append(s.column)
+    return groups if len(groups) > 1 else {}
+
+
 def build_table(results_by_model: dict[str, dict], specs: list) -> dict:
-    """Rows of {model, column scores, average} plus the best model(s) per column.
+    """Rows of {model, column scores, group means, average} plus the best model(s) per column.
 
     A column averages its tasks' metrics unweighted (so MMLU is the mean of subject accuracies);
-    a spec without a metric uses the task's headline metric.
+    a spec without a metric uses the task's headline metric. When the columns fall into groups
+    (`column_groups`: per-skill tasks and the retention preset), each group gets a column of
+    its mean and `average` is the mean of the group means (skill and retention weigh the
+    same); otherwise `average` is the mean of the columns.
     """
     columns: list[str] = []
     for s in specs:
         if s.column not in columns:
             columns.append(s.column)
+    groups = column_groups(specs)
     rows = []
     for model, results in results_by_model.items():
         row = {"model": model}
@@ -34,10 +54,11 @@ def build_table(results_by_model: dict[str, dict], specs: list) -> dict:
                 if isinstance(value, (int, float)):
                     vals.append(float(value))
             row[col] = round(100 * sum(vals) / len(vals), 2) if vals else None
-        scored = [row[c] for c in columns if row[c] is not None]
-        row["average"] = round(sum(scored) / len(scored), 2) if scored else None
+        for group, cols in groups.items():
+            row[group] = _mean([row[c] for c in cols])
+        row["average"] = _mean([row[g] for g in groups] if groups else [row[c] for c in columns])
         rows.append(row)
-    columns = [*columns, "average"]
+    columns = [*columns, *groups, "average"]
     best = {}
     for c in columns:
         vals = [(r[c], r["model"]) for r in rows if r[c] is not None]
