@@ -1,6 +1,7 @@
 """Benchmark adapter training: a plain HF Trainer + PEFT setup against fashionfuse, in one run.
 
     python scripts/bench_train.py [--records 600] [--epochs 1]
+    python scripts/bench_train.py --model smollm2 [--records 96]   # a real model on real data
 
 Both train the same QLoRA adapter (4-bit NF4 base = the demo tiny Llama or a random Llama of
 `--size`; same LoRA, lr, steps, samples per optimiser step) on the same mixed-length chat data
@@ -16,6 +17,13 @@ per-token loss of each adapter on the same held-out chats (both evaluated the sa
 (and each pair's ratio): the speed of this shared machine drifts by tens of percent from one
 minute to the next. `--profile N` then profiles N fashionfuse steps and prints where the time
 goes.
+
+`--model smollm2` trains on SmolLM2-135M-Instruct (its GGUF file, fetched into the cache by
+scripts/fetch_smollm2.py) in its own ChatML template, on real instructions from ../shared/raw
+(GPTeacher code and GSM8K maths, alternating), both sides in `--baseline-dtype`. Every run also
+prints each side's model FLOPs utilisation: 6 x parameters x trained tokens per second (the
+PaLM convention: it counts the frozen weights' gradient FLOPs that LoRA skips, and no attention
+FLOPs) over this machine's float32 matmul peak, measured in the same run.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -89,6 +98,35 @@ def peak_rss(into: dict, key: str, every_s: float = 0.05):
         into[key] = peak[0] / 2 ** 20
 
 
+def matmul_peak_flops(n: int = 2048, seconds: float = 3.0) -> float:
+    """This machine's float32 matmul rate (FLOP/s): the best of repeated n x n products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best, spent = 0.0, 0.0
+    while spent < seconds:
+        start = time.perf_counter()
+        a @ b
+        took = time.perf_counter() - start
+        spent += took
+        best = max(best, 2 * n ** 3 / took)
+    return best
+
+
+def real_records(n: int, skip: int = 0) -> list[dict]:
+    """Chats from ../shared/raw: GPTeacher code instructions and GSM8K problems, alternating."""
+    raw = ROOT.parent / "shared" / "raw"
+    if not (raw / "gsm8k_train.jsonl").is_file():
+        raise SystemExit(f"--model smollm2 trains on real data in {raw}, which is absent")
+    code = json.loads((raw / "gpteacher_codegen_sample.json").read_text())
+    maths = [json.loads(x) for x in (raw / "gsm8k_train.jsonl").read_text().splitlines()]
+    pairs = []
+    for c, m in zip(code, maths):
+        prompt = c["instruction"] + (f"\n\n{c['input']}" if c.get("input") else "")
+        pairs += [(prompt, c["response"]), (m["question"], m["answer"])]
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in pairs[skip:skip + n]]
+
+
 def print_profile(cfg, tok, steps: int) -> None:
     """Profile `steps` optimiser steps of fashionfuse's training (torch.profiler, CPU) and print
     the operators that take the most time, grouped into what they are for."""
@@ -138,6 +176,19 @@ def held_out_loss(model_cfg, adapter_dir: Path, examples: list[dict], pad_id: in
             s, k = token_losses(model, collate(examples[i:i + 8], pad_id))
             total, n = total + float(s), n + k
     return total / n
+
+
+def _parameter_count(cfg) -> int:
+    """Parameters of the base model (embeddings counted once when tied), from its config."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fashionfuse.gguf_base import checkpoint_dir
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+            checkpoint_dir(cfg.model)))
+    return sum(p.numel() for p in model.parameters())
 
 
 def sharing_data(run: Path, other: Path) -> Path:
@@ -212,6 +263,8 @@ def main() -> None:
                         help="Tokens per packed row (default: --max-len)")
     parser.add_argument("--size", choices=["demo", "30m", "300m"], default="demo",
                         help="base model: the demo tiny Llama or a random-initialised Llama")
+    parser.add_argument("--model", choices=["demo", "smollm2"], default="demo",
+                        help="smollm2: the real SmolLM2-135M-Instruct on real data (see above)")
     parser.add_argument("--mix", choices=["lognormal", "padding30"], default="lognormal")
     parser.add_argument("--baseline-dtype", default="bfloat16",
                         choices=["bfloat16", "float16", "float32"],
@@ -232,6 +285,9 @@ def main() -> None:
     args = parser.parse_args()
     suffix = "" if (args.size, args.mix) == ("demo", "lognormal") else \
         "_" + (args.size if args.mix == "lognormal" else args.mix)
+    template = "table9"
+    if args.model == "smollm2":
+        suffix, template, args.compute_dtype = "_smollm2", "model", args.baseline_dtype
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import yaml
@@ -256,12 +312,22 @@ def main() -> None:
             params = random_llama(tmp / "base", args.size, MODEL, vocab)
             model_dir = tmp / "base"
             print(f"base: random Llama, {params / 1e6:.1f}M parameters")
-        train_records = synthetic_chats(args.records, seed=0, mix=args.mix)
+        if args.model == "smollm2":
+            sys.path.insert(0, str(ROOT / "scripts"))
+            from fetch_smollm2 import fetch_gguf
+
+            model_dir = fetch_gguf()
+            train_records = real_records(args.records)
+            held_out_records = real_records(args.held_out, skip=args.records)
+        else:
+            train_records = synthetic_chats(args.records, seed=0, mix=args.mix)
+            held_out_records = synthetic_chats(args.held_out, seed=1, mix=args.mix)
         with open(run / "curate" / "chat" / "train.jsonl", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in train_records)
         config = {
             "run_dir": str(run), "seed": 0,
             "model": {"base": str(model_dir), "max_input_len": args.max_len,
+                      "chat_template": template,
                       "quantization": {"compute_dtype": args.compute_dtype}},
             "datasets": [{"name": "chat", "kind": "chat",
                           "source": {"format": "sharegpt", "path": str(tmp / "unused.jsonl")}}],
@@ -274,10 +340,14 @@ def main() -> None:
         (tmp / "config.yaml").write_text(yaml.safe_dump(config))
         cfg = load_config(tmp / "config.yaml")
         tok = load_tokenizer(cfg.model)
-        examples = tokenize_records(train_records, tok, cfg.model.system_message, args.max_len)
-        held_out = tokenize_records(synthetic_chats(args.held_out, seed=1, mix=args.mix), tok,
-                                    cfg.model.system_message,
-                                    args.max_len)
+        examples = tokenize_records(train_records, tok, cfg.model.system_message, args.max_len,
+                                    template)
+        held_out = tokenize_records(held_out_records, tok, cfg.model.system_message, args.max_len,
+                                    template)
+        n_params = _parameter_count(cfg)
+        peak = matmul_peak_flops()
+        print(f"model: {n_params / 1e6:.1f}M parameters; float32 matmul peak "
+              f"{peak / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads")
         steps = math.ceil(math.ceil(len(examples) / args.batch_size) * args.epochs)
         lengths = sorted(len(e["input_ids"]) for e in examples)
         from fashionfuse.base_model import resolve_compute_dtype
@@ -341,6 +411,8 @@ def main() -> None:
     print(f"padding_waste_pct: {ours['padding_pct']:.2f}")
     print(f"final_loss_baseline: {loss_base:.4f}")
     print(f"final_loss_fashionfuse: {loss_ours:.4f}")
+    print(f"mfu_pct_baseline{suffix}: {100 * 6 * n_params * base_tps / peak:.2f}")
+    print(f"mfu_pct_fashionfuse{suffix}: {100 * 6 * n_params * ours_tps / peak:.2f}")
     print(f"peak_rss_mib_baseline{suffix}: {memory['baseline']:.0f}")
     print(f"peak_rss_mib_fashionfuse{suffix}: {memory['fashionfuse']:.0f}")
 
