@@ -215,7 +215,7 @@ def task_objective(args, limit: int) -> None:
     from fashionfuse.config import load_config
     from fashionfuse.evaluate.benchmarks import write_local_leaderboard_tasks
     from fashionfuse.lm_eval_run import TaskSet, task_manager, wrap_model
-    from fashionfuse.lora import attach_adapters, set_fusion_weights
+    from fashionfuse.adapters.runtime import attach_adapters, set_fusion_weights
 
     cfg = load_config(CONFIG, [f"run_dir={RUN}",
                                f"model.quantization.compute_dtype={args.compute_dtype}"])

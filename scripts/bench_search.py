@@ -67,7 +67,7 @@ def main() -> None:
 
     from fashionfuse.base_model import load_base_model, load_tokenizer
     from fashionfuse.config import load_config
-    from fashionfuse.lora import attach_adapters, set_fusion_weights
+    from fashionfuse.adapters.runtime import attach_adapters, set_fusion_weights
     from fashionfuse.search.objectives import ValidationLoss
 
     torch.manual_seed(0)
@@ -191,7 +191,7 @@ def size_sweep(sizes: list[str], val_samples: int, compute_dtype: str) -> None:
         resolve_compute_dtype,
     )
     from fashionfuse.config import load_config
-    from fashionfuse.lora import attach_adapters, set_fusion_weights
+    from fashionfuse.adapters.runtime import attach_adapters, set_fusion_weights
     from fashionfuse.search.objectives import ValidationLoss
 
     for size in sizes:

@@ -219,7 +219,7 @@ def run_baseline(cfg, examples: list[dict], out: Path, steps: int, dtype: str) -
     # the plain setup: the model's own attention on padded batches (no packing)
     model = build_trainable_model(baseline_model_cfg(cfg, dtype),
                                   t.model_copy(update={"packing": False}), device="cpu").model
-    from fashionfuse.lora import lora_layers
+    from fashionfuse.adapters.runtime import lora_layers
 
     for module in lora_layers(model).values():  # PEFT's own dropout and forward, as plain
         module.__dict__.pop("forward", None)     # setups have them

@@ -118,7 +118,7 @@ def test_tokenizer_larger_than_embeddings_is_one_line_at_training(make_config, t
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_pipeline_runs_on_other_architectures(arch, tiny_model, demo_data, tmp_path):
     """curate -> train (packed, 4-bit) -> exact fusion search -> eval through the CLI."""
-    from fashionfuse.lora import load_saved_adapter, weighted_delta
+    from fashionfuse.adapters.saved import load_saved_adapter, weighted_delta
 
     model_dir = save_tiny_model(arch, tiny_model, tmp_path / arch)
     cfg = config_dict(tmp_path / "run", model_dir, demo_data)

@@ -77,7 +77,7 @@ def test_merged_export_starts_from_the_nf4_codes_training_used(tiny_model, tmp_p
     from fashionfuse import base_model
     from fashionfuse.base_model import DTYPES, load_base_model, quantization_record
     from fashionfuse.config import ModelConfig
-    from fashionfuse.lora import export_merged_model
+    from fashionfuse.fusion.export import export_merged_model
     from fashionfuse.rundir import write_manifest
 
     ckpt = tmp_path / stored
@@ -114,7 +114,8 @@ def test_training_records_how_its_base_was_quantised(pipeline_run):
 
 
 def test_adapters_quantised_differently_are_not_merged_into_one_base():
-    from fashionfuse.lora import FusionError, trained_quantization
+    from fashionfuse.adapters.saved import FusionError
+    from fashionfuse.fusion.export import trained_quantization
 
     same = {"weight_dtype": "bfloat16"}
     assert trained_quantization({"a": {"quantization": same},

@@ -36,7 +36,7 @@ def test_models_see_different_weights(pipeline_run):
 
     from fashionfuse.base_model import load_base_model
     from fashionfuse.evaluate.harness import activate, adapter_keys, models_to_evaluate
-    from fashionfuse.lora import attach_adapters
+    from fashionfuse.adapters.runtime import attach_adapters
 
     cfg = load_config(pipeline_run["config"])
     models = models_to_evaluate(cfg)
@@ -153,7 +153,7 @@ def test_tasks_loaded_once_score_like_a_fresh_simple_evaluate(pipeline_run, tmp_
         task_manager,
         wrap_model,
     )
-    from fashionfuse.lora import attach_adapters, set_fusion_weights
+    from fashionfuse.adapters.runtime import attach_adapters, set_fusion_weights
 
     cfg = load_config(pipeline_run["config"])
     run = pipeline_run["run_dir"]

@@ -10,14 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from fashionfuse.lora import (
-    FusionError,
-    attach_adapters,
-    fuse_adapters,
-    load_saved_adapter,
-    save_peft_adapter,
-    set_fusion_weights,
-)
+from fashionfuse.adapters.saved import FusionError, fuse_adapters, load_saved_adapter, save_peft_adapter
+from fashionfuse.adapters.runtime import attach_adapters, set_fusion_weights
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -13,14 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from fashionfuse.fusion import dare, magnitude, ties
 from fashionfuse.fusion.export import merged_deltas, write_fused
-from fashionfuse.fusion.granularity import module_weights, weight_names
+from fashionfuse.adapters.weight_keys import module_weights, weight_names
 from fashionfuse.fusion.resident import ResidentFusion
-from fashionfuse.lora import (
-    attach_adapters,
-    fuse_adapters,
-    load_saved_adapter,
-    set_fusion_weights,
-)
+from fashionfuse.adapters.runtime import attach_adapters, set_fusion_weights
+from fashionfuse.adapters.saved import fuse_adapters, load_saved_adapter
 
 from .test_fusion import _independent_delta, _make_adapter
 

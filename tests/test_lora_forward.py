@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fashionfuse.lora_forward import use_lean_lora_forward
+from fashionfuse.adapters.forward import use_lean_lora_forward
 
 
 def _trainable(make_config):
@@ -39,7 +39,7 @@ def _loss_and_grads(model, ids, seed):
 
 
 def _peft_forward(model):
-    from fashionfuse.lora import lora_layers
+    from fashionfuse.adapters.runtime import lora_layers
 
     for layer in lora_layers(model).values():
         layer.__dict__.pop("forward", None)  # back to the class's (PEFT's) forward
@@ -80,7 +80,7 @@ def test_dropout_is_applied_in_training(make_config):
 
 
 def test_installed_on_every_trained_layer(make_config):
-    from fashionfuse.lora import lora_layers
+    from fashionfuse.adapters.runtime import lora_layers
 
     model = _trainable(make_config)
     layers = lora_layers(model)
@@ -109,7 +109,7 @@ def test_several_active_adapters_without_gradients_bit_identical(pipeline_run):
     the same bits through the lean forward as through PEFT's."""
     from fashionfuse.base_model import load_base_model
     from fashionfuse.config import load_config
-    from fashionfuse.lora import attach_adapters, set_fusion_weights
+    from fashionfuse.adapters.runtime import attach_adapters, set_fusion_weights
 
     cfg = load_config(pipeline_run["config"])
     run = pipeline_run["run_dir"]

@@ -13,12 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from fashionfuse.base_model import load_base_model
 from fashionfuse.config import ModelConfig, TrainingConfig
-from fashionfuse.lora import (
-    attach_adapters,
-    export_merged_model,
-    load_saved_adapter,
-    weighted_delta,
-)
+from fashionfuse.adapters.runtime import attach_adapters
+from fashionfuse.fusion.export import export_merged_model
+from fashionfuse.adapters.saved import load_saved_adapter, weighted_delta
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 11, 40, 17, 23]])
@@ -122,7 +119,7 @@ def test_merged_export_keeps_small_updates_and_reports_its_error(tiny_model, tmp
 
 
 def test_merged_export_defaults_to_the_stored_dtype(tiny_model, tmp_path):
-    from fashionfuse.lora import stored_dtype
+    from fashionfuse.fusion.export import stored_dtype
 
     cfg = ModelConfig(base=str(tiny_model))
     assert stored_dtype(cfg) == torch.float32  # the demo model is stored in float32

@@ -176,7 +176,7 @@ def test_every_user_facing_error_is_a_user_error():
     from fashionfuse.curate.records import MalformedRow
     from fashionfuse.errors import MissingFileError
     from fashionfuse.evaluate.harness import EvalError
-    from fashionfuse.lora import FusionError
+    from fashionfuse.adapters.saved import FusionError
     from fashionfuse.search.pipeline import SearchError
     from fashionfuse.train.trainer import TrainingError
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from fashionfuse.cli import app
 from fashionfuse.config import SearchConfig, load_config
-from fashionfuse.lora import FusionError, load_saved_adapter, weighted_delta
+from fashionfuse.adapters.saved import FusionError, load_saved_adapter, weighted_delta
 from fashionfuse.search.methods.grid import candidates as grid_candidates
 from fashionfuse.search.methods.random import candidates as random_candidates
 from fashionfuse.search.pipeline import search_weights
@@ -149,7 +149,7 @@ def test_merged_export_uses_dequantised_nf4_weights(pipeline_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from fashionfuse.base_model import load_base_model
-    from fashionfuse.lora import export_merged_model, trained_quantization
+    from fashionfuse.fusion.export import export_merged_model, trained_quantization
     from fashionfuse.rundir import read_manifest
 
     cfg = load_config(pipeline_run["config"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, QuantizationConfig
-from .errors import MissingFileError
+from .adapters.saved import adapter_deltas
 from .gguf_base import checkpoint_dir, gguf_path
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -162,20 +162,6 @@ def load_full_precision(cfg: ModelConfig, dtype: torch.dtype | str = "auto"):
     return AutoModelForCausalLM.from_pretrained(checkpoint_dir(cfg), revision=cfg.revision,
                                                 trust_remote_code=cfg.trust_remote_code,
                                                 dtype=dtype)
-
-
-def adapter_deltas(adapter_dirs: list[str]) -> dict[str, torch.Tensor]:
-    """The summed dense update (float64) of PEFT LoRA adapters, keyed by module name."""
-    from .lora import load_saved_adapter, weighted_delta
-
-    total: dict[str, torch.Tensor] = {}
-    for path in adapter_dirs:
-        if not (Path(path) / "adapter_config.json").exists():
-            raise MissingFileError(f"model.merge_adapters: {path}: not a PEFT adapter directory")
-        for key, delta in weighted_delta([load_saved_adapter(path)], [1.0]).items():
-            name = key.removeprefix("base_model.model.")
-            total[name] = total[name] + delta if name in total else delta
-    return total
 
 
 @torch.no_grad()

@@ -91,7 +91,7 @@ def wrap_model(model, tokenizer, batch_size, accelerator=None, rank: int = 0, wo
     has run."""
     from lm_eval.models.huggingface import HFLM
 
-    from .lora_forward import use_lean_lora_forward
+    from .adapters.forward import use_lean_lora_forward
 
     use_lean_lora_forward(model)  # without gradients: PEFT's arithmetic, in place (bit-identical)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
@@ -169,6 +169,26 @@ def _auto_batch_size_within_memory(lm) -> None:
     lm._detect_batch_size = detect_within_memory
 
 
+def _positions_needed(inps, continuation_len: dict[int, int]) -> int:
+    """How many trailing positions cover every row's continuation. Rows are right-padded
+    with 0 and a real row may end in 0 itself, so a padded row can match several requests
+    (the row of (ctx, [9, 0, 11]) is the row of (ctx + [9], [12]) padded by one): every
+    length from the unpadded one to the padded one is looked up, and the row keeps what
+    the most demanding match needs. A row that matches nothing keeps every position."""
+    padded_len, needed = inps.shape[1], 1
+    for row in inps.tolist():
+        length = padded_len
+        while length and row[length - 1] == 0:
+            length -= 1
+        matches = [(n, continuation_len.get(hash(tuple(row[:n]))))
+                   for n in range(max(length, 1), padded_len + 1)]
+        row_needs = [padded_len - n + cont for n, cont in matches if cont is not None]
+        if not row_needs:
+            return padded_len
+        needed = max(needed, *row_needs)
+    return min(needed, padded_len)
+
+
 def _logits_where_scored(lm) -> None:
     """Make the HFLM project to the vocabulary (and log-softmax) only the last positions of each
     batch that lm-eval reads, instead of every position: a loglikelihood request scores only its
@@ -201,29 +221,10 @@ def _logits_where_scored(lm) -> None:
         finally:
             continuation_len.clear()
 
-    def positions_needed(inps) -> int:
-        """How many trailing positions cover every row's continuation. Rows are right-padded
-        with 0 and a real row may end in 0 itself, so a padded row can match several requests
-        (the row of (ctx, [9, 0, 11]) is the row of (ctx + [9], [12]) padded by one): every
-        length from the unpadded one to the padded one is looked up, and the row keeps what
-        the most demanding match needs. A row that matches nothing keeps every position."""
-        padded_len, needed = inps.shape[1], 1
-        for row in inps.tolist():
-            length = padded_len
-            while length and row[length - 1] == 0:
-                length -= 1
-            matches = [(n, continuation_len.get(hash(tuple(row[:n]))))
-                       for n in range(max(length, 1), padded_len + 1)]
-            row_needs = [padded_len - n + cont for n, cont in matches if cont is not None]
-            if not row_needs:
-                return padded_len
-            needed = max(needed, *row_needs)
-        return min(needed, padded_len)
-
     def _model_call(inps, attn_mask=None, labels=None):
         if not continuation_len or attn_mask is not None or labels is not None:
             return model_call(inps, attn_mask, labels)
-        keep = positions_needed(inps)
+        keep = _positions_needed(inps, continuation_len)
         if keep >= inps.shape[1]:
             return model_call(inps)
         with (torch.no_grad(),

@@ -28,7 +28,7 @@ from ..base_model import (
 from ..config import RunConfig, config_hash
 from ..errors import UserError
 from ..lm_eval_run import TaskSet, prepare_include_paths, task_manager, wrap_model
-from ..lora import attach_adapters, set_fusion_weights
+from ..adapters.runtime import attach_adapters, set_fusion_weights
 from ..rundir import (
     RunLayout,
     artifact_id,

@@ -14,7 +14,8 @@ from typing import Mapping
 
 import torch
 
-from ..lora import lora_layers, set_fusion_weights
+from ..adapters.runtime import lora_layers, set_fusion_weights
+from ..adapters.weight_keys import module_weight
 from . import delta_seed, operator
 
 
@@ -56,8 +57,6 @@ class ResidentFusion:
     def merged_delta(self, path: str, module, weights: Mapping[str, float],
                      density: float) -> torch.Tensor:
         """The operator's merge of one layer's task deltas, in float32 on the layer's device."""
-        from .granularity import module_weight
-
         names = [n for n in self.adapters if n in module.lora_A]
         deltas = []
         for n in names:

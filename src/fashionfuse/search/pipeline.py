@@ -23,16 +23,11 @@ from ..base_model import (
 from ..config import RunConfig, config_hash
 from ..errors import UserError
 from ..fusion.export import write_fused
-from ..fusion.granularity import granularity_of, weight_names
+from ..adapters.weight_keys import granularity_of, weight_names
 from ..fusion.resident import ResidentFusion
-from ..lora import (
-    attach_adapters,
-    export_merged_model,
-    fuse_adapters,
-    load_saved_adapter,
-    lora_layers,
-    trained_quantization,
-)
+from ..adapters.runtime import attach_adapters, lora_layers
+from ..fusion.export import export_merged_model, trained_quantization
+from ..adapters.saved import fuse_adapters, load_saved_adapter
 from ..plots import pyplot, save_figure
 from ..rundir import (
     RunLayout,

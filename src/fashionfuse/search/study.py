@@ -24,7 +24,7 @@ import optuna
 
 from ..config import RunConfig
 from ..console import progress_file
-from ..fusion.granularity import weight_names
+from ..adapters.weight_keys import weight_names
 from ..fusion.resident import ResidentFusion
 from ..rundir import RunLayout
 from .registry import search_method

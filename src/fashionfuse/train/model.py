@@ -44,8 +44,8 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from ..architectures import resolve_lora_targets
-    from ..lora_forward import use_lean_lora_forward
-    from .lora_dropout import use_uniform_mask_dropout
+    from ..adapters.dropout import use_uniform_mask_dropout
+    from ..adapters.forward import use_lean_lora_forward
     from .varlen_attention import use_varlen_attention
 
     base = base if base is not None else load_base_model(model_cfg, device=device)
@@ -57,10 +57,10 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     elif train.gradient_checkpointing:
         base.gradient_checkpointing_enable()
     model = get_peft_model(base, lora_config(train, targets))
-    use_uniform_mask_dropout(model)  # same dropout, cheaper mask (see lora_dropout.py)
-    use_lean_lora_forward(model)  # same function, fewer full-width passes (lora_forward.py)
+    use_uniform_mask_dropout(model)  # same dropout, cheaper mask (see adapters/dropout.py)
+    use_lean_lora_forward(model)  # same function, fewer full-width passes (adapters/forward.py)
     if frozen_adapters:
-        from ..lora import lora_layers
+        from ..adapters.runtime import lora_layers
 
         names = [f"frozen_{k}" for k in range(len(frozen_adapters))]
         for name, path in zip(names, frozen_adapters):

@@ -33,7 +33,7 @@ from ..config import AdapterSpec, RunConfig, config_hash
 from ..console import progress_file
 from ..errors import UserError
 from ..examples import collate, load_records, token_losses, tokenize_records
-from ..lora import fuse_adapters, load_saved_adapter, save_peft_adapter
+from ..adapters.saved import fuse_adapters, load_saved_adapter, save_peft_adapter
 from ..plots import pyplot, save_figure
 from ..rundir import (
     RunLayout,

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from ...config import SearchConfig
 from ...console import progress_file
 from ...examples import token_losses
-from ...fusion.granularity import neighbours
-from ...lora import set_fusion_weights, tensor_fusion_weights
+from ...adapters.weight_keys import neighbours
+from ...adapters.runtime import set_fusion_weights, tensor_fusion_weights
 from ..study import SearchContext, evaluate_candidate, finished
 from . import grid
 

@@ -27,7 +27,8 @@ import types
 
 import torch
 
-from .train.lora_dropout import UniformMaskDropout
+from .dropout import UniformMaskDropout
+from .runtime import lora_layers
 
 
 def lean_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -100,8 +101,6 @@ def _add_in_place(layer, adapters: list[str], x: torch.Tensor, result: torch.Ten
 def use_lean_lora_forward(model) -> int:
     """Give every LoRA linear layer of `model` (plain or bitsandbytes 4/8-bit) the lean forward;
     return how many layers got it."""
-    from .lora import lora_layers
-
     linear_types = _lora_linear_types()[0]
     changed = 0
     for module in lora_layers(model).values():

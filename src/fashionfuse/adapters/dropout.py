@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .runtime import lora_layers
+
 LANE_LEVELS = 2 ** 15  # mask resolution: the fourth 16-bit lane of an int64 draw has 15 bits
 
 
@@ -46,7 +48,7 @@ class UniformMaskDropout(torch.nn.Module):
     def mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The kept entries of `x` (others zeroed, not rescaled) and the rescaling still owed
         to them (1.0 in eval mode): a caller that applies a linear map next can rescale its
-        smaller output instead (see fashionfuse/lora_forward.py)."""
+        smaller output instead (see adapters/forward.py)."""
         if not self.training:
             return x, 1.0
         if x.device.type == "cpu":
@@ -64,8 +66,6 @@ class UniformMaskDropout(torch.nn.Module):
 def use_uniform_mask_dropout(model, adapter: str = "default") -> int:
     """Replace `adapter`'s `nn.Dropout` in every LoRA layer of `model` by `UniformMaskDropout`
     with the same p; return how many layers were changed."""
-    from ..lora import lora_layers
-
     replaced = 0
     for module in lora_layers(model).values():
         if adapter in module.lora_dropout:

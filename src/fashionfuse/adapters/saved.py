@@ -1,0 +1,158 @@
+"""Exact LoRA arithmetic: read saved adapters, fuse them by weight, export PEFT adapters.
+
+The fused update of every target module is exactly
+
+    delta_W = sum_i w_i * scale_i * B_i @ A_i,     scale_i = alpha_i / r_i  (alpha_i / sqrt(r_i) for rsLoRA)
+
+which a single LoRA of rank sum_i r_i represents without error: stack the A_i row-wise and the
+w_i * scale_i * B_i column-wise, and give the new adapter alpha == r (scale 1). PEFT's
+`add_weighted_adapter(combination_type="linear")` is *not* this sum (it mixes B_i with A_j).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import MissingFileError, UserError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class FusionError(UserError, ValueError):
+    """Adapters that cannot be fused exactly; the message says which and why."""
+
+
+@dataclass
+class SavedAdapter:
+    """A PEFT LoRA adapter read from disk: its config and its A/B matrices per module."""
+
+    path: Path
+    config: dict
+    lora_a: dict[str, torch.Tensor]  # module key -> A (r x in)
+    lora_b: dict[str, torch.Tensor]  # module key -> B (out x r)
+
+    @property
+    def scale(self) -> float:
+        r, alpha = self.config["r"], self.config["lora_alpha"]
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    @property
+    def modules(self) -> set[str]:
+        return set(self.lora_a)
+
+
+def load_saved_adapter(path: str | Path) -> SavedAdapter:
+    """Read adapter_config.json and adapter_model.safetensors from a PEFT adapter directory."""
+    path = Path(path)
+    cfg_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    for f in (cfg_file, weights_file):
+        if not f.exists():
+            raise FusionError(f"{f}: not found (is {path} a PEFT LoRA adapter directory?)")
+    config = json.loads(cfg_file.read_text())
+    if config.get("use_dora"):
+        raise FusionError(f"{path}: DoRA adapters are not a linear update and cannot be fused")
+    tensors = load_file(weights_file)
+    lora_a, lora_b = {}, {}
+    for key, t in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            lora_a[key[: -len(".lora_A.weight")]] = t
+        elif key.endswith(".lora_B.weight"):
+            lora_b[key[: -len(".lora_B.weight")]] = t
+        else:
+            raise FusionError(f"{weights_file}: tensor {key!r} is not a LoRA A/B matrix; "
+                              "adapters with extra trained weights cannot be fused exactly")
+    if set(lora_a) != set(lora_b):
+        raise FusionError(f"{weights_file}: modules with A but no B (or B but no A)")
+    return SavedAdapter(path, config, lora_a, lora_b)
+
+
+def check_fusable(adapters: list[SavedAdapter]) -> None:
+    """Refuse sets of adapters whose weighted sum cannot be represented exactly."""
+    if not adapters:
+        raise FusionError("no adapters to fuse")
+    first = adapters[0]
+    for a in adapters:
+        c = a.config
+        if c.get("peft_type", "LORA") != "LORA":
+            raise FusionError(f"{a.path}: peft_type {c.get('peft_type')} is not LORA")
+        if c.get("rank_pattern") or c.get("alpha_pattern"):
+            raise FusionError(f"{a.path}: per-module rank_pattern/alpha_pattern are not supported")
+        if c.get("bias", "none") != "none" or c.get("modules_to_save"):
+            raise FusionError(f"{a.path}: trained biases or modules_to_save cannot be fused")
+        if bool(c.get("use_rslora")) != bool(first.config.get("use_rslora")):
+            raise FusionError(f"{a.path}: mixes rsLoRA and plain LoRA scaling with {first.path}")
+        if c.get("base_model_name_or_path") != first.config.get("base_model_name_or_path"):
+            raise FusionError(f"{a.path}: trained on base {c.get('base_model_name_or_path')!r}, "
+                              f"but {first.path} on {first.config.get('base_model_name_or_path')!r}")
+        if a.modules != first.modules:
+            diff = sorted(a.modules ^ first.modules)[:3]
+            raise FusionError(f"{a.path}: target modules differ from {first.path} (e.g. {diff})")
+        for m in a.modules:
+            if a.lora_a[m].shape[1] != first.lora_a[m].shape[1] or \
+               a.lora_b[m].shape[0] != first.lora_b[m].shape[0]:
+                raise FusionError(f"{a.path}: module {m} has a different shape than in {first.path}")
+
+
+def fuse_adapters(adapters: list[SavedAdapter], weights: list[float] | list[Mapping[str, float]]
+                  ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Concatenate adapters into one LoRA whose update is exactly sum_i w_i scale_i B_i A_i.
+    A weight is one number per adapter, or a module -> weight map (layer-wise fusion: each
+    module's block of B gets its own weight)."""
+    check_fusable(adapters)
+    if len(weights) != len(adapters):
+        raise FusionError(f"{len(weights)} weights for {len(adapters)} adapters")
+    total_r = sum(a.config["r"] for a in adapters)
+    tensors: dict[str, torch.Tensor] = {}
+    for m in sorted(adapters[0].modules):
+        a_cat = torch.cat([a.lora_a[m].float() for a in adapters], dim=0)
+        b_cat = torch.cat([a.lora_b[m].float() * (_weight(w, m) * a.scale)
+                           for a, w in zip(adapters, weights)], dim=1)
+        tensors[f"{m}.lora_A.weight"] = a_cat.contiguous()
+        tensors[f"{m}.lora_B.weight"] = b_cat.contiguous()
+    config = dict(adapters[0].config)
+    config.update(r=total_r, lora_alpha=total_r, use_rslora=False, lora_dropout=0.0,
+                  inference_mode=True)
+    return config, tensors
+
+
+def _weight(w: float | Mapping[str, float], module: str) -> float:
+    return float(w[module]) if isinstance(w, Mapping) else float(w)
+
+
+def save_peft_adapter(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a PEFT-format adapter directory (loadable by PeftModel.from_pretrained)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def task_delta(adapter: SavedAdapter, module: str, dtype=torch.float64) -> torch.Tensor:
+    """One adapter's dense update of one module, scale * B @ A."""
+    return adapter.scale * (adapter.lora_b[module].to(dtype) @ adapter.lora_a[module].to(dtype))
+
+
+def weighted_delta(adapters: list[SavedAdapter], weights: list[float] | list[Mapping[str, float]]
+                   ) -> dict[str, torch.Tensor]:
+    """The dense update sum_i w_i * scale_i * B_i @ A_i per module (for checks and merging)."""
+    return {m: sum(_weight(w, m) * task_delta(a, m) for a, w in zip(adapters, weights))
+            for m in sorted(adapters[0].modules)}
+
+
+def adapter_deltas(adapter_dirs: list[str]) -> dict[str, torch.Tensor]:
+    """The summed dense update (float64) of PEFT LoRA adapters, keyed by module name."""
+    total: dict[str, torch.Tensor] = {}
+    for path in adapter_dirs:
+        if not (Path(path) / "adapter_config.json").exists():
+            raise MissingFileError(f"model.merge_adapters: {path}: not a PEFT adapter directory")
+        for key, delta in weighted_delta([load_saved_adapter(path)], [1.0]).items():
+            name = key.removeprefix("base_model.model.")
+            total[name] = total[name] + delta if name in total else delta
+    return total
