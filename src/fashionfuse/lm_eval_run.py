@@ -17,7 +17,6 @@ from pathlib import Path
 import yaml
 
 from .errors import MissingFileError
-from .shared_context import cache_argument, with_shared_prefixes
 
 PREFERRED_METRICS = ("acc_norm,none", "acc,none", "mc2,none", "exact_match,none")
 
@@ -82,157 +81,17 @@ def task_manager(include_paths: list[str], task_names: list[str]):
 
 def wrap_model(model, tokenizer, batch_size, accelerator=None, rank: int = 0, world: int = 1,
                shared_contexts: bool = True, max_length: int | None = None):
-    """lm-eval's HFLM around a resident model. Under `accelerate launch`/`torchrun` it shards the
-    requests by rank and gathers them on rank 0: HFLM only does that itself for several GPUs, so
-    its rank, world size and accelerator (private attributes) are set here, on CPU too. With
-    `shared_contexts`, requests that share a token prefix are scored with one pass over it
-    (`shared_context.py`). `max_length`: the longest row scored (default: the model's
-    window). `lm.tokens_through_model` counts the token positions (padding included) the model
-    has run."""
-    from lm_eval.models.huggingface import HFLM
+    """The `fashionfuse` lm-eval model (`lm_eval_model.FashionfuseLM`, an HFLM) around a
+    resident model. Under `accelerate launch`/`torchrun` it shards the requests by rank and
+    gathers them on rank 0, on CPU too. With `shared_contexts`, requests that share a token
+    prefix are scored with one pass over it. `max_length`: the longest row scored (default:
+    the model's window). `lm.tokens_through_model` counts the token positions (padding
+    included) the model has run."""
+    from .lm_eval_model import FashionfuseLM
 
-    from .adapters.forward import use_lean_lora_forward
-
-    use_lean_lora_forward(model)  # without gradients: PEFT's arithmetic, in place (bit-identical)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    if accelerator is not None:
-        lm._rank, lm._world_size, lm.accelerator = rank, world, accelerator
-    _logits_where_scored(lm)
-    _auto_batch_size_within_memory(lm)
-    _count_tokens(lm)
-    if shared_contexts and cache_argument(lm):
-        lm._loglikelihood_tokens = with_shared_prefixes(lm, lm._loglikelihood_tokens)
-    return lm
-
-
-def _count_tokens(lm) -> None:
-    """Count in `lm.tokens_through_model` the token positions (padding included) lm-eval's
-    scoring forwards run (`_model_call`); the shared-context path adds its own."""
-    lm.tokens_through_model = 0
-    model_call = lm._model_call
-
-    def _model_call(inps, attn_mask=None, labels=None):
-        lm.tokens_through_model += inps.numel()
-        return model_call(inps, attn_mask, labels)
-
-    lm._model_call = _model_call
-
-
-def _auto_batch_size_within_memory(lm) -> None:
-    """Make `batch_size: auto` safe wherever it runs and detect it once per row length.
-
-    HFLM tries forwards of its longest row from `max_batch_size` down until one does not run
-    out of memory; on a CPU nothing runs out and the kernel kills the process instead. Here the
-    start is bounded by `forward_memory.rows_that_fit` (the trial builds full logits): on a CPU
-    that bound is the answer and no trial forward runs; on a GPU lm-eval's out-of-memory
-    search starts from it. The result is kept per longest-row length, what the memory depends
-    on (every model scored through this HFLM has the same shapes). Processes of one data-parallel
-    run share a CPU's memory, so each takes its share, and all use the smallest size found.
-    (Wraps HFLM's private `_detect_batch_size`.)"""
-    import torch
-
-    from .forward_memory import rows_that_fit
-
-    if not str(lm.batch_size).startswith("auto"):
-        return
-    detect, sizes = lm._detect_batch_size, {}
-    model = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
-    dtype_bytes = getattr(model, "dtype", torch.float32).itemsize
-
-    def detect_within_memory(requests=None, pos: int = 0) -> int:
-        if requests:
-            _, context, continuation = requests[pos]
-            length = len((list(context) + list(continuation))[-(lm.max_length + 1):][:-1])
-        else:
-            length = lm.max_length
-        if length in sizes:
-            return sizes[length]
-        share = lm.world_size if lm.device.type == "cpu" else 1
-        most = rows_that_fit(model.config, length, dtype_bytes, str(lm.device),
-                             lm.max_batch_size, share=share)
-        if lm.device.type == "cuda":
-            ceiling, lm.max_batch_size = lm.max_batch_size, most
-            try:
-                most = detect(requests, pos)
-            finally:
-                lm.max_batch_size = ceiling
-        elif lm.world_size > 1 and torch.distributed.is_initialized():
-            found = torch.tensor([most])
-            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
-            most = int(found.item())
-        if lm.rank == 0:
-            print(f"eval: batch_size auto -> {most} for rows of {length} tokens "
-                  f"(bounded by the memory available on {lm.device.type})")
-        sizes[length] = most
-        return most
-
-    lm._detect_batch_size = detect_within_memory
-
-
-def _positions_needed(inps, continuation_len: dict[int, int]) -> int:
-    """How many trailing positions cover every row's continuation. Rows are right-padded
-    with 0 and a real row may end in 0 itself, so a padded row can match several requests
-    (the row of (ctx, [9, 0, 11]) is the row of (ctx + [9], [12]) padded by one): every
-    length from the unpadded one to the padded one is looked up, and the row keeps what
-    the most demanding match needs. A row that matches nothing keeps every position."""
-    padded_len, needed = inps.shape[1], 1
-    for row in inps.tolist():
-        length = padded_len
-        while length and row[length - 1] == 0:
-            length -= 1
-        matches = [(n, continuation_len.get(hash(tuple(row[:n]))))
-                   for n in range(max(length, 1), padded_len + 1)]
-        row_needs = [padded_len - n + cont for n, cont in matches if cont is not None]
-        if not row_needs:
-            return padded_len
-        needed = max(needed, *row_needs)
-    return min(needed, padded_len)
-
-
-def _logits_where_scored(lm) -> None:
-    """Make the HFLM project to the vocabulary (and log-softmax) only the last positions of each
-    batch that lm-eval reads, instead of every position: a loglikelihood request scores only its
-    continuation, yet HFLM builds [batch, length, vocab] log-probabilities (4 GB in float32 for
-    16 rows of 2,048 tokens and a 32k vocabulary). Each batch keeps the positions its rows'
-    continuations need (the model's `logits_to_keep`); lm-eval's own offset for outputs shorter
-    than the input (the "virtual tokens" case) then slices the same continuation logits. Rows
-    are matched to their requests by the hash of their tokens; a row not found keeps every
-    position. Models whose forward has no `logits_to_keep`, and seq2seq models, are left as
-    they are. (Wraps HFLM's private `_loglikelihood_tokens` and `_model_call`.)"""
-    import inspect
-
-    import torch
-
-    model = lm.model
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if (lm.backend != "causal"
-            or "logits_to_keep" not in inspect.signature(inner.forward).parameters):
-        return
-    loglikelihood_tokens, model_call = lm._loglikelihood_tokens, lm._model_call
-    continuation_len: dict[int, int] = {}  # hash of a row's unpadded tokens -> its longest cont
-
-    def _loglikelihood_tokens(requests, *args, **kwargs):
-        for _, context, continuation in requests:
-            row = (list(context) + list(continuation))[-(lm.max_length + 1):][:-1]
-            key = hash(tuple(row))
-            continuation_len[key] = max(continuation_len.get(key, 0), len(continuation))
-        try:
-            return loglikelihood_tokens(requests, *args, **kwargs)
-        finally:
-            continuation_len.clear()
-
-    def _model_call(inps, attn_mask=None, labels=None):
-        if not continuation_len or attn_mask is not None or labels is not None:
-            return model_call(inps, attn_mask, labels)
-        keep = _positions_needed(inps, continuation_len)
-        if keep >= inps.shape[1]:
-            return model_call(inps)
-        with (torch.no_grad(),
-              torch.autocast(device_type=lm.device.type, dtype=lm.mixed_precision_dtype,
-                             enabled=lm.mixed_precision_dtype is not None)):
-            return lm.model(inps, logits_to_keep=keep).logits
-
-    lm._loglikelihood_tokens, lm._model_call = _loglikelihood_tokens, _model_call
+    return FashionfuseLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                         max_length=max_length, shared_contexts=shared_contexts, rank=rank,
+                         world_size=world, accelerator=accelerator)
 
 
 def run_tasks(lm, tasks: list[str], task_manager, *, num_fewshot: int | None,

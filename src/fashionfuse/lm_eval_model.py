@@ -1,0 +1,204 @@
+"""`fashionfuse`, an lm-eval model: lm-eval's HFLM with fashionfuse's scoring speed-ups,
+registered in lm-eval's own model registry (`lm_eval.api.registry.register_model`).
+
+`fashionfuse eval` and the search's task objectives score through it, and so can lm-eval's own
+command line, with this model registered first (lm-eval does not discover plugin models):
+
+    python -m fashionfuse.lm_eval_cli --model fashionfuse \\
+        --model_args pretrained=BASE,peft=RUN/search/fused --tasks ...
+    python -m fashionfuse.lm_eval_cli --model fashionfuse \\
+        --model_args pretrained=BASE,fusion=RUN/search/best.json --tasks ...   # no export
+
+What it adds to HFLM, each with the same scores as HFLM's own path (the tests compare):
+    - the lean LoRA forward without gradients (PEFT's arithmetic, in place);
+    - logits only at the positions lm-eval reads (`logits_to_keep`);
+    - `batch_size: auto` bounded by memory and found once per row length;
+    - requests that share a token prefix scored with one pass over it (`shared_context.py`);
+    - data parallelism on CPU too (rank, world size and accelerator in the constructor);
+    - `tokens_through_model`, the token positions (padding included) the model ran.
+Its overrides are HFLM's methods `_model_call`, `_loglikelihood_tokens` and
+`_detect_batch_size`; the rank, world size and accelerator are HFLM's attributes of the same
+names (HFLM sets them only for several GPUs).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import lm_eval.models  # noqa: F401,E501  (register lm-eval's own models before ours)
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .adapters.forward import use_lean_lora_forward
+from .adapters.runtime import attach_adapters, set_fusion_weights
+from .errors import UserError
+from .forward_memory import rows_that_fit
+from .shared_context import cache_argument, with_shared_prefixes
+
+
+def _flag(value) -> bool:
+    """A boolean model argument (lm-eval's CLI passes `shared_contexts=False` as text)."""
+    return value.strip().lower() not in ("false", "0", "no") if isinstance(value, str) else bool(value)
+
+
+def attach_searched_fusion(model, best_json: str | Path):
+    """The base `model` with every adapter of a search's `best.json` attached and its searched
+    weights set (exact for the sum operator; the adapters are the run's own, found beside the
+    search folder), without exporting a fused adapter."""
+    best_json = Path(best_json)
+    best = json.loads(best_json.read_text())
+    if best.get("operator", "sum") != "sum":
+        raise UserError(f"fusion={best_json}: operator {best['operator']!r} merges dense deltas; "
+                        "score its exported search/fused (peft=...) or search/merged instead")
+    run = best_json.resolve().parent.parent
+    dirs = {name: run / "adapters" / name for name in best["adapters"]}
+    missing = [str(d) for d in dirs.values() if not (d / "adapter_config.json").is_file()]
+    if missing:
+        raise UserError(f"fusion={best_json}: adapters not found: {', '.join(missing)}")
+    model = attach_adapters(model, dirs)
+    set_fusion_weights(model, best["best_weights"], list(dirs), best.get("granularity", "adapter"))
+    return model
+
+
+def load_for_scoring(base: str, *, peft: str | None = None, fusion: str | None = None,
+                     load_in_4bit: bool = True, compute_dtype: str = "auto",
+                     device: str | None = None, revision: str | None = None):
+    """(model, tokenizer) as `fashionfuse eval` scores them: the base (a hub id, folder or GGUF
+    file) quantised to NF4 with double quant like training (or in `compute_dtype` without
+    4-bit), then a PEFT adapter at weight 1 (`peft`) or a search's fused weights (`fusion`)."""
+    from .base_model import default_device, load_base_model, load_tokenizer
+    from .config import ModelConfig
+
+    if peft and fusion:
+        raise UserError("model_args: give peft= or fusion=, not both")
+    cfg = ModelConfig(base=base, revision=revision, quantization={
+        "bits": 4 if load_in_4bit else 16, "compute_dtype": compute_dtype})
+    model = load_base_model(cfg, quantized=load_in_4bit, device=device or default_device())
+    if peft:
+        model = attach_adapters(model, {"scored": Path(peft)})
+        set_fusion_weights(model, {"scored": 1.0})
+    elif fusion:
+        model = attach_searched_fusion(model, fusion)
+    return model, load_tokenizer(cfg)
+
+
+@register_model("fashionfuse")
+class FashionfuseLM(HFLM):
+    """HFLM with fashionfuse's speed-ups (see the module doc). `pretrained` is a model object,
+    or a base to load as `fashionfuse eval` does (`load_for_scoring`: `peft`, `fusion`,
+    `load_in_4bit` default true, `compute_dtype` default auto). Beyond HFLM's arguments:
+    `shared_contexts` (default true), and `rank`, `world_size`, `accelerator` for data
+    parallelism across processes."""
+
+    def __init__(self, pretrained="", *, shared_contexts=True, fusion: str | None = None,
+                 load_in_4bit=True, compute_dtype: str = "auto", rank: int | None = None,
+                 world_size: int | None = None, accelerator=None, **kwargs):
+        if isinstance(pretrained, str):  # loaded as `fashionfuse eval` loads it
+            pretrained, tokenizer = load_for_scoring(
+                pretrained, peft=kwargs.pop("peft", None), fusion=fusion,
+                load_in_4bit=_flag(load_in_4bit), compute_dtype=compute_dtype,
+                device=kwargs.get("device"), revision=kwargs.get("revision"))
+            kwargs.setdefault("tokenizer", tokenizer)
+        super().__init__(pretrained=pretrained, **kwargs)
+        use_lean_lora_forward(self.model)
+        if world_size is not None and world_size > 1:
+            self._rank, self._world_size, self.accelerator = rank, world_size, accelerator
+        self.tokens_through_model = 0
+        self._continuation_len: dict[int, int] = {}  # hash of a row's tokens -> longest cont
+        self._batch_sizes: dict[int, int] = {}  # row length -> memory-bounded batch size
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self._trailing_logits = (self.backend == "causal" and "logits_to_keep"
+                                 in inspect.signature(inner.forward).parameters)
+        self._shared = (with_shared_prefixes(self, self._plain_loglikelihood_tokens)
+                        if _flag(shared_contexts) and cache_argument(self) else None)
+
+    # ---------------------------------------------------------------- scoring
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        """Shared prefixes scored by one pass each; the rest by HFLM's own path."""
+        route = self._shared or self._plain_loglikelihood_tokens
+        return route(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+    def _plain_loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        """HFLM's path, with each row's continuation length noted for `_model_call`."""
+        if self._trailing_logits:
+            for _, context, continuation in requests:
+                key = hash(tuple(self._row(context, continuation)))
+                self._continuation_len[key] = max(self._continuation_len.get(key, 0),
+                                                  len(continuation))
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm,
+                                                 override_bs=override_bs)
+        finally:
+            self._continuation_len.clear()
+
+    def _row(self, context, continuation) -> list[int]:
+        """The tokens HFLM feeds for a request (cut from the left to the window)."""
+        return (list(context) + list(continuation))[-(self.max_length + 1):][:-1]
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        """HFLM's forward, projecting to the vocabulary only the trailing positions lm-eval
+        reads (the rows' continuations); counts the positions run."""
+        self.tokens_through_model += inps.numel()
+        if not self._continuation_len or attn_mask is not None or labels is not None:
+            return super()._model_call(inps, attn_mask, labels)
+        keep = positions_needed(inps, self._continuation_len)
+        if keep >= inps.shape[1]:
+            return super()._model_call(inps)
+        with (torch.no_grad(),
+              torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                             enabled=self.mixed_precision_dtype is not None)):
+            return self.model(inps, logits_to_keep=keep).logits
+
+    # ---------------------------------------------------------------- batch size
+    def _detect_batch_size(self, requests=None, pos: int = 0) -> int:
+        """`batch_size: auto` bounded by memory (`forward_memory.rows_that_fit`) and kept per
+        longest-row length: on a CPU the bound is the answer (no trial forward; a CPU never
+        runs out of memory, the kernel kills the process); on a GPU HFLM's out-of-memory
+        search starts from it. Data-parallel processes share a CPU's memory and all use the
+        smallest size found."""
+        length = len(self._row(*requests[pos][1:])) if requests else self.max_length
+        if length in self._batch_sizes:
+            return self._batch_sizes[length]
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        dtype_bytes = getattr(model, "dtype", torch.float32).itemsize
+        share = self.world_size if self.device.type == "cpu" else 1
+        most = rows_that_fit(model.config, length, dtype_bytes, str(self.device),
+                             self.max_batch_size, share=share)
+        if self.device.type == "cuda":
+            ceiling, self.max_batch_size = self.max_batch_size, most
+            try:
+                most = super()._detect_batch_size(requests, pos)
+            finally:
+                self.max_batch_size = ceiling
+        elif self.world_size > 1 and torch.distributed.is_initialized():
+            found = torch.tensor([most])
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
+            most = int(found.item())
+        if self.rank == 0:
+            print(f"eval: batch_size auto -> {most} for rows of {length} tokens "
+                  f"(bounded by the memory available on {self.device.type})")
+        self._batch_sizes[length] = most
+        return most
+
+
+def positions_needed(inps, continuation_len: dict[int, int]) -> int:
+    """How many trailing positions cover every row's continuation. Rows are right-padded
+    with 0 and a real row may end in 0 itself, so a padded row can match several requests
+    (the row of (ctx, [9, 0, 11]) is the row of (ctx + [9], [12]) padded by one): every
+    length from the unpadded one to the padded one is looked up, and the row keeps what
+    the most demanding match needs. A row that matches nothing keeps every position."""
+    padded_len, needed = inps.shape[1], 1
+    for row in inps.tolist():
+        length = padded_len
+        while length and row[length - 1] == 0:
+            length -= 1
+        matches = [(n, continuation_len.get(hash(tuple(row[:n]))))
+                   for n in range(max(length, 1), padded_len + 1)]
+        row_needs = [padded_len - n + cont for n, cont in matches if cont is not None]
+        if not row_needs:
+            return padded_len
+        needed = max(needed, *row_needs)
+    return min(needed, padded_len)
