@@ -394,3 +394,18 @@ def test_eval_fingerprint_hashes_task_files(pipeline_run, tmp_path, demo_data):
     yaml_file = tasks / "demo_colours.yaml"
     yaml_file.write_text(yaml_file.read_text().replace("acc_norm", "acc"))
     assert eval_fingerprint(cfg, models_to_evaluate(cfg)) != before
+
+
+def test_search_fingerprint_holds_only_what_the_method_reads(make_config):
+    """A grid search is not redone when a gradient-only setting changes (ablate's learned
+    variants set them), and is when its grid changes; storage settings never count."""
+    from fashionfuse.config import load_config
+    from fashionfuse.search.pipeline import search_fingerprint
+
+    def fp(**search):
+        return search_fingerprint(load_config(make_config(search=search)))
+
+    grid = fp(method="grid")
+    assert fp(method="grid", gradient_steps=3, gradient_lr=0.5, stale_after_s=5) == grid
+    assert fp(method="grid", grid_values=[0.0, 0.25, 1.0]) != grid
+    assert fp(method="gradient", gradient_steps=3) != fp(method="gradient", gradient_steps=4)

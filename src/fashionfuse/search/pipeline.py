@@ -27,7 +27,7 @@ from ..adapters.weight_keys import granularity_of, weight_names
 from ..fusion.resident import ResidentFusion
 from ..adapters.runtime import attach_adapters, lora_layers
 from ..fusion.export import export_merged_model, trained_quantization
-from ..adapters.saved import fuse_adapters, load_saved_adapter
+from ..adapters.saved import check_fusable, load_saved_adapter
 from ..plots import pyplot, save_figure
 from ..rundir import (
     RunLayout,
@@ -42,7 +42,6 @@ from ..rundir import (
 )
 from ..tracking import Tracker
 from .objectives import build_objective
-from .registry import search_method
 from .study import SearchContext, finished, open_study
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -53,6 +52,24 @@ class SearchError(UserError, RuntimeError):
     """The search cannot run (missing adapters, bad objective)."""
 
 
+# settings read by one method or another (each method module names its own in SETTINGS), and
+# those that change how a search runs but not its result
+METHOD_SETTINGS = {"grid_values", "n_trials", "gp_startup_trials", "low", "high", "step",
+                   "gradient_steps", "gradient_lr", "gradient_init", "smoothness"}
+OPERATIONAL = {"storage", "stale_after_s"}
+
+
+def search_settings(cfg: RunConfig) -> dict:
+    """The search section as far as this search's result depends on it: the common settings
+    and the method's own (a plugin method without SETTINGS: every setting), so a grid search
+    is not redone when only `gradient_steps` changed."""
+    from .registry import search_method
+
+    own = set(getattr(search_method(cfg.search.method), "SETTINGS", METHOD_SETTINGS))
+    return {k: v for k, v in cfg.search.model_dump(mode="json").items()
+            if k not in OPERATIONAL and (k not in METHOD_SETTINGS or k in own)}
+
+
 def search_fingerprint(cfg: RunConfig) -> str:
     """Everything the search result depends on: adapters and objective data (their contents),
     base model, search section (and the layer weights it refines), seed."""
@@ -61,7 +78,7 @@ def search_fingerprint(cfg: RunConfig) -> str:
     return fingerprint({
         "layer_weights": (file_digest(Path(refined)) if Path(refined).is_file() else "absent")
         if refined else None,
-        "stage": "search", "search": cfg.search.model_dump(mode="json"), "seed": cfg.seed,
+        "stage": "search", "search": search_settings(cfg), "seed": cfg.seed,
         "base": base_fingerprint_parts(cfg.model), "model": cfg.model.model_dump(mode="json"),
         "adapters": {n: artifact_id(layout.adapter(n)) for n in cfg.search_adapters},
         "curated": {n: artifact_id(layout.curated(n)) for n in cfg.objective_datasets},
@@ -75,7 +92,7 @@ def _load_adapters(cfg: RunConfig) -> dict[str, Path]:
     missing = [str(p) for p in dirs.values() if not (p / "adapter_config.json").exists()]
     if missing:
         raise SearchError(f"adapters missing: {missing} (run `fashionfuse train-adapter` first)")
-    fuse_adapters([load_saved_adapter(p) for p in dirs.values()], [1.0] * len(dirs))
+    check_fusable([load_saved_adapter(p) for p in dirs.values()])
     return dirs
 
 
@@ -101,7 +118,7 @@ def search_weights(cfg: RunConfig, force: bool = False, progress=None) -> dict:
                         build_objective(cfg, tokenizer, device), cfg.search_adapters, progress,
                         Tracker(cfg, "search", cfg.search.method), fusion)
     try:
-        search_method(cfg.search.method).run(ctx)
+        ctx.method.run(ctx)
     finally:
         ctx.tracker.close()
         fusion.close()

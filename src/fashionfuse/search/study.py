@@ -47,10 +47,13 @@ class SearchContext:
     progress: Callable[[int], None] | None = None
     tracker: object = None  # tracking.Tracker: each finished trial's score and weights
     fusion: ResidentFusion | None = None
+    method: object = None  # the search method's module, looked up once per search
 
     def __post_init__(self):
         if self.fusion is None:
             self.fusion = ResidentFusion(self.model, self.names)
+        if self.method is None:
+            self.method = search_method(self.cfg.search.method)
 
     def evaluate(self, params: dict[str, float], trial=None) -> dict | None:
         """Score the fused model of this candidate (None: a pruner stopped it early)."""
@@ -74,8 +77,7 @@ class SearchContext:
 
     @property
     def distributions(self) -> dict:
-        dist = search_method(self.cfg.search.method).distributions(self.cfg.search,
-                                                                    self.weight_names)
+        dist = self.method.distributions(self.cfg.search, self.weight_names)
         if len(self.cfg.search.densities) > 1:
             dist["density"] = optuna.distributions.CategoricalDistribution(
                 self.cfg.search.densities)

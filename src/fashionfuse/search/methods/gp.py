@@ -10,6 +10,9 @@ from ...config import SearchConfig
 from ..study import SearchContext, finished, run_trials
 from . import tpe
 
+# the search settings this method reads (beside the common ones): its fingerprint's part
+SETTINGS = ("n_trials", "gp_startup_trials", "low", "high", "step")
+
 
 def sampler(cfg: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
     """GP-based Bayesian optimisation; the validation loss of a candidate is deterministic."""

@@ -23,6 +23,9 @@ from ...adapters.runtime import set_fusion_weights, tensor_fusion_weights
 from ..study import SearchContext, evaluate_candidate, finished
 from . import grid
 
+# the search settings this method reads (beside the common ones): its fingerprint's part
+SETTINGS = ("gradient_steps", "gradient_lr", "gradient_init", "smoothness", "low", "high")
+
 sampler = grid.sampler
 distributions = grid.distributions
 

@@ -9,6 +9,9 @@ import optuna
 from ...config import SearchConfig
 from ..study import SearchContext, run_trials
 
+# the search settings this method reads (beside the common ones): its fingerprint's part
+SETTINGS = ("grid_values", "low", "high")
+
 
 def candidates(cfg: SearchConfig, names: list[str], seed: int) -> list[dict[str, float]]:
     """Every combination of `grid_values` across the adapters, times every searched `density`

@@ -8,6 +8,9 @@ from ...config import SearchConfig
 from ..study import SearchContext, run_trials
 from . import grid
 
+# the search settings this method reads (beside the common ones): its fingerprint's part
+SETTINGS = ("n_trials", "low", "high", "step")
+
 
 def candidates(cfg: SearchConfig, names: list[str], seed: int) -> list[dict[str, float]]:
     """`n_trials` uniform draws in [low, high], rounded to `step` (and a `density` drawn from

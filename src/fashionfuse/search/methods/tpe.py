@@ -7,6 +7,9 @@ import optuna
 from ...config import SearchConfig
 from ..study import SearchContext, run_trials
 
+# the search settings this method reads (beside the common ones): its fingerprint's part
+SETTINGS = ("n_trials", "low", "high", "step")
+
 
 def sampler(cfg: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
     """TPE; `constant_liar` makes workers sharing a study avoid each other's running candidates
