@@ -71,12 +71,40 @@ def test_same_output_and_gradients_as_peft(make_config, training_mode):
 
 
 def test_dropout_is_applied_in_training(make_config):
-    """The lean route still drops: two seeds give two outputs."""
+    """The lean route drops with nn.Dropout's semantics: two seeds give two outputs, and what
+    reaches each lora_A is the layer input with a share p of its entries zeroed (the others
+    unchanged: the 1 / (1 - p) rescaling is applied to lora_A's rank-r output instead, which
+    the comparison with PEFT's forward above covers); in eval mode nothing is dropped."""
+    from fashionfuse.adapters.runtime import lora_layers
+
     model = _trainable(make_config).train()
-    ids = _ids(model, 16, seed=2)
+    ids = _ids(model, 64, seed=2)
     a, _ = _loss_and_grads(model, ids, seed=1)
     b, _ = _loss_and_grads(model, ids, seed=2)
     assert not torch.allclose(a, b)
+    layer = next(iter(lora_layers(model).values()))
+    p = layer.lora_dropout["default"].p
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0])),
+             layer.lora_A["default"].register_forward_pre_hook(
+                 lambda m, args: seen.__setitem__("dropped", args[0]))]
+    try:
+        for mode in ("train", "eval"):  # with gradients in training (the route trained on)
+            getattr(model, mode)()
+            with torch.set_grad_enabled(mode == "train"):
+                model(input_ids=ids)
+            x, d = seen["x"].detach().float(), seen["dropped"].detach().float()
+            kept = d != 0
+            if mode == "eval":
+                assert torch.equal(d, x)
+                continue
+            share = 1 - kept.float().mean().item()
+            n = x.numel()
+            assert abs(share - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (share, p)
+            assert torch.equal(d[kept], x[kept])
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def test_installed_on_every_trained_layer(make_config):
