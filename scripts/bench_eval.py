@@ -7,6 +7,7 @@ start-up included. The script first builds the demo adapters in runs/bench_eval 
     python scripts/bench_eval.py [--limit N]
     python scripts/bench_eval.py --leaderboard [--benchmarks ../shared/benchmarks]
     python scripts/bench_eval.py --prefix [--limit 20] [--compute-dtype float32]
+    python scripts/bench_eval.py --prefix --model smollm2 [--limit 4] [--models "[base, fused]"]
 
 Ends with `speedup_vs_separate: X` (separate seconds / one-command seconds).
 
@@ -26,6 +27,9 @@ path: every answer choice a row with its context) and true (one pass per shared 
 difference and how many items' metrics differ; then one candidate of the search's `lm_eval`
 objective on ARC-Challenge 25-shot and HellaSwag 10-shot (the resident 4-bit model with the
 fused weights set, the objective's `TaskSet` and `wrap_model`): `task_objective_speedup`.
+`--model smollm2` runs the same comparison on the real model's run (`make real` first: its
+curated data, adapters and search are linked into runs/bench_eval_smollm2, nothing retrained),
+on `--models` (default base and fused), without the objective part.
 """
 
 from __future__ import annotations
@@ -69,6 +73,11 @@ def main() -> None:
                         choices=["auto", "bfloat16", "float16", "float32"],
                         help="--leaderboard: model.quantization.compute_dtype of the evals")
     parser.add_argument("--benchmarks", type=Path, default=ROOT.parent / "shared" / "benchmarks")
+    parser.add_argument("--model", choices=["demo", "smollm2"], default="demo",
+                        help="--prefix: the demo run, or the real model's run (runs/smollm2)")
+    parser.add_argument("--models", default=None,
+                        help="--prefix: eval.models (default: [base, adapters, fused] on the "
+                        "demo, [base, fused] on smollm2)")
     args = parser.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if args.leaderboard:
@@ -167,27 +176,38 @@ def shared_prefix(args, env: dict) -> None:
     """leaderboard_v1 on five models with and without shared contexts; then the objective."""
     if not args.benchmarks.is_dir():
         sys.exit(f"{args.benchmarks}: benchmark files not found (pass --benchmarks)")
-    limit = args.limit or 20
     ff = [sys.executable, "-m", "fashionfuse.cli"]
-    for stage in ("curate", "train-adapter", "search-weights"):
-        subprocess.run(ff + [stage, str(CONFIG), "--set", f"run_dir={RUN}"], cwd=ROOT, env=env,
-                       check=True, capture_output=True)
-    common = ["--set", f"run_dir={RUN}", "--set", "eval.preset=leaderboard_v1",
+    config, run, models = CONFIG, RUN, args.models or "[base, adapters, fused]"
+    if args.model == "smollm2":
+        from fashionfuse.rundir import link_shared
+
+        config, run = ROOT / "configs" / "smollm2.yaml", ROOT / "runs" / "bench_eval_smollm2"
+        models = args.models or "[base, fused]"
+        if not (ROOT / "runs" / "smollm2" / "search" / "fused").is_dir():
+            sys.exit("runs/smollm2 has no fused adapter: run `make real` first")
+        link_shared(ROOT / "runs" / "smollm2", run, ("curate", "adapters", "search"))
+    else:
+        for stage in ("curate", "train-adapter", "search-weights"):
+            subprocess.run(ff + [stage, str(config), "--set", f"run_dir={run}"], cwd=ROOT,
+                           env=env, check=True, capture_output=True)
+    limit = args.limit or (4 if args.model == "smollm2" else 20)
+    common = ["--set", f"run_dir={run}", "--set", "eval.preset=leaderboard_v1",
               "--set", f"eval.benchmark_data={args.benchmarks}", "--set", "eval.tasks=[]",
               "--set", "eval.include_paths=[]", "--set", "eval.num_fewshot=null",
               "--set", f"eval.limit={limit}", "--set", f"eval.batch_size={args.batch_size}",
-              "--set", "eval.log_samples=true", "--set", "eval.models=[base, adapters, fused]",
+              "--set", "eval.log_samples=true", "--set", f"eval.models={models}",
+              "--set", "eval.skill_tasks=false",
               "--set", f"model.quantization.compute_dtype={args.compute_dtype}",
               "--set", f"eval.max_length={args.max_length}"]
     seconds, tokens, samples, tables = {}, {}, {}, {}
     for route, flag in (("plain", "false"), ("shared", "true")):
-        total = _timed(ff + ["eval", str(CONFIG), "--force", *common,
+        total = _timed(ff + ["eval", str(config), "--force", *common,
                              "--set", f"eval.shared_contexts={flag}"], env)
-        timings = json.loads((RUN / "eval" / "timings.json").read_text())
+        timings = json.loads((run / "eval" / "timings.json").read_text())
         seconds[route] = sum(timings["models_s"].values())
         tokens[route] = sum(timings["tokens_through_model"].values())
-        samples[route] = _samples(RUN / "eval")
-        tables[route] = json.loads((RUN / "eval" / "table.json").read_text())
+        samples[route] = _samples(run / "eval")
+        tables[route] = json.loads((run / "eval" / "table.json").read_text())
         print(f"{route}: command {total:.1f} s, scoring {seconds[route]:.1f} s, "
               f"{tokens[route]:,} token positions", flush=True)
     assert samples["plain"].keys() == samples["shared"].keys() and samples["plain"]
@@ -197,15 +217,16 @@ def shared_prefix(args, env: dict) -> None:
                   for m in ("acc", "acc_norm"))
     mc2 = max((abs(plain[k][1]["mc2"] - shared[k][1]["mc2"]) for k in plain
                if "mc2" in plain[k][1]), default=0.0)
-    print(f"items: {len(samples['plain'])} (5 models, leaderboard_v1, limit {limit}), "
-          f"compute dtype {args.compute_dtype}")
+    print(f"items: {len(samples['plain'])} ({args.model}, models {models}, leaderboard_v1, "
+          f"limit {limit}), compute dtype {args.compute_dtype}")
     print(f"max_loglikelihood_difference: {diff:.2e}")
     print(f"acc_or_acc_norm_flips: {flipped}")
     print(f"max_mc2_difference: {mc2:.2e}")
     print(f"tables_identical: {tables['plain']['rows'] == tables['shared']['rows']}")
     print(f"prefix_tokens_ratio: {tokens['plain'] / tokens['shared']:.2f}")
     print(f"leaderboard_speedup_vs_plain: {seconds['plain'] / seconds['shared']:.2f}")
-    task_objective(args, limit)
+    if args.model == "demo":
+        task_objective(args, limit)
 
 
 def task_objective(args, limit: int) -> None:

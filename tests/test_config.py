@@ -120,3 +120,23 @@ def test_adapter_names_must_be_plain_file_names(make_config, name):
 def test_search_step_must_divide_the_range(make_config):
     with pytest.raises(ConfigError, match="search: .*step 0.3 must divide high - low"):
         load_config(make_config(), ["search.method=tpe", "search.step=0.3"])
+
+
+def test_real_model_configs_differ_only_where_the_hub_forces_them():
+    """configs/smollm2-hub.yaml is configs/smollm2.yaml reading hub datasets: same model,
+    sizes, training, search, eval limit and ablation."""
+    from pathlib import Path
+
+    from fashionfuse.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    local = load_config(root / "smollm2.yaml").model_dump(mode="json")
+    hub = load_config(root / "smollm2-hub.yaml").model_dump(mode="json")
+    for key in ("model", "training", "search", "ablate", "seed"):
+        assert local[key] == hub[key], key
+    assert {k: v for k, v in local["eval"].items() if k != "benchmark_data"} == \
+        {k: v for k, v in hub["eval"].items() if k != "benchmark_data"}
+    for a, b in zip(local["datasets"], hub["datasets"]):
+        assert (a["name"], a["kind"], a["max_records"], a["test_fraction"]) == \
+            (b["name"], b["kind"], b["max_records"], b["test_fraction"])
+        assert a["source"]["path"] and b["source"]["hub"]
