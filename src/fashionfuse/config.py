@@ -304,7 +304,7 @@ class ObjectiveConfig(_Strict):
 
 class SearchConfig(_Strict):
     method: Annotated[str, _registered("method")] = Field(
-        default="grid", description="grid, random, tpe, gp, gradient, or a registered plugin")
+        default="grid", description="grid, random, tpe, gp, cmaes, gradient, or a registered plugin")
     adapters: list[str] | None = Field(default=None, description="Default: every dataset")
     grid_values: list[float] = [0.0, 0.5, 1.0]
     n_trials: Annotated[int, Field(gt=0)] = 20

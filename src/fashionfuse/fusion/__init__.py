@@ -32,3 +32,16 @@ def delta_seed(seed: int, adapter: str, module: str) -> int:
     """The seed of one adapter's random mask on one module (DARE), derived from the run seed."""
     digest = hashlib.sha256(f"{seed}:{adapter}:{module}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def merged_module_delta(task_deltas: list, names: list[str], module_key: str, weights,
+                        *, granularity: str, operator_name: str, density: float, seed: int):
+    """One module's fused dense update: the operator's merge of its task deltas (one per
+    adapter in `names`), each adapter weighted by w(adapter, module) at `granularity` and,
+    for random operators, masked with the seed derived from the run seed, adapter and module.
+    The resident search and the export both call this, so they merge identically."""
+    from ..adapters.weight_keys import module_weight
+
+    ws = [module_weight(weights, n, module_key, granularity) for n in names]
+    seeds = [delta_seed(seed, n, module_key) for n in names]
+    return operator(operator_name).merge(task_deltas, ws, density=density, seeds=seeds)

@@ -22,8 +22,8 @@ from ..adapters.saved import (
     task_delta,
     weighted_delta,
 )
-from ..adapters.weight_keys import module_weight, module_weights
-from . import delta_seed, operator
+from ..adapters.weight_keys import module_weights
+from . import merged_module_delta
 from .svd_export import svd_lora
 
 
@@ -34,10 +34,9 @@ def merged_deltas(adapters: list[SavedAdapter], names: list[str], weights: Mappi
     the same masks and weights the resident search used)."""
     out = {}
     for m in sorted(adapters[0].modules):
-        deltas = [task_delta(a, m) for a in adapters]
-        ws = [module_weight(weights, n, m, granularity) for n in names]
-        seeds = [delta_seed(seed, n, m) for n in names]
-        out[m] = operator(operator_name).merge(deltas, ws, density=density, seeds=seeds)
+        out[m] = merged_module_delta([task_delta(a, m) for a in adapters], names, m, weights,
+                                     granularity=granularity, operator_name=operator_name,
+                                     density=density, seed=seed)
     return out
 
 

@@ -15,8 +15,7 @@ from typing import Mapping
 import torch
 
 from ..adapters.runtime import lora_layers, set_fusion_weights
-from ..adapters.weight_keys import module_weight
-from . import delta_seed, operator
+from . import merged_module_delta
 
 
 class ResidentFusion:
@@ -63,9 +62,9 @@ class ResidentFusion:
             module.set_scale(n, 1.0)
             b, a = module.lora_B[n].weight.float(), module.lora_A[n].weight.float()
             deltas.append(float(module.scaling[n]) * (b @ a))
-        ws = [module_weight(weights, n, path, self.granularity) for n in names]
-        seeds = [delta_seed(self.seed, n, path) for n in names]
-        return operator(self.operator_name).merge(deltas, ws, density=density, seeds=seeds)
+        return merged_module_delta(deltas, names, path, weights, granularity=self.granularity,
+                                   operator_name=self.operator_name, density=density,
+                                   seed=self.seed)
 
     def _hook(self, path: str):
         def add_delta(module, inputs, output):

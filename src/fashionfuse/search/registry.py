@@ -18,6 +18,7 @@ BUILTIN_METHODS = {
     "random": "fashionfuse.search.methods.random",
     "tpe": "fashionfuse.search.methods.tpe",
     "gp": "fashionfuse.search.methods.gp",
+    "cmaes": "fashionfuse.search.methods.cmaes",
     "gradient": "fashionfuse.search.methods.gradient",
 }
 BUILTIN_OBJECTIVES = {
