@@ -91,8 +91,6 @@ class TaskScores:
     `allow_test_split` is set."""
 
     def __init__(self, cfg: RunConfig, tokenizer):
-        from lm_eval.tasks import get_task_dict
-
         from ..lm_eval_run import prepare_include_paths, task_manager
 
         obj = cfg.search.objective
@@ -101,7 +99,7 @@ class TaskScores:
         self.tasks, self.tokenizer, self.obj, self.seed = list(obj.tasks), tokenizer, obj, cfg.seed
         self.batch_size = cfg.search.batch_size
         self.task_set, self.lm = None, None
-        for name, task in _flatten(get_task_dict(self.tasks, self.task_manager)).items():
+        for name, task in self.task_manager.load(list(self.tasks))["tasks"].items():
             if task.has_test_docs() and not obj.allow_test_split:
                 raise UserError(
                     f"search.objective.tasks: {name} is scored on its test split "
@@ -125,16 +123,6 @@ class TaskScores:
             if hm is not None:
                 out[t] = hm[1]
         return out
-
-
-def _flatten(task_dict: dict) -> dict:
-    out = {}
-    for key, value in task_dict.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value))
-        else:
-            out[getattr(key, "group_name", key) if not isinstance(key, str) else key] = value
-    return out
 
 
 # --------------------------------------------------------------------------- the objectives

@@ -17,14 +17,13 @@ SETTINGS = ("n_trials", "low", "high", "step")
 
 
 def sampler(cfg: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
-    """CMA-ES started at the uniform point with a step of a third of the range; categorical
-    parameters (a searched `density` list) fall back to optuna's independent sampler."""
+    """CMA-ES (optuna's default step size, a sixth of the range); categorical parameters (a
+    searched `density` list) fall back to optuna's independent sampler."""
     try:
         import cmaes  # noqa: F401  (optuna's CMA-ES runs on it)
     except ImportError:
         raise UserError("search.method cmaes needs the cmaes package (pip install cmaes)") from None
-    return optuna.samplers.CmaEsSampler(seed=seed, sigma0=(cfg.high - cfg.low) / 3,
-                                        warn_independent_sampling=False)
+    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
 
 
 distributions = tpe.distributions
