@@ -8,9 +8,10 @@
 2. The naive route per candidate: merge the adapters with PEFT
    (`add_weighted_adapter(..., combination_type="cat")`), save the fused adapter, reload base +
    adapter from disk, evaluate: `speedup_vs_naive` = naive seconds / our seconds.
-3. Full grid over `--grid` values for the three demo adapters; then optuna's TPE sampler, per seed,
-   counts the evaluations until its best score is at least as good as the grid's best:
-   `sampler_evals_pct_of_grid` = median count / grid size * 100.
+3. Full grid over `--grid` values for the three demo adapters; then optuna's TPE, GP and CMA-ES
+   samplers, per seed, count the evaluations until their best score is at least as good as the
+   grid's best: `sampler_evals_pct_of_grid_<sampler>` = median count / grid size * 100 (and
+   the maximum over seeds; `cmaes_evals_pct_of_grid_max` for CMA-ES).
 
 4. `--sizes demo,30m,300m`: instead of 1-3, the resident route against the naive route at
    each model size: random-initialised Llamas (4-bit NF4 on CPU, saved in bfloat16 like real
@@ -127,17 +128,17 @@ def main() -> None:
         grid_scores.append(objective.combine(objective.per_dataset(model)))
     best_grid = min(grid_scores)
     from fashionfuse.config import SearchConfig
-    from fashionfuse.search.methods import gp, tpe
+    from fashionfuse.search.methods import cmaes, gp, tpe
 
     search_cfg = SearchConfig(low=min(values), high=max(values), step=0.05, gp_startup_trials=5)
     counts_by = {}
-    for label, module in (("tpe", tpe), ("gp", gp)):
+    for label, module in (("tpe", tpe), ("gp", gp), ("cmaes", cmaes)):
         counts = counts_by[label] = []
         for seed in range(args.seeds):
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             study = optuna.create_study(direction="minimize",
                                         sampler=module.sampler(search_cfg, seed))
-            if label == "gp":  # what methods/gp.py enqueues first
+            if label in ("gp", "cmaes"):  # what methods/gp.py and cmaes.py enqueue first
                 study.enqueue_trial(gp.start_point(search_cfg, names))
             needed = None
             for k in range(1, len(grid_scores) + 1):
@@ -156,7 +157,8 @@ def main() -> None:
     print(f"search_loop_s_per_candidate: {ours_s:.4f}")
     print(f"naive_s_per_candidate: {naive_s:.3f}")
     print(f"grid_size: {len(grid_scores)}, grid_best: {best_grid:.4f}, "
-          f"tpe_evals: {counts_by['tpe']}, gp_evals: {counts_by['gp']}")
+          f"tpe_evals: {counts_by['tpe']}, gp_evals: {counts_by['gp']}, "
+          f"cmaes_evals: {counts_by['cmaes']}")
     print(f"overhead_pct: {overhead:.2f}")
     print(f"speedup_vs_naive: {naive_s / ours_s:.1f}")
     for label, counts in counts_by.items():
@@ -164,6 +166,7 @@ def main() -> None:
               f"{100 * statistics.median(counts) / len(grid_scores):.1f}")
         print(f"sampler_evals_pct_of_grid_max_{label}: {100 * max(counts) / len(grid_scores):.1f}")
     print(f"sampler_evals_pct_of_grid_max: {100 * max(counts_by['gp']) / len(grid_scores):.1f}")
+    print(f"cmaes_evals_pct_of_grid_max: {100 * max(counts_by['cmaes']) / len(grid_scores):.1f}")
 
 
 def _random_adapters(base: Path, out: Path, n: int = 3) -> dict[str, Path]:
