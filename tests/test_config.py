@@ -140,3 +140,19 @@ def test_real_model_configs_differ_only_where_the_hub_forces_them():
         assert (a["name"], a["kind"], a["max_records"], a["test_fraction"]) == \
             (b["name"], b["kind"], b["max_records"], b["test_fraction"])
         assert a["source"]["path"] and b["source"]["hub"]
+
+
+def test_operators_are_read_from_their_declarations():
+    """search.operator accepts the operators fusion declares, and says which when it refuses."""
+    import pytest
+    from pydantic import ValidationError
+
+    from fashionfuse.config import SearchConfig
+    from fashionfuse.fusion import DENSE_OPERATORS, OPERATORS
+
+    for name in OPERATORS:
+        assert SearchConfig(operator=name).operator == name
+    with pytest.raises(ValidationError, match="known: sum, ties, dare, magnitude"):
+        SearchConfig(operator="della")
+    assert DENSE_OPERATORS == ("ties", "dare", "magnitude")
+    assert all(OPERATORS[n].params == {"density": 0.5} for n in DENSE_OPERATORS)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
+from .fusion import is_dense
 from .evaluate.table import plot_table, to_csv, to_markdown
 from .rundir import RunLayout, link_shared, write_json, write_text
 
@@ -165,7 +166,7 @@ def _fusions(cfg: RunConfig, planned: list[FusionVariant], force: bool) -> dict[
         best = search_weights(vcfg, force=force)
         fused = RunLayout(vcfg.run_dir).fused
         label = v.label
-        if v.search.get("operator", "sum") != "sum":
+        if is_dense(v.search.get("operator", "sum")):
             svd = json.loads((fused / "svd_report.json").read_text())
             label = (f"fusion, {v.label} ({v.search['method']}, density "
                      f"{best['best_density']:g}; SVD rank {svd['rank']}, error "

@@ -264,6 +264,15 @@ class RoundConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- search
+def _known_operator(name: str) -> str:
+    """A fusion operator declared in `fusion.OPERATORS` (sum, ties, dare, magnitude)."""
+    from .fusion import OPERATORS
+
+    if name not in OPERATORS:
+        raise ValueError(f"unknown operator {name!r} (known: {', '.join(OPERATORS)})")
+    return name
+
+
 def _registered(kind: str):
     """A validator: the name must be registered in `search.registry` (built in or a plugin)."""
 
@@ -343,7 +352,7 @@ class SearchConfig(_Strict):
     layer_weights_from: str | None = Field(
         default=None, description="best.json of a layer-wise search: grid/random/tpe then search "
         "a per-adapter multiplier on those learned layer weights")
-    operator: Literal["sum", "ties", "dare", "magnitude"] = Field(
+    operator: Annotated[str, AfterValidator(_known_operator)] = Field(
         default="sum", description="How the adapters' deltas combine: sum (task arithmetic, the "
         "paper's; exact LoRA export), ties, dare, magnitude (dense; exported by truncated SVD)")
     density: Annotated[float, Field(gt=0, le=1)] | list[Annotated[float, Field(gt=0, le=1)]] = Field(
@@ -369,7 +378,9 @@ class SearchConfig(_Strict):
         return self._fusion_choices()
 
     def _fusion_choices(self) -> "SearchConfig":
-        if self.method == "gradient" and self.operator != "sum":
+        from .fusion import is_dense
+
+        if self.method == "gradient" and is_dense(self.operator):
             raise ValueError(f"operator {self.operator}: method gradient learns task-arithmetic "
                              "weights only (use operator sum, or grid/random/tpe)")
         if self.method == "gradient" and self.layer_weights_from:

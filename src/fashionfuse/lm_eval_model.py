@@ -35,6 +35,7 @@ from lm_eval.models.huggingface import HFLM
 from .adapters.forward import use_lean_lora_forward
 from .adapters.runtime import attach_adapters, set_fusion_weights
 from .errors import UserError
+from .fusion import is_dense
 from .forward_memory import rows_that_fit
 from .shared_context import cache_argument, with_shared_prefixes
 
@@ -50,7 +51,7 @@ def attach_searched_fusion(model, best_json: str | Path):
     search folder), without exporting a fused adapter."""
     best_json = Path(best_json)
     best = json.loads(best_json.read_text())
-    if best.get("operator", "sum") != "sum":
+    if is_dense(best.get("operator", "sum")):
         raise UserError(f"fusion={best_json}: operator {best['operator']!r} merges dense deltas; "
                         "score its exported search/fused (peft=...) or search/merged instead")
     run = best_json.resolve().parent.parent

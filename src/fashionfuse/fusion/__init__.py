@@ -1,8 +1,9 @@
 """Fusion operators on LoRA deltas, layer-wise weights, resident application and SVD export.
 
-One file per operator (as mergekit has one per merge method); each defines `PARAMS` (its
-hyper-parameters) and `merge(deltas, weights, *, density, seeds)` on the dense task deltas
-dW_i = scale_i B_i A_i of one module:
+One file per operator (as mergekit has one per merge method), each with `merge(deltas,
+weights, *, density, seeds)` on the dense task deltas dW_i = scale_i B_i A_i of one module,
+declared here as a `MergeOperator` (its hyper-parameters and their defaults, whether it merges
+dense deltas); config validation reads these declarations:
 
     sum        task arithmetic, the paper's weighted sum (exact low-rank export)
     ties       trim by magnitude, elect sign, disjoint mean
@@ -14,18 +15,39 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+from dataclasses import dataclass, field
 
-OPERATORS = {
-    "sum": "fashionfuse.fusion.task_arithmetic",
-    "ties": "fashionfuse.fusion.ties",
-    "dare": "fashionfuse.fusion.dare",
-    "magnitude": "fashionfuse.fusion.magnitude",
-}
+
+@dataclass(frozen=True)
+class MergeOperator:
+    """A fusion operator as the config and the search see it: its name, the module holding its
+    `merge`, its hyper-parameters with their defaults, and whether it merges dense deltas
+    (scored through forward hooks, exported by truncated SVD) rather than the exact low-rank
+    sum."""
+
+    name: str
+    module: str
+    params: dict[str, float] = field(default_factory=dict)
+    dense: bool = True
+
+
+OPERATORS = {op.name: op for op in (
+    MergeOperator("sum", "fashionfuse.fusion.task_arithmetic", dense=False),
+    MergeOperator("ties", "fashionfuse.fusion.ties", {"density": 0.5}),
+    MergeOperator("dare", "fashionfuse.fusion.dare", {"density": 0.5}),
+    MergeOperator("magnitude", "fashionfuse.fusion.magnitude", {"density": 0.5}),
+)}
+DENSE_OPERATORS = tuple(name for name, op in OPERATORS.items() if op.dense)
 
 
 def operator(name: str):
     """The module implementing fusion operator `name`."""
-    return importlib.import_module(OPERATORS[name])
+    return importlib.import_module(OPERATORS[name].module)
+
+
+def is_dense(name: str) -> bool:
+    """Whether operator `name` merges dense deltas (not the exact low-rank sum)."""
+    return OPERATORS[name].dense
 
 
 def delta_seed(seed: int, adapter: str, module: str) -> int:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-PARAMS = ("density",)
-
 
 def drop_mask(shape: torch.Size, keep: float, seed: int, device=None) -> torch.Tensor:
     """The seeded Bernoulli(keep) mask of one task delta (True: kept)."""

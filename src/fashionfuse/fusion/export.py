@@ -23,7 +23,7 @@ from ..adapters.saved import (
     weighted_delta,
 )
 from ..adapters.weight_keys import module_weights
-from . import merged_module_delta
+from . import is_dense, merged_module_delta
 from .svd_export import svd_lora
 
 
@@ -47,7 +47,7 @@ def write_fused(out: Path, adapters: list[SavedAdapter], names: list[str],
     """Save the fused PEFT adapter in `out`; return its report and, for a dense operator, the
     exact merged deltas (what a merged-model export should add to the base)."""
     check_fusable(adapters)
-    if operator_name == "sum":
+    if not is_dense(operator_name):
         config, tensors = fuse_adapters(
             adapters, module_weights(weights, names, sorted(adapters[0].modules), granularity))
         save_peft_adapter(out, config, tensors)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import torch
 
-PARAMS = ("density",)
-
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """`delta` with all but its k = max(1, round(density * numel)) largest-magnitude entries

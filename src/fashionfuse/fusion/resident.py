@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 
 from ..adapters.runtime import lora_layers, set_fusion_weights
-from . import merged_module_delta
+from . import is_dense, merged_module_delta
 
 
 class ResidentFusion:
@@ -39,7 +39,7 @@ class ResidentFusion:
     def apply(self, params: Mapping[str, float]) -> None:
         """Make the model compute base + the fused update of this candidate."""
         weights = self.weights(params)
-        if self.operator_name == "sum":
+        if not is_dense(self.operator_name):
             self._remove_hooks()
             set_fusion_weights(self.model, weights, self.adapters, self.granularity)
             return

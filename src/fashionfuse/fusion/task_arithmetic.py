@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import torch
 
-PARAMS: tuple[str, ...] = ()
-
 
 def merge(deltas: list[torch.Tensor], weights: list[float], *, density: float = 1.0,
           seeds: list[int] | None = None) -> torch.Tensor:

@@ -15,8 +15,6 @@ import torch
 
 from .magnitude import trim
 
-PARAMS = ("density",)
-
 
 def merge(deltas: list[torch.Tensor], weights: list[float], *, density: float = 0.5,
           seeds: list[int] | None = None) -> torch.Tensor:

@@ -13,6 +13,9 @@ import shutil
 from pathlib import Path
 
 from ..architectures import check_tokenizer_fits
+from ..adapters.runtime import attach_adapters, lora_layers
+from ..adapters.saved import check_fusable, load_saved_adapter
+from ..adapters.weight_keys import granularity_of, weight_names
 from ..base_model import (
     DTYPES,
     base_fingerprint_parts,
@@ -22,12 +25,9 @@ from ..base_model import (
 )
 from ..config import RunConfig, config_hash
 from ..errors import UserError
-from ..fusion.export import write_fused
-from ..adapters.weight_keys import granularity_of, weight_names
+from ..fusion import is_dense
+from ..fusion.export import export_merged_model, trained_quantization, write_fused
 from ..fusion.resident import ResidentFusion
-from ..adapters.runtime import attach_adapters, lora_layers
-from ..fusion.export import export_merged_model, trained_quantization
-from ..adapters.saved import check_fusable, load_saved_adapter
 from ..plots import pyplot, save_figure
 from ..rundir import (
     RunLayout,
@@ -160,7 +160,7 @@ def _trials(ctx: SearchContext) -> list[dict]:
         params = {n: t.params[n] for n in ctx.param_names}
         row = {"number": t.number, "weights": ctx.fusion.weights(params), "score": t.value,
                "per_dataset": t.user_attrs.get("per_dataset"), "seconds": t.user_attrs.get("seconds")}
-        if ctx.cfg.search.operator != "sum":
+        if is_dense(ctx.cfg.search.operator):
             row["density"] = float(params.get("density", ctx.fusion.density))
             row["merge_seconds"] = t.user_attrs.get("merge_seconds")
         out.append(row)
@@ -176,7 +176,7 @@ def _write_result(cfg: RunConfig, fp: str, ctx: SearchContext, adapter_dirs: dic
               "granularity": s.granularity, "adapters": names, "best_weights": best["weights"],
               "best_score": best["score"], "best_per_dataset": best["per_dataset"],
               "n_trials": len(trials), "n_pruned": pruned}
-    if s.operator != "sum":
+    if is_dense(s.operator):
         result["best_density"] = best["density"]
     metrics = {"best_score": best["score"], "n_trials": len(trials)}
     with atomic_dir(RunLayout(cfg.run_dir).search) as tmp:

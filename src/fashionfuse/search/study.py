@@ -25,6 +25,7 @@ import optuna
 from ..config import RunConfig
 from ..console import progress_file
 from ..adapters.weight_keys import weight_names
+from ..fusion import is_dense
 from ..fusion.resident import ResidentFusion
 from ..rundir import RunLayout
 from .registry import search_method
@@ -217,7 +218,7 @@ def score_trial(ctx: SearchContext, trial: optuna.Trial, prunable: bool = True) 
         ctx.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     trial.set_user_attr("seconds", round(time.perf_counter() - t0, 4))
-    if ctx.fusion.operator_name != "sum":
+    if is_dense(ctx.fusion.operator_name):
         trial.set_user_attr("merge_seconds", round(ctx.fusion.merge_seconds, 4))
     if losses is None:  # stopped early by successive halving
         ctx.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
