@@ -29,8 +29,8 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
-from .fusion import is_dense
 from .evaluate.table import plot_table, to_csv, to_markdown
+from .fusion import is_dense
 from .rundir import RunLayout, link_shared, write_json, write_text
 
 ALL_DATA = "ablate-all-datasets"

@@ -113,6 +113,15 @@ def render_with_tokenizer_template(tokenizer, messages: list[dict], system: str)
     return RenderedChat(full, spans)
 
 
+def render_chat(tokenizer, messages: list[dict], system: str, template: str = "table9"
+                ) -> RenderedChat:
+    """A conversation as training sees it: `template` "table9" (the paper's, with the
+    tokenizer's bos/eos) or "model" (the tokenizer's own chat template)."""
+    if template == "model":
+        return render_with_tokenizer_template(tokenizer, messages, system)
+    return render(messages, system, tokenizer.bos_token or "", tokenizer.eos_token or "")
+
+
 def tokenize_with_labels(
     tokenizer, messages: list[dict], system: str, max_len: int | None = None,
     template: str = "table9",
@@ -123,8 +132,7 @@ def tokenize_with_labels(
     is trained when its first character lies inside an assistant span, which works for any fast
     tokenizer because it tokenises the whole text once (no boundary artefacts).
     """
-    chat = (render_with_tokenizer_template(tokenizer, messages, system) if template == "model"
-            else render(messages, system, tokenizer.bos_token or "", tokenizer.eos_token or ""))
+    chat = render_chat(tokenizer, messages, system, template)
     enc = tokenizer(chat.text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = []

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from .errors import UserError
+from .gguf_base import gguf_path
 
 
 class ConfigError(UserError, ValueError):
@@ -577,8 +578,8 @@ def filesystem_problems(cfg: RunConfig, reads_sources: bool = True) -> list[str]
         problems.append(f"run_dir: {run_dir}: exists and is not a folder")
     files = [(f"curate.decontaminate.benchmarks.{i}", p)
              for i, p in enumerate(cfg.curate.decontaminate.benchmarks)]
-    if cfg.model.gguf_file or cfg.model.base.endswith(".gguf"):
-        gguf = Path(cfg.model.base) / (cfg.model.gguf_file or "")
+    gguf = gguf_path(cfg.model)
+    if gguf is not None:
         files.append(("model.gguf_file" if cfg.model.gguf_file else "model.base", str(gguf)))
     if reads_sources:
         files += [(f"datasets.{i}.source.path", d.source.path)

@@ -110,9 +110,10 @@ class FashionfuseLM(HFLM):
         self.tokens_through_model = 0
         self._continuation_len: dict[int, int] = {}  # hash of a row's tokens -> longest cont
         self._batch_sizes: dict[int, int] = {}  # row length -> memory-bounded batch size
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        model = self.model
+        self._decoder = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._trailing_logits = (self.backend == "causal" and "logits_to_keep"
-                                 in inspect.signature(inner.forward).parameters)
+                                 in inspect.signature(self._decoder.forward).parameters)
         self._shared = (with_shared_prefixes(self, self._plain_loglikelihood_tokens)
                         if _flag(shared_contexts) and cache_argument(self) else None)
 
@@ -163,10 +164,9 @@ class FashionfuseLM(HFLM):
         length = len(self._row(*requests[pos][1:])) if requests else self.max_length
         if length in self._batch_sizes:
             return self._batch_sizes[length]
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        dtype_bytes = getattr(model, "dtype", torch.float32).itemsize
+        dtype_bytes = getattr(self._decoder, "dtype", torch.float32).itemsize
         share = self.world_size if self.device.type == "cpu" else 1
-        most = rows_that_fit(model.config, length, dtype_bytes, str(self.device),
+        most = rows_that_fit(self._decoder.config, length, dtype_bytes, str(self.device),
                              self.max_batch_size, share=share)
         if self.device.type == "cuda":
             ceiling, self.max_batch_size = self.max_batch_size, most

@@ -12,7 +12,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from ..base_model import base_fingerprint_parts, load_tokenizer
-from ..chat_template import render, render_with_tokenizer_template
+from ..chat_template import render_chat
 from ..config import DatasetConfig, RunConfig, config_hash
 from ..console import progress_file
 from ..errors import UserError
@@ -60,11 +60,8 @@ class TokenCounter:
 
     def render(self, messages: list[dict], system: str | None) -> str:
         """The text training will tokenise (same template), so fitting counts the same tokens."""
-        tok = self.tokenizer
-        if self.template == "model":
-            return render_with_tokenizer_template(tok, messages, system or self.default_system).text
-        return render(messages, system or self.default_system, tok.bos_token or "",
-                      tok.eos_token or "").text
+        return render_chat(self.tokenizer, messages, system or self.default_system,
+                           self.template).text
 
     def lengths(self, texts: list[str]) -> list[int]:
         out: list[int] = []
@@ -268,9 +265,8 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
     kept = fit_to_context(passed, counter, cfg.model.max_input_len, funnel, rejects)
     if ds.max_records:
         kept = kept[: ds.max_records]
-    train, val, test = _three_way_split(kept, ds, cfg.seed)
-    splits = [("train", train), ("validation", val)] + ([("test", test)] if ds.test_fraction else [])
-    for split, recs in splits:
+    splits = _three_way_split(kept, ds, cfg.seed)
+    for split, recs in splits.items():
         (out / f"{split}.jsonl").write_text(
             "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in recs))
     (out / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
@@ -279,24 +275,27 @@ def curate_dataset(cfg: RunConfig, ds: DatasetConfig, tokenizer, out: Path,
     if unused > 0:  # read, then left out once max_records was reached
         funnel["over_max_records"] = unused
     stats = {"kind": ds.kind, **dataset_stats(kept),
-             "train": len(train), "validation": len(val),
-             **({"test": len(test)} if ds.test_fraction else {}), "funnel": dict(sorted(funnel.items())),
+             **{split: len(recs) for split, recs in splits.items()},
+             "funnel": dict(sorted(funnel.items())),
              "warnings": funnel_warnings(ds, funnel)}
     write_json(out / "stats.json", stats)
     return stats
 
 
 def _three_way_split(kept: list[Record], ds: DatasetConfig, seed: int
-                     ) -> tuple[list[Record], list[Record], list[Record]]:
-    """Train, validation and (with `test_fraction`) test records, each share a fraction of all
-    records. The test split is held out first, by conversation, with its own salt, so no
-    segment of a test chat is trained on or searched on."""
+                     ) -> dict[str, list[Record]]:
+    """Split name -> records: train, validation and (with `test_fraction`) test, each share a
+    fraction of all records. The test split is held out first, by conversation, with its own
+    salt, so no segment of a test chat is trained on or searched on."""
     if not ds.test_fraction:
-        return *train_validation_split(kept, ds.validation_fraction, seed), []
+        return dict(zip(SPLITS, train_validation_split(kept, ds.validation_fraction, seed)))
     rest, test = train_validation_split(kept, ds.test_fraction, f"test:{seed}")
     share = min(ds.validation_fraction * len(kept) / max(len(rest), 1), 0.99)
-    train, val = train_validation_split(rest, share, seed)
-    return train, val, test
+    return dict(zip(SPLITS, [*train_validation_split(rest, share, seed), test]))
+
+
+# the curated splits, each written as <split>.jsonl (test only with `test_fraction`)
+SPLITS = ("train", "validation", "test")
 
 
 # funnel counts that are not rows dropped by a filter
@@ -361,14 +360,12 @@ def curate(cfg: RunConfig, force: bool = False) -> dict[str, dict]:
                            inputs={ds.source.path or ds.source.hub: path_fingerprint(ds.source.path)
                                    if ds.source.path else ds.source.revision or "hub"},
                            seed=cfg.seed, metrics=stats,
-                           content=["train.jsonl", "validation.jsonl"]
-                           + (["test.jsonl"] if ds.test_fraction else []))
+                           content=[f"{s}.jsonl" for s in SPLITS if s in stats])
         shutil.rmtree(work, ignore_errors=True)
         table[ds.name] = stats
         f = stats["funnel"]
-        test_part = f", test {stats['test']}" if "test" in stats else ""
-        print(f"curate {ds.name}: read {f.get('read', 0)}, kept {stats['instances']} "
-              f"(train {stats['train']}, validation {stats['validation']}{test_part}), "
+        sizes = ", ".join(f"{split} {stats[split]}" for split in SPLITS if split in stats)
+        print(f"curate {ds.name}: read {f.get('read', 0)}, kept {stats['instances']} ({sizes}), "
               f"rejected {sum(v for k, v in f.items() if k not in NOT_REJECTIONS)}")
         for line in stats["warnings"]:
             print(f"curate warning: {line}")

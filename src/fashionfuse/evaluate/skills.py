@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from ..chat_template import render, render_with_tokenizer_template
+from ..chat_template import render_chat
 from ..config import RunConfig
 from ..errors import UserError
 from ..rundir import RunLayout
@@ -50,8 +50,7 @@ def test_files(cfg: RunConfig) -> dict[str, Path]:
 def split_last_turn(messages: list[dict], system: str, tokenizer, template: str) -> tuple[str, str]:
     """(context, continuation) of a conversation's last assistant turn in the run's template,
     with trailing whitespace of the context moved to the continuation as lm-eval does."""
-    chat = (render_with_tokenizer_template(tokenizer, messages, system) if template == "model"
-            else render(messages, system, tokenizer.bos_token or "", tokenizer.eos_token or ""))
+    chat = render_chat(tokenizer, messages, system, template)
     start, end = chat.assistant_spans[-1]
     context, continuation = chat.text[:start], chat.text[start:end]
     stripped = context.rstrip()

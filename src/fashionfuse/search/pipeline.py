@@ -42,6 +42,7 @@ from ..rundir import (
 )
 from ..tracking import Tracker
 from .objectives import build_objective
+from .registry import BUILTIN_METHODS, search_method
 from .study import SearchContext, finished, open_study
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -52,22 +53,19 @@ class SearchError(UserError, RuntimeError):
     """The search cannot run (missing adapters, bad objective)."""
 
 
-# settings read by one method or another (each method module names its own in SETTINGS), and
-# those that change how a search runs but not its result
-METHOD_SETTINGS = {"grid_values", "n_trials", "gp_startup_trials", "low", "high", "step",
-                   "gradient_steps", "gradient_lr", "gradient_init", "smoothness"}
+# settings that change how a search runs but not its result
 OPERATIONAL = {"storage", "stale_after_s"}
 
 
 def search_settings(cfg: RunConfig) -> dict:
     """The search section as far as this search's result depends on it: the common settings
-    and the method's own (a plugin method without SETTINGS: every setting), so a grid search
-    is not redone when only `gradient_steps` changed."""
-    from .registry import search_method
-
-    own = set(getattr(search_method(cfg.search.method), "SETTINGS", METHOD_SETTINGS))
+    and the method's own (each built-in method names the settings it reads in SETTINGS; a
+    plugin method without SETTINGS keeps them all), so a grid search is not redone when only
+    `gradient_steps` changed."""
+    method_only = {s for name in BUILTIN_METHODS for s in search_method(name).SETTINGS}
+    own = set(getattr(search_method(cfg.search.method), "SETTINGS", method_only))
     return {k: v for k, v in cfg.search.model_dump(mode="json").items()
-            if k not in OPERATIONAL and (k not in METHOD_SETTINGS or k in own)}
+            if k not in OPERATIONAL and (k not in method_only or k in own)}
 
 
 def search_fingerprint(cfg: RunConfig) -> str:
