@@ -100,7 +100,7 @@ def test_the_checker_sees_a_circle():
 
 def test_eval_path_does_not_load_the_trainer():
     code = ("import sys, fashionfuse.evaluate, fashionfuse.evaluate.harness, fashionfuse.lm_eval_run, "
-            "fashionfuse.shared_context, fashionfuse.adapters.forward; "
+            "fashionfuse.shared_context, fashionfuse.adapters.peft_layers; "
             "print(sorted(m for m in sys.modules if m.startswith('fashionfuse.train')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from fashionfuse.adapters.dropout import UniformMaskDropout, use_uniform_mask_dropout
+from fashionfuse.adapters.dropout import UniformMaskDropout
+from fashionfuse.adapters.peft_layers import use_uniform_mask_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fashionfuse.adapters.forward import use_lean_lora_forward
+from fashionfuse.adapters.peft_layers import use_lean_lora_forward
 
 
 def _trainable(make_config):

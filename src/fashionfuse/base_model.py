@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, QuantizationConfig
+from .version_gates import internals_allowed
 from .adapters.saved import adapter_deltas
 from .gguf_base import checkpoint_dir, gguf_path
 
@@ -127,12 +128,24 @@ def keep_4bit_layout(model) -> None:
     kernel and keeps it packed; that kernel has no backward (gradients through the layer are
     silently dropped, and a layer with a bias fails) and a packed weight no longer dequantises
     as stored. Training, gradient-learned fusion weights and the merged export all meet the
-    same resident weights after no-gradient passes, so the repacking is switched off."""
+    same resident weights after no-gradient passes, so the repacking is switched off: by the
+    layer's `support_avx512bf16_for_cpu` switch (bitsandbytes versions tested, `version_gates`),
+    else through public means: a forward pre-hook keeps each 4-bit layer in training mode,
+    which decides nothing else in its forward (the same computation)."""
     import bitsandbytes as bnb
 
+    fast = internals_allowed("bitsandbytes")
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+            if fast:
+                module.support_avx512bf16_for_cpu = False
+            elif not getattr(module, "_fashionfuse_layout_hook", False):
+                module.register_forward_pre_hook(_training_mode)
+                module._fashionfuse_layout_hook = True
+
+
+def _training_mode(module, args) -> None:
+    module.training = True
 
 
 def quantization_record(model) -> dict | None:
@@ -181,13 +194,13 @@ def merge_into_base(model, cfg: ModelConfig, deltas: dict[str, torch.Tensor], fu
         merged = full.get_submodule(name).weight.detach().double() + delta.to("cpu")
         weight = module.weight
         if isinstance(module, bnb.nn.Linear4bit):
-            # quantise now, as transformers does when loading (Params4bit quantises on its
-            # first move to a device; `_quantize` is that step without the move)
+            # quantise now, as transformers does when loading: Params4bit quantises on its
+            # first move to a device
             old = weight.quant_state
             module.weight = bnb.nn.Params4bit(
                 merged.to(old.dtype), requires_grad=False, blocksize=weight.blocksize,
                 compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
-                quant_storage=weight.quant_storage, module=module)._quantize(weight.device)
+                quant_storage=weight.quant_storage, module=module).to(weight.device)
         else:
             weight.data.copy_(merged.to(weight.dtype))
     return model

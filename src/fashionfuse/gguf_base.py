@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from .errors import MissingFileError, UserError
+from .version_gates import internals_allowed
 
 
 def gguf_path(cfg) -> Path | None:
@@ -69,11 +70,7 @@ def convert_gguf(path: Path, out: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                  dtype=torch.float32)
-    # the GGUF tensors are dequantised already: save them as a plain checkpoint
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model = as_plain_model(model)  # the GGUF tensors are dequantised already
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -81,3 +78,23 @@ def convert_gguf(path: Path, out: Path) -> Path:
         (tmp / "gguf_source.json").write_text(json.dumps(
             {"file": str(path.resolve()), "sha256": file_digest(path)}, indent=2) + "\n")
     return out
+
+
+def as_plain_model(model):
+    """`model` (read from a GGUF file, its tensors already dequantised) as a plain model that
+    saves as an ordinary checkpoint: its `quantization_config` dropped and transformers' record
+    of a quantizer cleared (`hf_quantizer`, `is_quantized`: transformers versions tested,
+    `version_gates`), else the same config and weights in a model built afresh from the config
+    (public API; a second copy of the weights in memory)."""
+    from transformers import AutoModelForCausalLM
+
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if internals_allowed("transformers"):
+        model.hf_quantizer = None
+        model.is_quantized = False
+        return model
+    plain = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain.eval()

@@ -18,7 +18,14 @@ What it adds to HFLM, each with the same scores as HFLM's own path (the tests co
     - `tokens_through_model`, the token positions (padding included) the model ran.
 Its overrides are HFLM's methods `_model_call`, `_loglikelihood_tokens` and
 `_detect_batch_size`; the rank, world size and accelerator are HFLM's attributes of the same
-names (HFLM sets them only for several GPUs).
+names (HFLM sets them only for several GPUs). For several models scored on one task set
+(`lm_eval_run.TaskSet`) it also renders each task's prompts once (`build_all_requests`, the
+task's `_instances`) and tokenises each request once (HFLM's `_encode_pair`).
+
+These are lm-eval's internals, all of them in this module and used only with the lm-eval
+versions they were tested with (`version_gates`). Otherwise every override hands over to
+HFLM's own method and the class is plain HFLM: the same scores, without the speed-ups, and one
+process per data-parallel rank scores everything (rank 0 writes).
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .adapters.forward import use_lean_lora_forward
+from .adapters.peft_layers import use_lean_lora_forward
 from .adapters.runtime import attach_adapters, set_fusion_weights
 from .errors import UserError
+from .version_gates import internals_allowed
 from .fusion import is_dense
 from .forward_memory import rows_that_fit
 from .shared_context import cache_argument, with_shared_prefixes
@@ -105,17 +113,20 @@ class FashionfuseLM(HFLM):
             kwargs.setdefault("tokenizer", tokenizer)
         super().__init__(pretrained=pretrained, **kwargs)
         use_lean_lora_forward(self.model)
-        if world_size is not None and world_size > 1:
+        self._internals = internals_allowed("lm-eval")
+        if self._internals and world_size is not None and world_size > 1:
             self._rank, self._world_size, self.accelerator = rank, world_size, accelerator
         self.tokens_through_model = 0
         self._continuation_len: dict[int, int] = {}  # hash of a row's tokens -> longest cont
         self._batch_sizes: dict[int, int] = {}  # row length -> memory-bounded batch size
         model = self.model
         self._decoder = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._trailing_logits = (self.backend == "causal" and "logits_to_keep"
+        self._trailing_logits = (self._internals and self.backend == "causal" and "logits_to_keep"
                                  in inspect.signature(self._decoder.forward).parameters)
-        self._shared = (with_shared_prefixes(self, self._plain_loglikelihood_tokens)
-                        if _flag(shared_contexts) and cache_argument(self) else None)
+        self._shared = (with_shared_prefixes(self, self._plain_loglikelihood_tokens,
+                                             self._detect_batch_size)
+                        if self._internals and _flag(shared_contexts) and cache_argument(self)
+                        else None)
 
     # ---------------------------------------------------------------- scoring
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
@@ -161,6 +172,8 @@ class FashionfuseLM(HFLM):
         runs out of memory, the kernel kills the process); on a GPU HFLM's out-of-memory
         search starts from it. Data-parallel processes share a CPU's memory and all use the
         smallest size found."""
+        if not self._internals:
+            return super()._detect_batch_size(requests, pos)
         length = len(self._row(*requests[pos][1:])) if requests else self.max_length
         if length in self._batch_sizes:
             return self._batch_sizes[length]
@@ -203,3 +216,52 @@ def positions_needed(inps, continuation_len: dict[int, int]) -> int:
             return padded_len
         needed = max(needed, *row_needs)
     return min(needed, padded_len)
+
+
+# ------------------------------------------------------------------ task sets
+def render_prompts_once(task) -> None:
+    """Make `task.build_all_requests` render its prompts once per set of arguments: a later
+    call with the same arguments puts back the instances of the first one with empty response
+    containers. lm-eval renders every prompt (few-shot sampling, a Jinja compile per document)
+    again on each `evaluate`; with the few-shot seed reset before each model the prompts are
+    the same, so only the rendering time is saved. (lm-eval versions tested only: else lm-eval
+    renders them each time.)"""
+    if not internals_allowed("lm-eval"):
+        return
+    build = task.build_all_requests
+    built: dict[tuple, list] = {}
+
+    def build_all_requests(**kwargs) -> None:
+        key = tuple(sorted((k, v if k != "chat_template" else v is not None)
+                           for k, v in kwargs.items()))
+        if key in built:
+            for instance in built[key]:  # new containers: earlier results keep theirs
+                instance.resps, instance.filtered_resps = [], {}
+            task._instances = built[key]
+            return
+        build(**kwargs)
+        built[key] = task._instances
+
+    task.build_all_requests = build_all_requests
+
+
+def encode_pairs_once(lm) -> None:
+    """Make the HFLM tokenise each (context, continuation) pair once: lm-eval encodes every
+    request again on each `evaluate`, and here several models share one HFLM and tokenizer.
+    The ids are kept as int32 arrays (4 bytes a token) and handed out as fresh lists."""
+    from array import array
+
+    if getattr(lm, "_fashionfuse_encode_once", False) or not internals_allowed("lm-eval"):
+        return
+    encode, cache = lm._encode_pair, {}
+
+    def _encode_pair(context: str, continuation: str):
+        hit = cache.get((context, continuation))
+        if hit is not None:
+            return hit[0].tolist(), hit[1].tolist()
+        context_ids, continuation_ids = encode(context, continuation)
+        cache[(context, continuation)] = (array("i", context_ids), array("i", continuation_ids))
+        return context_ids, continuation_ids
+
+    lm._encode_pair = _encode_pair
+    lm._fashionfuse_encode_once = True

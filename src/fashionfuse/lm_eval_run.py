@@ -105,51 +105,6 @@ def run_tasks(lm, tasks: list[str], task_manager, *, num_fewshot: int | None,
         torch_random_seed=seed, fewshot_random_seed=seed)
 
 
-def _build_requests_once(task) -> None:
-    """Make `task.build_all_requests` render its prompts once per set of arguments: a later
-    call with the same arguments puts back the instances of the first one with empty response
-    containers. lm-eval renders every prompt (few-shot sampling, a Jinja compile per document)
-    again on each `evaluate`; with the few-shot seed reset before each model the prompts are
-    the same, so only the rendering time is saved."""
-    build = task.build_all_requests
-    built: dict[tuple, list] = {}
-
-    def build_all_requests(**kwargs) -> None:
-        key = tuple(sorted((k, v if k != "chat_template" else v is not None)
-                           for k, v in kwargs.items()))
-        if key in built:
-            for instance in built[key]:  # new containers: earlier results keep theirs
-                instance.resps, instance.filtered_resps = [], {}
-            task._instances = built[key]
-            return
-        build(**kwargs)
-        built[key] = task._instances
-
-    task.build_all_requests = build_all_requests
-
-
-def _encode_once(lm) -> None:
-    """Make the HFLM tokenise each (context, continuation) pair once: lm-eval encodes every
-    request again on each `evaluate`, and here several models share one HFLM and tokenizer.
-    The ids are kept as int32 arrays (4 bytes a token) and handed out as fresh lists."""
-    from array import array
-
-    if getattr(lm, "_fashionfuse_encode_once", False):
-        return
-    encode, cache = lm._encode_pair, {}
-
-    def _encode_pair(context: str, continuation: str):
-        hit = cache.get((context, continuation))
-        if hit is not None:
-            return hit[0].tolist(), hit[1].tolist()
-        context_ids, continuation_ids = encode(context, continuation)
-        cache[(context, continuation)] = (array("i", context_ids), array("i", continuation_ids))
-        return context_ids, continuation_ids
-
-    lm._encode_pair = _encode_pair
-    lm._fashionfuse_encode_once = True
-
-
 class TaskSet:
     """lm-eval tasks loaded once and scored on any number of models: what `run_tasks` does per
     call (load the datasets, set `num_fewshot` and the few-shot seed, seed every generator,
@@ -159,6 +114,8 @@ class TaskSet:
     compare the two routes)."""
 
     def __init__(self, task_manager, tasks: list[str], *, num_fewshot: int | None, seed: int):
+        from .lm_eval_model import render_prompts_once
+
         self.loaded = task_manager.load(list(tasks))
         self.seed, self.num_fewshot = seed, num_fewshot
         for task in self.loaded["tasks"].values():
@@ -167,7 +124,7 @@ class TaskSet:
                 task.set_config(key="num_fewshot", value=num_fewshot)
             elif num_fewshot is None and default is None:
                 task.set_config(key="num_fewshot", value=0)
-            _build_requests_once(task)
+            render_prompts_once(task)
 
     def score(self, lm, *, limit: float | None, log_samples: bool = False) -> dict | None:
         """lm-eval's results dict for these tasks on `lm` (None on ranks other than 0)."""
@@ -177,7 +134,9 @@ class TaskSet:
         from lm_eval.evaluator import evaluate
         from lm_eval.utils import set_torch_seed
 
-        _encode_once(lm)
+        from .lm_eval_model import encode_pairs_once
+
+        encode_pairs_once(lm)
         random.seed(self.seed)
         np.random.seed(self.seed)
         set_torch_seed(self.seed)

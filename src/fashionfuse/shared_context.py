@@ -232,38 +232,39 @@ def _tails(lm, forward, cache, mask, chunk, by_context, requests, rows_per_pass)
     return out
 
 
-def with_shared_prefixes(lm, loglikelihood_tokens):
-    """`_loglikelihood_tokens` for `lm` that scores requests sharing a prefix by
-    `score_group` and hands the others to `loglikelihood_tokens` (lm-eval's path), returning
-    results in the requests' order."""
+def with_shared_prefixes(lm, plain_scorer, detect_batch_size):
+    """A log-likelihood scorer of token requests for `lm` (HFLM's signature: requests,
+    `disable_tqdm`, `override_bs`) that scores requests sharing a prefix by `score_group` and
+    hands the others to `plain_scorer` (lm-eval's path), returning results in the requests'
+    order; `detect_batch_size(requests, pos)` gives `batch_size: auto`'s rows."""
 
-    def _loglikelihood_tokens(requests, disable_tqdm: bool = False, override_bs=None):
+    def score_requests(requests, disable_tqdm: bool = False, override_bs=None):
         groups, others = group_by_prefix(requests, lm.max_length)
         results: list = [None] * len(requests)
         if others:
             picked = [requests[i] for i in others]
-            for i, res in zip(others, loglikelihood_tokens(picked, disable_tqdm=disable_tqdm,
-                                                            override_bs=override_bs)):
+            for i, res in zip(others, plain_scorer(picked, disable_tqdm=disable_tqdm,
+                                                   override_bs=override_bs)):
                 results[i] = res
         for shared, indices in groups:
             prefix = list(requests[indices[0]][1][:shared])
             pairs = [(list(requests[i][1]), list(requests[i][2])) for i in indices]
-            for i, res in zip(indices, score_group(lm, prefix, pairs,
-                                                   _rows(lm, requests, indices, override_bs))):
+            rows = _rows(lm, requests, indices, override_bs, detect_batch_size)
+            for i, res in zip(indices, score_group(lm, prefix, pairs, rows)):
                 results[i] = res
                 if requests[i][0] is not None:
                     lm.cache_hook.add_partial("loglikelihood", requests[i][0], res)
         return results
 
-    return _loglikelihood_tokens
+    return score_requests
 
 
-def _rows(lm, requests, indices: list[int], override_bs) -> int:
+def _rows(lm, requests, indices: list[int], override_bs, detect_batch_size) -> int:
     """Rows a pass of this group may hold: the configured batch size, or with `auto` the one
-    detected (memory-bounded, see lm_eval_run) for the group's longest full row."""
+    detected (memory-bounded, see lm_eval_model) for the group's longest full row."""
     if override_bs:
         return int(override_bs)
     if str(lm.batch_size).isdigit():
         return int(lm.batch_size)
     longest = max(indices, key=lambda i: len(requests[i][1]) + len(requests[i][2]))
-    return int(lm._detect_batch_size([requests[longest]], 0))
+    return int(detect_batch_size([requests[longest]], 0))

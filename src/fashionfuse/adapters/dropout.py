@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import lora_layers
-
 LANE_LEVELS = 2 ** 15  # mask resolution: the fourth 16-bit lane of an int64 draw has 15 bits
 
 
@@ -61,16 +59,3 @@ class UniformMaskDropout(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, p_effective={self.p_effective:.6f}"
-
-
-def use_uniform_mask_dropout(model, adapter: str = "default") -> int:
-    """Replace `adapter`'s `nn.Dropout` in every LoRA layer of `model` by `UniformMaskDropout`
-    with the same p; return how many layers were changed."""
-    replaced = 0
-    for module in lora_layers(model).values():
-        if adapter in module.lora_dropout:
-            current = module.lora_dropout[adapter]
-            if isinstance(current, torch.nn.Dropout) and current.p > 0:
-                module.lora_dropout[adapter] = UniformMaskDropout(current.p)
-                replaced += 1
-    return replaced

@@ -1,14 +1,12 @@
 """Adapters on a live PeftModel: attach several, switch between them, and set fusion weights
-(floats for scoring, tensors for learning them) through each LoRA layer's scale."""
+through each LoRA layer's public `set_scale` (tensors for learning them: see peft_layers)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping
 
-import torch
-
-from .weight_keys import group_of, module_weight, weight_names
+from .weight_keys import module_weight
 
 
 def attach_adapters(base_model, adapter_dirs: dict[str, Path]):
@@ -44,7 +42,7 @@ def set_fusion_weights(peft_model, weights: Mapping[str, float], adapters: list[
     used = set()
     for key, module in lora_layers(peft_model).items():
         for name in adapters:
-            if name in module.scaling:
+            if name in module.lora_A:
                 w = module_weight(weights, name, key, granularity)
                 module.set_scale(name, w)
                 if w != 0.0:
@@ -55,31 +53,3 @@ def set_fusion_weights(peft_model, weights: Mapping[str, float], adapters: list[
         peft_model.base_model.enable_adapter_layers()
     else:
         peft_model.base_model.disable_adapter_layers()
-
-
-def tensor_fusion_weights(peft_model, names: list[str], granularity: str = "adapter"):
-    """For learning fusion weights: activate `names`; return the weight names of this
-    granularity and `apply(w)`, which sets every LoRA layer's scale of adapter a to the tensor
-    `w[k] * alpha_a / r_a` (k: the weight of a on that layer), so autograd reaches w.
-    Call `set_fusion_weights` afterwards to put plain float scales back.
-
-    PEFT keeps each layer's scales in its `scaling` dict and multiplies by whatever is there;
-    writing tensors into it is the one place fashionfuse relies on that detail."""
-    set_fusion_weights(peft_model, {n: 1.0 for n in names})  # all active, unit scale
-    layers = lora_layers(peft_model)
-    keys = weight_names(names, list(layers), granularity)
-    index = {k: i for i, k in enumerate(keys)}
-    plan = []  # (module, adapter, weight index, unit scale)
-    for path, module in layers.items():
-        for name in names:
-            if name in module.scaling:
-                k = name if granularity == "adapter" else f"{name}@{group_of(path, granularity)}"
-                plan.append((module, name, index[k], float(module.scaling[name])))
-
-    def apply(w: torch.Tensor) -> None:
-        for module, name, k, scale in plan:
-            module.scaling[name] = w[k] * scale
-
-    return keys, apply
-
-

@@ -60,8 +60,7 @@ class ResidentFusion:
         deltas = []
         for n in names:
             module.set_scale(n, 1.0)
-            b, a = module.lora_B[n].weight.float(), module.lora_A[n].weight.float()
-            deltas.append(float(module.scaling[n]) * (b @ a))
+            deltas.append(module.get_delta_weight(n).float())  # B A * alpha / r (PEFT's own)
         return merged_module_delta(deltas, names, path, weights, granularity=self.granularity,
                                    operator_name=self.operator_name, density=density,
                                    seed=self.seed)

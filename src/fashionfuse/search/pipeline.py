@@ -112,9 +112,10 @@ def search_weights(cfg: RunConfig, force: bool = False, progress=None) -> dict:
                             granularity=cfg.search.granularity,
                             density=cfg.search.densities[0], seed=cfg.seed,
                             fixed_weights=_layer_weights(cfg, model))
-    ctx = SearchContext(cfg, open_study(cfg, fp, fresh=force), model,
-                        build_objective(cfg, tokenizer, device), cfg.search_adapters, progress,
-                        Tracker(cfg, "search", cfg.search.method), fusion)
+    study, storage = open_study(cfg, fp, fresh=force)
+    ctx = SearchContext(cfg, study, model, build_objective(cfg, tokenizer, device),
+                        cfg.search_adapters, progress, Tracker(cfg, "search", cfg.search.method),
+                        fusion, storage=storage)
     try:
         ctx.method.run(ctx)
     finally:

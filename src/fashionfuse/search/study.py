@@ -11,6 +11,7 @@ again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -49,6 +50,7 @@ class SearchContext:
     tracker: object = None  # tracking.Tracker: each finished trial's score and weights
     fusion: ResidentFusion | None = None
     method: object = None  # the search method's module, looked up once per search
+    storage: object = None  # the study's optuna storage (heartbeats, failing dead trials)
 
     def __post_init__(self):
         if self.fusion is None:
@@ -126,9 +128,10 @@ def _storage(cfg: RunConfig) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
-def open_study(cfg: RunConfig, fp: str, fresh: bool = False) -> optuna.Study:
-    """The persistent study of this search (created on first use, reopened on resume);
-    `fresh` discards its stored trials first (`search-weights --force`)."""
+def open_study(cfg: RunConfig, fp: str, fresh: bool = False
+               ) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
+    """The persistent study of this search (created on first use, reopened on resume) and
+    its storage; `fresh` discards its stored trials first (`search-weights --force`)."""
     storage = _storage(cfg)
     seed = worker_seed(cfg.seed, search_worker_id(cfg))
     sampler = search_method(cfg.search.method).sampler(cfg.search, seed)
@@ -140,8 +143,9 @@ def open_study(cfg: RunConfig, fp: str, fresh: bool = False) -> optuna.Study:
             optuna.delete_study(study_name=f"fusion-{fp}", storage=storage)
         except KeyError:  # nothing stored yet
             pass
-    return optuna.create_study(study_name=f"fusion-{fp}", storage=storage, direction="minimize",
-                               sampler=sampler, pruner=pruner, load_if_exists=True)
+    study = optuna.create_study(study_name=f"fusion-{fp}", storage=storage, direction="minimize",
+                                sampler=sampler, pruner=pruner, load_if_exists=True)
+    return study, storage
 
 
 def finished(study: optuna.Study, pruned: bool = False) -> list[optuna.trial.FrozenTrial]:
@@ -152,14 +156,26 @@ def finished(study: optuna.Study, pruned: bool = False) -> list[optuna.trial.Fro
     return [t for t in study.get_trials(deepcopy=False) if t.state in states]
 
 
+def trial_id(storage, study: optuna.Study, trial) -> int:
+    """The storage's id of `trial` (a Trial or FrozenTrial of `study`), by public calls."""
+    return storage.get_trial_id_from_study_id_trial_number(_study_id(storage, study),
+                                                           trial.number)
+
+
+@functools.lru_cache(maxsize=64)
+def _study_id(storage, study: optuna.Study) -> int:
+    """A study object's id in its storage (a study deleted and created again under the same
+    name is a new object with a new id)."""
+    return storage.get_study_id_from_name(study.study_name)
+
+
 class _Heartbeat:
     """Record a trial's heartbeat in the background while it is evaluated, so other workers
-    can tell a slow trial from one whose worker died. (optuna records heartbeats only inside
-    `study.optimize`; with ask/tell its storage and the trial id, private attributes, are the
-    way in.)"""
+    can tell a slow trial from one whose worker died (optuna records heartbeats only inside
+    `study.optimize`; with ask/tell the storage's public `record_heartbeat` is the way in)."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial):
-        self.storage, self.trial_id = study._storage, trial._trial_id
+    def __init__(self, storage, study: optuna.Study, trial: optuna.Trial):
+        self.storage, self.trial_id = storage, trial_id(storage, study, trial)
         self.interval = getattr(self.storage, "heartbeat_interval", None) or 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
@@ -194,7 +210,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fail_dead_local_trials(study: optuna.Study) -> int:
+def fail_dead_local_trials(storage, study: optuna.Study) -> int:
     """Fail the running trials of workers on this host whose process is gone (killed), so their
     candidates run again now rather than after `stale_after_s` without a heartbeat."""
     host = socket.gethostname()
@@ -202,7 +218,8 @@ def fail_dead_local_trials(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
         if worker_host == host and pid.isdigit() and not _alive(int(pid)):
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            storage.set_trial_state_values(trial_id(storage, study, t),
+                                           optuna.trial.TrialState.FAIL)
             failed += 1
     return failed
 def score_trial(ctx: SearchContext, trial: optuna.Trial, prunable: bool = True) -> None:
@@ -211,7 +228,7 @@ def score_trial(ctx: SearchContext, trial: optuna.Trial, prunable: bool = True) 
     t0 = time.perf_counter()
     trial.set_user_attr("worker", _WORKER)
     try:
-        with _Heartbeat(ctx.study, trial):
+        with _Heartbeat(ctx.storage, ctx.study, trial):
             losses = ctx.evaluate({n: trial.params[n] for n in ctx.param_names},
                                   trial if prunable else None)
     except BaseException:
@@ -298,7 +315,7 @@ def run_trials(ctx: SearchContext, candidates: list[dict] | None = None,
     try:
         while True:
             optuna.storages.fail_stale_trials(ctx.study)
-            fail_dead_local_trials(ctx.study)
+            fail_dead_local_trials(ctx.storage, ctx.study)
             trial = (_claim_candidate(ctx, candidates) if candidates is not None
                      else _claim_sampled(ctx, budget))
             if trial is None:

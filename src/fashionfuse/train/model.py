@@ -40,12 +40,10 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     concatenated adapter that is saved and evaluated (merging them into a 4-bit base instead
     would round most of their update away).
     """
-    import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from ..architectures import resolve_lora_targets
-    from ..adapters.dropout import use_uniform_mask_dropout
-    from ..adapters.forward import use_lean_lora_forward
+    from ..adapters.peft_layers import use_lean_lora_forward, use_uniform_mask_dropout
     from .varlen_attention import use_varlen_attention
 
     base = base if base is not None else load_base_model(model_cfg, device=device)
@@ -57,22 +55,31 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     elif train.gradient_checkpointing:
         base.gradient_checkpointing_enable()
     model = get_peft_model(base, lora_config(train, targets))
-    use_uniform_mask_dropout(model)  # same dropout, cheaper mask (see adapters/dropout.py)
-    use_lean_lora_forward(model)  # same function, fewer full-width passes (adapters/forward.py)
+    use_uniform_mask_dropout(model)  # same dropout, cheaper mask (see adapters/peft_layers.py)
+    use_lean_lora_forward(model)  # same function, fewer full-width passes (adapters/peft_layers)
     if frozen_adapters:
-        from ..adapters.runtime import lora_layers
-
-        names = [f"frozen_{k}" for k in range(len(frozen_adapters))]
-        for name, path in zip(names, frozen_adapters):
-            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-        model.base_model.set_adapter(["default", *names])
-        for module in lora_layers(model).values():
-            for name in names:
-                if name in module.lora_A:
-                    module.lora_dropout[name] = torch.nn.Identity()
-                    module.lora_A[name].requires_grad_(False)
-                    module.lora_B[name].requires_grad_(False)
+        _attach_frozen(model, frozen_adapters)
     return TrainableModel(model, targets, attention)
+
+
+def _attach_frozen(model, adapter_dirs: list[str]) -> None:
+    """Attach earlier adapters as frozen LoRA layers, active beside "default" and without
+    dropout (they are part of the base the new adapter trains on): each is added with its saved
+    config, dropout set to 0, and its saved weights loaded (PEFT's public functions)."""
+    from peft import LoraConfig, load_peft_weights, set_peft_model_state_dict
+
+    names = [f"frozen_{k}" for k in range(len(adapter_dirs))]
+    for name, path in zip(names, adapter_dirs):
+        config = LoraConfig.from_pretrained(str(path))
+        config.lora_dropout, config.inference_mode = 0.0, True
+        model.add_adapter(name, config)
+        result = set_peft_model_state_dict(model, load_peft_weights(str(path)), adapter_name=name)
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{path}: weights of no LoRA layer: {result.unexpected_keys[:3]}")
+    model.base_model.set_adapter(["default", *names])
+    for param_name, param in model.named_parameters():
+        if any(f".{name}." in param_name for name in names):
+            param.requires_grad_(False)
 
 
 def build_optimizer(params, train: TrainingConfig):

@@ -3,8 +3,8 @@
 Base model and adapters stay frozen; the only parameters are the fusion weights w: one per
 adapter, or with `granularity: layer | module` one per adapter and block (and projection),
 optionally tied together by a smoothness penalty across blocks. Every LoRA layer's scale
-becomes the tensor `w * alpha_i / r_i` (`lora.tensor_fusion_weights`), so the forward pass is
-the exact fused model and autograd carries the validation loss back to w. Each
+becomes the tensor `w * alpha_i / r_i` (`adapters.peft_layers.tensor_fusion_weights`), so the
+forward pass is the exact fused model and autograd carries the validation loss back to w. Each
 step is one full pass over the validation batches (token-weighted, combined across datasets like
 the search objective), then an Adam step and a clamp to [low, high]. The start point and the
 learned weights are stored as two trials.
@@ -19,7 +19,8 @@ from ...config import SearchConfig
 from ...console import progress_file
 from ...examples import token_losses
 from ...adapters.weight_keys import neighbours
-from ...adapters.runtime import set_fusion_weights, tensor_fusion_weights
+from ...adapters.peft_layers import tensor_fusion_weights
+from ...adapters.runtime import set_fusion_weights
 from ..study import SearchContext, evaluate_candidate, finished
 from . import grid
 

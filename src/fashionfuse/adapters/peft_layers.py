@@ -1,23 +1,30 @@
-"""A leaner forward for LoRA layers: in training, and exact to the bit without gradients.
+"""Every touch of PEFT's LoRA-layer internals, version-gated (`version_gates`): the lean LoRA
+forward, the cheap-mask dropout and tensor-valued scales for learning fusion weights. Outside
+the PEFT versions these were tested with, each takes PEFT's public path instead.
 
-PEFT's LoRA layer computes `result.clone() + B(A(dropout(x))) * scaling`. Besides its two small
-matmuls it makes passes over full-width tensors that the function does not need: the
-defensive clone of the 4-bit output, the scaling of the output, the separate add, and the
-dropout's rescaling of its input by 1 / (1 - p); each again in the backward pass.
-
+The lean forward. PEFT's LoRA layer computes `result.clone() + B(A(dropout(x))) * scaling`.
+Besides its two small matmuls it makes passes over full-width tensors that the function does
+not need: the defensive clone of the 4-bit output, the scaling of the output, the separate add,
+and the dropout's rescaling of its input by 1 / (1 - p); each again in the backward pass.
 Here the same function is computed with the scalars moved to the rank-r activations:
 `addmm(result, A(mask * x) * (scaling / (1 - p)), B^T)`. The dropout keeps its mask and skips
 its rescaling pass (`UniformMaskDropout.mask`), the scaling multiplies r columns instead of the
 layer's width, and the add is fused into the B matmul. Gradients are those of the same
 function; only float rounding differs from PEFT's order of operations (tested against PEFT's
 forward). Measured on a 30M-parameter QLoRA step: see the README's Benchmarks.
-
 Without gradients (eval, the search's task objective) the order of PEFT's operations is kept,
 so the output is bit-identical to PEFT's (what lm-eval's own CLI scores): only the defensive
-clone goes and the scaling and the add happen in place.
+clone goes and the scaling and the add happen in place. Anything else PEFT's forward handles
+(mixed-adapter batches, merged or disabled adapters, DoRA and other variants, LoRA biases,
+autocast, extra arguments) goes to PEFT's own forward. Public path: PEFT's forward.
 
-Anything else PEFT's forward handles (mixed-adapter batches, merged or disabled adapters, DoRA
-and other variants, LoRA biases, autocast, extra arguments) goes to PEFT's own forward.
+The dropout: `UniformMaskDropout` (adapters/dropout.py) in place of each LoRA layer's
+`nn.Dropout`, the same semantics with cheaper masks. Public path: PEFT's `nn.Dropout` (the
+same model in distribution; the random draws differ).
+
+Tensor scales: learning fusion weights by gradient needs each layer's scale to be a tensor
+that autograd reaches. PEFT multiplies by whatever its `scaling` dict holds; the fast path
+writes `w * alpha / r` there, the public path hands the tensor `w` to `set_scale`.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ import types
 
 import torch
 
+from ..version_gates import internals_allowed
 from .dropout import UniformMaskDropout
-from .runtime import lora_layers
+from .runtime import lora_layers, set_fusion_weights
+from .weight_keys import group_of, weight_names
 
 
 def lean_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -100,7 +109,9 @@ def _add_in_place(layer, adapters: list[str], x: torch.Tensor, result: torch.Ten
 
 def use_lean_lora_forward(model) -> int:
     """Give every LoRA linear layer of `model` (plain or bitsandbytes 4/8-bit) the lean forward;
-    return how many layers got it."""
+    return how many layers got it (0 on PEFT's public path)."""
+    if not internals_allowed("peft"):
+        return 0
     linear_types = _lora_linear_types()[0]
     changed = 0
     for module in lora_layers(model).values():
@@ -108,3 +119,45 @@ def use_lean_lora_forward(model) -> int:
             module.forward = types.MethodType(lean_lora_forward, module)
             changed += 1
     return changed
+
+
+def use_uniform_mask_dropout(model, adapter: str = "default") -> int:
+    """Replace `adapter`'s `nn.Dropout` in every LoRA layer of `model` by `UniformMaskDropout`
+    with the same p; return how many layers were changed (0 on PEFT's public path)."""
+    if not internals_allowed("peft"):
+        return 0
+    replaced = 0
+    for module in lora_layers(model).values():
+        if adapter in module.lora_dropout:
+            current = module.lora_dropout[adapter]
+            if isinstance(current, torch.nn.Dropout) and current.p > 0:
+                module.lora_dropout[adapter] = UniformMaskDropout(current.p)
+                replaced += 1
+    return replaced
+
+
+def tensor_fusion_weights(peft_model, names: list[str], granularity: str = "adapter"):
+    """For learning fusion weights: activate `names`; return the weight names of this
+    granularity and `apply(w)`, which sets every LoRA layer's scale of adapter a to the tensor
+    `w[k] * alpha_a / r_a` (k: the weight of a on that layer), so autograd reaches w.
+    Call `set_fusion_weights` afterwards to put plain float scales back."""
+    set_fusion_weights(peft_model, {n: 1.0 for n in names})  # all active, unit scale
+    layers = lora_layers(peft_model)
+    keys = weight_names(names, list(layers), granularity)
+    index = {k: i for i, k in enumerate(keys)}
+    plan = []  # (module, adapter, weight index, unit scale)
+    for path, module in layers.items():
+        for name in names:
+            if name in module.lora_A:
+                k = name if granularity == "adapter" else f"{name}@{group_of(path, granularity)}"
+                plan.append((module, name, index[k], float(module.scaling[name])))
+    fast = internals_allowed("peft")
+
+    def apply(w: torch.Tensor) -> None:
+        for module, name, k, scale in plan:
+            if fast:
+                module.scaling[name] = w[k] * scale
+            else:
+                module.set_scale(name, w[k])
+
+    return keys, apply
