@@ -143,7 +143,8 @@ def test_real_model_configs_differ_only_where_the_hub_forces_them():
 
 
 def test_operators_are_read_from_their_declarations():
-    """search.operator accepts the operators fusion declares, and says which when it refuses."""
+    """search.operator accepts the operators fusion declares, and says which when it refuses;
+    an operator's other hyper-parameters are checked against its declaration and domain."""
     import pytest
     from pydantic import ValidationError
 
@@ -152,7 +153,17 @@ def test_operators_are_read_from_their_declarations():
 
     for name in OPERATORS:
         assert SearchConfig(operator=name).operator == name
-    with pytest.raises(ValidationError, match="known: sum, ties, dare, magnitude"):
-        SearchConfig(operator="della")
-    assert DENSE_OPERATORS == ("ties", "dare", "magnitude")
-    assert all(OPERATORS[n].params == {"density": 0.5} for n in DENSE_OPERATORS)
+    with pytest.raises(ValidationError, match="known: sum, ties, dare, magnitude, della"):
+        SearchConfig(operator="slerp")
+    assert DENSE_OPERATORS == ("ties", "dare", "magnitude", "della", "breadcrumbs",
+                               "knots_ties", "knots_dare")
+    assert all(OPERATORS[n].params["density"] == 0.5 for n in DENSE_OPERATORS)
+    della = SearchConfig(operator="della", density=[0.4, 0.6], operator_params={"epsilon": [0.05, 0.2]})
+    assert della.searched_params() == {"density": [0.4, 0.6], "epsilon": [0.05, 0.2]}
+    assert SearchConfig(operator="della").fixed_operator_params() == {"epsilon": 0.1}
+    assert SearchConfig(operator="breadcrumbs", operator_params={"gamma": 0.05}
+                        ).searched_params() == {}
+    with pytest.raises(ValidationError, match="della has no parameter 'gamma'"):
+        SearchConfig(operator="della", operator_params={"gamma": 0.1})
+    with pytest.raises(ValidationError, match=r"density 0.9 \+- epsilon 0.2"):
+        SearchConfig(operator="della", density=[0.5, 0.9], operator_params={"epsilon": 0.2})

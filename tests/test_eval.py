@@ -73,6 +73,23 @@ def test_table_marks_best_per_column():
     assert "| b | **70.00** | 10.00 | 40.00 |" in md
 
 
+def test_table_heatmap_stays_legible_with_many_variants(tmp_path):
+    """The chart of an ablation (15 variants, missing cells, group means) is one heatmap whose
+    size grows with the rows and stays within the report's width at its resolution."""
+    from PIL import Image
+
+    from fashionfuse.evaluate.table import plot_table
+
+    cols = ["arc", "hellaswag", "mmlu", "truthfulqa", "skill", "retention", "average"]
+    rows = [{"model": f"variant {i}", **{c: (None if (i, c) == (3, "mmlu") else 30 + (i * 7 + j) % 40)
+                                         for j, c in enumerate(cols)}} for i in range(15)]
+    table = {"columns": cols, "rows": rows, "best": {"arc": ["variant 2"]},
+             "summary": ["skill", "retention", "average"]}
+    plot_table(table, tmp_path / "t.png")
+    width, height = Image.open(tmp_path / "t.png").size
+    assert width <= 1000 and height >= 15 * 30  # ~a text line per variant, no downscaling
+
+
 def test_data_parallel_eval_on_two_cpu_processes(pipeline_run, tmp_path):
     """torchrun x2 (gloo on CPU): requests sharded over ranks, rank 0 writes the table."""
     import shutil

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from fashionfuse.fusion import dare, magnitude, ties
+from fashionfuse.fusion import breadcrumbs, dare, della, knots, magnitude, ties
 from fashionfuse.fusion.export import merged_deltas, write_fused
 from fashionfuse.adapters.weight_keys import module_weights, weight_names
 from fashionfuse.fusion.resident import ResidentFusion
@@ -84,6 +84,109 @@ def test_dare_is_drop_and_rescale():
     assert (mean - deltas[0]).abs().mean() < 0.15 * deltas[0].abs().mean()
 
 
+def _reference_disjoint_mean(taus):
+    """TIES' elect + disjoint mean entry by entry (Yadav et al. 2023, Alg. 1 steps 2-3)."""
+    out = torch.zeros_like(taus[0])
+    for idx in range(out.numel()):
+        values = [float(t.flatten()[idx]) for t in taus]
+        total = sum(values)
+        sign = (total > 0) - (total < 0)
+        agreeing = [v for v in values if v != 0 and ((v > 0) - (v < 0)) == sign]
+        out.view(-1)[idx] = sum(agreeing) / len(agreeing) if agreeing else 0.0
+    return out
+
+
+def test_della_keep_probabilities_follow_the_magnitude_rank_in_each_row():
+    """DELLA's MAGPRUNE (Deep et al. 2024): within a row the keep probability rises linearly
+    with the magnitude rank from density - epsilon to density + epsilon."""
+    delta = _random_deltas(n=1, shape=(5, 9), seed=3)[0]
+    density, eps = 0.4, 0.15
+    got = della.keep_probabilities(delta, density, eps)
+    for r in range(delta.shape[0]):
+        order = sorted(range(delta.shape[1]), key=lambda j: abs(float(delta[r, j])))
+        for rank, j in enumerate(order):
+            want = density - eps + 2 * eps * rank / (delta.shape[1] - 1)
+            assert float(got[r, j]) == pytest.approx(want, abs=1e-12)
+        assert float(got[r].mean()) == pytest.approx(density, abs=1e-12)
+
+
+def test_della_magprune_rescales_kept_entries_and_is_unbiased():
+    delta = _random_deltas(n=1, shape=(32, 40), seed=4)[0]
+    density, eps = 0.5, 0.2
+    keep = della.keep_probabilities(delta, density, eps)
+    pruned = della.magprune(delta, density, eps, seed=9)
+    kept = pruned != 0
+    torch.testing.assert_close(pruned[kept], (delta / keep)[kept], rtol=0, atol=1e-12)
+    assert torch.equal(pruned, della.magprune(delta, density, eps, seed=9))
+    # the largest entries of each row are kept more often than the smallest
+    draws = torch.stack([della.magprune(delta, density, eps, seed=s) != 0 for s in range(400)])
+    share = draws.double().mean(0)
+    top, bottom = keep > density + 0.1, keep < density - 0.1
+    assert share[top].mean() > share[bottom].mean() + 0.2
+    assert (share - keep).abs().max() < 5 * (0.25 / 400) ** 0.5
+    mean = sum(della.magprune(delta, density, eps, seed=s) for s in range(400)) / 400
+    assert (mean - delta).abs().mean() < 0.15 * delta.abs().mean()
+
+
+def test_della_merge_is_elect_and_disjoint_mean_of_the_pruned_deltas():
+    deltas, weights, seeds = _random_deltas(shape=(6, 7), seed=5), [0.7, 1.0, 1.3], [1, 2, 3]
+    got = della.merge(deltas, weights, density=0.6, epsilon=0.1, seeds=seeds)
+    pruned = [della.magprune(w * d, 0.6, 0.1, s) for w, d, s in zip(weights, deltas, seeds)]
+    torch.testing.assert_close(got, _reference_disjoint_mean(pruned), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="epsilon"):
+        della.merge(deltas, weights, density=0.6, epsilon=0.5, seeds=seeds)
+
+
+def test_breadcrumbs_drops_both_tails():
+    """Model Breadcrumbs (Davari & Belilovsky 2023): per layer the largest gamma share of
+    entries (outliers) and the smallest are masked, a density share kept; then the weighted
+    sum."""
+    deltas, weights = _random_deltas(shape=(10, 12), seed=6), [0.5, 1.0, -0.8]
+    density, gamma = 0.6, 0.1
+    want = torch.zeros_like(deltas[0])
+    for w, d in zip(weights, deltas):
+        n = d.numel()
+        ranked = sorted(range(n), key=lambda i: abs(float(d.flatten()[i])))  # ascending
+        top, keep = round(gamma * n), round(density * n)
+        masked = torch.zeros(n, dtype=d.dtype)
+        for i in ranked[n - top - keep:n - top]:
+            masked[i] = d.flatten()[i]
+        want += w * masked.view_as(d)
+    got = breadcrumbs.merge(deltas, weights, density=density, gamma=gamma)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    single = breadcrumbs.crumbs(deltas[0], density, gamma)
+    assert int((single != 0).sum()) == round(density * 120)
+    assert float(single.abs().max()) < float(deltas[0].abs().max())  # the outliers are gone
+    with pytest.raises(ValueError, match="at most 1"):
+        breadcrumbs.crumbs(deltas[0], 0.95, 0.1)
+
+
+def test_knots_aligns_the_deltas_in_one_basis_then_merges_there():
+    """KnOTS (Stoica et al. 2024): the SVD of [dW_1 ... dW_n] = U S [V_1^T ... V_n^T] writes
+    every dW_i = U S V_i^T in one basis; TIES (or DARE-TIES) merges the V_i^T; the result is
+    U S V_merged^T."""
+    gen = torch.Generator().manual_seed(7)
+    # LoRA-like deltas: rank 2 and 3 updates of a 12 x 10 layer
+    deltas = [torch.randn(12, r, generator=gen, dtype=torch.float64)
+              @ torch.randn(r, 10, generator=gen, dtype=torch.float64) for r in (2, 3)]
+    weights = [0.9, 1.2]
+    us, blocks = knots.shared_basis(deltas)
+    assert us.shape == (12, 5)  # the rank of the concatenation: 2 + 3
+    for d, v in zip(deltas, blocks):
+        torch.testing.assert_close(us @ v, d, rtol=0, atol=1e-10)
+    u, s, vt = torch.linalg.svd(torch.cat(deltas, dim=1), full_matrices=False)
+    ref_blocks = [vt[:5, :10].contiguous(), vt[:5, 10:].contiguous()]
+    want = (u[:, :5] * s[:5]) @ _reference_ties(ref_blocks, weights, 0.5)
+    torch.testing.assert_close(knots.merge_ties(deltas, weights, density=0.5), want,
+                               rtol=0, atol=1e-10)
+    dense_ties = knots.merge_ties(deltas, weights, density=1.0)
+    torch.testing.assert_close(knots.merge_dare(deltas, weights, density=1.0, seeds=[1, 2]),
+                               dense_ties, rtol=0, atol=1e-12)
+    dropped = knots.merge_dare(deltas, weights, density=0.5, seeds=[1, 2])
+    assert torch.equal(dropped, knots.merge_dare(deltas, weights, density=0.5, seeds=[1, 2]))
+    assert not torch.equal(dropped, knots.merge_dare(deltas, weights, density=0.5, seeds=[3, 2]))
+
+
 # --------------------------------------------------------------------------- layer weights
 @pytest.fixture(scope="module")
 def three_adapters(tiny_model, tmp_path_factory):
@@ -134,7 +237,8 @@ def test_layer_wise_export_is_the_per_layer_weighted_sum(three_adapters, tmp_pat
 
 
 # --------------------------------------------------------------------------- dense operators
-@pytest.mark.parametrize("op", ["ties", "dare", "magnitude"])
+@pytest.mark.parametrize("op", ["ties", "dare", "magnitude", "della", "breadcrumbs",
+                                "knots_ties", "knots_dare"])
 def test_resident_dense_operator_equals_merged_weights(tiny_model, three_adapters, op):
     """The resident search model (LoRA paths off, hooks adding the merged delta) computes what
     the base with W + dW (dW merged from the saved files in float64) computes."""
@@ -241,3 +345,34 @@ def test_layer_wise_learning_then_refined_dense_search_through_the_cli(pipeline_
     report = json.loads((run / "search" / "fused" / "svd_report.json").read_text())
     assert report["operator"] == "ties" and report["rank"] == 4
     assert report["density"] == refined["best_density"]
+
+
+def test_della_with_a_searched_epsilon_through_the_cli(pipeline_run, tmp_path):
+    """An operator hyper-parameter beside density (DELLA's epsilon) given as a list is searched
+    like density: a grid dimension, a trials column, best.json and the SVD report."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fashionfuse.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval*"))
+    args = ["--set", f"run_dir={run}", "--set", "search.method=grid",
+            "--set", "search.operator=della", "--set", "search.grid_values=[0.5,1.0]",
+            "--set", "search.density=0.5", "--set", "search.operator_params={epsilon: [0.05, 0.3]}"]
+    result = CliRunner().invoke(app, ["search-weights", str(pipeline_run["config"]), *args])
+    assert result.exit_code == 0, result.output
+    best = json.loads((run / "search" / "best.json").read_text())
+    trials = json.loads((run / "search" / "trials.json").read_text())
+    assert len(trials) == 2 ** len(best["adapters"]) * 2
+    assert {t["epsilon"] for t in trials} == {0.05, 0.3} and {t["density"] for t in trials} == {0.5}
+    assert set(trials[0]["weights"]) == set(best["adapters"])  # no hyper-parameter as a weight
+    assert len({t["score"] for t in trials if t["weights"] == trials[0]["weights"]}) == 2
+    header = (run / "search" / "trials.csv").read_text().splitlines()[0]
+    assert header.split(",")[-4:] == ["density", "epsilon", "score", "seconds"]
+    report = json.loads((run / "search" / "fused" / "svd_report.json").read_text())
+    assert report["operator"] == "della" and report["epsilon"] == best["best_epsilon"]
+    bad = CliRunner().invoke(app, ["search-weights", str(pipeline_run["config"]), *args,
+                                   "--set", "search.operator_params={gamma: 0.1}"])
+    assert bad.exit_code == 2 and "della has no parameter 'gamma'" in bad.output

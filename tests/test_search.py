@@ -18,6 +18,8 @@ from fashionfuse.search.methods.grid import candidates as grid_candidates
 from fashionfuse.search.methods.random import candidates as random_candidates
 from fashionfuse.search.pipeline import search_weights
 
+from fashionfuse.search.study import study_storage
+
 from .conftest import stop_after
 
 runner = CliRunner()
@@ -84,7 +86,7 @@ def test_killed_search_resumes_without_repeating_trials(pipeline_run, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         search_weights(cfg, progress=stop_after(2))
     assert not (run / "search").exists()
-    storage = f"sqlite:///{run / 'search.work' / 'study.db'}"
+    storage = study_storage(load_config(pipeline_run["config"], [f"run_dir={run}"]))
     (summary,) = optuna.get_all_study_summaries(storage)
     killed = optuna.load_study(study_name=summary.study_name, storage=storage)
     assert len([t for t in killed.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
@@ -186,7 +188,7 @@ def test_successive_halving_prunes_weak_candidates_early(pipeline_run, tmp_path)
         "search.halving_fractions=[0.34, 0.67, 1.0]"])
     result = search_weights(cfg)
     assert result["n_trials"] + result["n_pruned"] == 25 and result["n_pruned"] > 0
-    storage = f"sqlite:///{run / 'search.work' / 'study.db'}"
+    storage = study_storage(load_config(pipeline_run["config"], [f"run_dir={run}"]))
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
@@ -379,7 +381,7 @@ def test_force_starts_a_fresh_study(pipeline_run, tmp_path):
                                  "--set", f"run_dir={run}", "--force"])
     assert result.exit_code == 0, result.output
     assert "resuming" not in result.output and "4 trials" in result.output
-    storage = f"sqlite:///{run / 'search.work' / 'study.db'}"
+    storage = study_storage(load_config(pipeline_run["config"], [f"run_dir={run}"]))
     (summary,) = optuna.get_all_study_summaries(storage)
     assert summary.n_trials == 4  # the old trials were discarded, not reused
 

@@ -170,9 +170,12 @@ NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # a plain file name: no '/', no
 
 
 def _not_reserved(name: str) -> str:
-    if name.lower() in RESERVED_NAMES:
+    from .fusion import OPERATOR_PARAMS
+
+    if name.lower() in RESERVED_NAMES + OPERATOR_PARAMS:
         raise ValueError(f"{name!r} is reserved (eval labels its rows base, fused and merged; "
-                         "the search names its operator parameter density)")
+                         "the search names its operator parameters density, "
+                         f"{', '.join(OPERATOR_PARAMS)})")
     return name
 
 
@@ -266,7 +269,7 @@ class RoundConfig(_Strict):
 
 # --------------------------------------------------------------------------- search
 def _known_operator(name: str) -> str:
-    """A fusion operator declared in `fusion.OPERATORS` (sum, ties, dare, magnitude)."""
+    """A fusion operator declared in `fusion.OPERATORS`."""
     from .fusion import OPERATORS
 
     if name not in OPERATORS:
@@ -355,10 +358,16 @@ class SearchConfig(_Strict):
         "a per-adapter multiplier on those learned layer weights")
     operator: Annotated[str, AfterValidator(_known_operator)] = Field(
         default="sum", description="How the adapters' deltas combine: sum (task arithmetic, the "
-        "paper's; exact LoRA export), ties, dare, magnitude (dense; exported by truncated SVD)")
+        "paper's; exact LoRA export), ties, dare, magnitude, della, breadcrumbs, knots_ties, "
+        "knots_dare (dense; exported by truncated SVD)")
     density: Annotated[float, Field(gt=0, le=1)] | list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default=0.5, description="ties/magnitude: share of each delta's entries kept by "
         "magnitude; dare: keep probability. A list is searched as one more dimension")
+    operator_params: dict[str, Annotated[float, Field(ge=0, le=1)]
+                          | list[Annotated[float, Field(ge=0, le=1)]]] = Field(
+        default_factory=dict, description="The operator's other hyper-parameters (della: "
+        "epsilon, default 0.1; breadcrumbs: gamma, default 0.01). A list is searched as one more "
+        "dimension, like density")
     svd_rank: Annotated[int, Field(gt=0)] | None = Field(
         default=None, description="Rank of the fused adapter exported for a dense operator "
         "(default: the sum of the adapters' ranks); its error is in fused/svd_report.json")
@@ -394,12 +403,53 @@ class SearchConfig(_Strict):
                              "multiplier when layer_weights_from names a layer-wise best.json")
         if isinstance(self.density, list) and not self.density:
             raise ValueError("density must not be an empty list")
+        return self._operator_params()
+
+    def _operator_params(self) -> "SearchConfig":
+        import itertools
+
+        from .fusion import OPERATORS
+
+        op = OPERATORS[self.operator]
+        for name, values in self.operator_params.items():
+            if name == "density" or name not in op.params:
+                own = [p for p in op.params if p != "density"]
+                raise ValueError(f"operator_params: {self.operator} has no parameter {name!r} "
+                                 f"(its own: {', '.join(own) or 'none'}; density has its field)")
+            if isinstance(values, list) and not values:
+                raise ValueError(f"operator_params.{name} must not be an empty list")
+        if op.dense:
+            values = {"density": self.densities, **self.operator_param_values()}
+            for combo in itertools.product(*values.values()):
+                op.check(dict(zip(values, combo)))
         return self
 
     @property
     def densities(self) -> list[float]:
         """The density values searched (one when `density` is a number)."""
         return list(self.density) if isinstance(self.density, list) else [float(self.density)]
+
+    def operator_param_values(self) -> dict[str, list[float]]:
+        """The operator's hyper-parameters beside density, each with its values (the declared
+        default when not set; several when searched)."""
+        from .fusion import OPERATORS
+
+        out = {}
+        for name, default in OPERATORS[self.operator].params.items():
+            if name != "density":
+                value = self.operator_params.get(name, default)
+                out[name] = [float(v) for v in value] if isinstance(value, list) else [float(value)]
+        return out
+
+    def searched_params(self) -> dict[str, list[float]]:
+        """The operator hyper-parameters searched beside the weights: density (when given
+        several values), then the operator's others given several values."""
+        out = {"density": self.densities} if len(self.densities) > 1 else {}
+        return out | {k: v for k, v in self.operator_param_values().items() if len(v) > 1}
+
+    def fixed_operator_params(self) -> dict[str, float]:
+        """The operator's hyper-parameters beside density at their first (or only) value."""
+        return {k: v[0] for k, v in self.operator_param_values().items()}
 
 
 # --------------------------------------------------------------------------- eval

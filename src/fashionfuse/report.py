@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+from .fusion import OPERATOR_PARAMS
 from .rundir import RunLayout, read_manifest, write_text
 
 
@@ -122,7 +123,7 @@ def _search(page: _Page, layout: RunLayout) -> None:
         page.image(layout.search / "search.png", "search landscape and best so far")
     trials = sorted(_json(layout.search / "trials.json") or [], key=lambda t: t["score"])[:10]
     names = list(best["best_weights"])[:12]  # layer-wise searches have many: the first 12
-    extra = ["density"] if trials and "density" in trials[0] else []
+    extra = [k for k in ("density", *OPERATOR_PARAMS) if trials and k in trials[0]]
     page.table(["trial", *[f"w[{n}]" for n in names], *extra, "score"],
                [[t["number"], *[t["weights"].get(n) for n in names], *[t[k] for k in extra],
                  t["score"]] for t in trials])
@@ -166,9 +167,14 @@ def _provenance(page: _Page, layout: RunLayout) -> None:
     page.para("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
 
 
-CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-       "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+# a readable column: at most ~100 characters a line, margins on narrow windows, wide tables
+# scrolling inside their own box instead of widening the page, figures no wider than the text
+CSS = ("body{font-family:system-ui,sans-serif;max-width:62rem;margin:2em auto;padding:0 1.5rem;"
+       "line-height:1.5;color:#222}h2{margin-top:2em;border-bottom:1px solid #ddd}"
+       "table{border-collapse:collapse;margin:1em 0;display:block;overflow-x:auto;"
+       "max-width:100%;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
+       "text-align:right;white-space:nowrap}td:first-child,th:first-child{text-align:left}"
+       "img{max-width:100%;height:auto;display:block;margin:1em 0}"
        "pre{background:#f6f6f6;padding:1em;overflow:auto}.warning{background:#fff3cd;"
        "padding:.4em;border-left:4px solid #e0a800}")
 

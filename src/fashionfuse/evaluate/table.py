@@ -65,7 +65,7 @@ def build_table(results_by_model: dict[str, dict], specs: list) -> dict:
         if vals:
             top = max(v for v, _ in vals)
             best[c] = [m for v, m in vals if v == top]
-    return {"columns": columns, "rows": rows, "best": best}
+    return {"columns": columns, "rows": rows, "best": best, "summary": [*groups, "average"]}
 
 
 def to_markdown(table: dict) -> str:
@@ -94,18 +94,41 @@ def to_csv(table: dict) -> str:
 
 
 def plot_table(table: dict, path) -> None:
-    """Grouped bar chart: one group per column, one bar per model."""
+    """A models x columns heatmap: each cell's score written in it, coloured by its rank within
+    its column (the column's best is brightest and bold, whatever the column's scale), models
+    sorted by their average (best first), the group means and average set apart by a line."""
+    import math
+
     from ..plots import pyplot, save_figure
 
     plt = pyplot()
-    cols, rows = table["columns"], table["rows"]
-    width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 4, 3.2))
+    cols = table["columns"]
+    rows = sorted(table["rows"], key=lambda r: -(r.get("average") or -math.inf))
+    values = [[r[c] for c in cols] for r in rows]
+    shade = [[math.nan] * len(cols) for _ in rows]
+    for j in range(len(cols)):
+        col = [v[j] for v in values if v[j] is not None]
+        low, high = (min(col), max(col)) if col else (0.0, 0.0)
+        for i, v in enumerate(values):
+            if v[j] is not None:
+                shade[i][j] = (v[j] - low) / (high - low) if high > low else 1.0
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.95 * len(cols) + 2.6), 0.38 * len(rows) + 1.3))
+    ax.imshow(shade, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for i, r in enumerate(rows):
-        xs = [j + i * width for j in range(len(cols))]
-        ax.bar(xs, [r[c] or 0 for c in cols], width=width, label=r["model"])
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))])
-    ax.set_xticklabels(cols, rotation=15)
-    ax.set_ylabel("score (%)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not on, bars
+        for j, c in enumerate(cols):
+            v = values[i][j]
+            text = "-" if v is None else f"{v:.1f}"
+            dark = math.isnan(shade[i][j]) or shade[i][j] < 0.55
+            best = v is not None and r["model"] in table["best"].get(c, [])
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black", fontweight="bold" if best else "normal")
+    ax.set_xticks(range(len(cols)), [c.removeprefix("local_") for c in cols], rotation=30,
+                  ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [r["model"] for r in rows], fontsize=8)
+    summary = table.get("summary", ["average"])
+    first_summary = next((j for j, c in enumerate(cols) if c in summary), None)
+    if first_summary:
+        ax.axvline(first_summary - 0.5, color="white", linewidth=2)
+    ax.set_title("score (%) per model and column; colour: rank within the column", fontsize=9)
+    ax.tick_params(length=0)
     save_figure(fig, path)

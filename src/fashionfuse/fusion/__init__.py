@@ -1,14 +1,19 @@
 """Fusion operators on LoRA deltas, layer-wise weights, resident application and SVD export.
 
-One file per operator (as mergekit has one per merge method), each with `merge(deltas,
-weights, *, density, seeds)` on the dense task deltas dW_i = scale_i B_i A_i of one module,
-declared here as a `MergeOperator` (its hyper-parameters and their defaults, whether it merges
-dense deltas); config validation reads these declarations:
+One file per operator (as mergekit has one per merge method), each with a merge function
+`f(deltas, weights, *, density, seeds, **other hyper-parameters)` on the dense task deltas
+dW_i = scale_i B_i A_i of one module, declared here as a `MergeOperator` (its hyper-parameters
+and their defaults, whether it merges dense deltas); config validation reads these
+declarations, and the search searches any hyper-parameter given a list of values:
 
-    sum        task arithmetic, the paper's weighted sum (exact low-rank export)
-    ties       trim by magnitude, elect sign, disjoint mean
-    dare       seeded drop and rescale, then the weighted sum
-    magnitude  magnitude pruning of each delta, then the weighted sum
+    sum          task arithmetic, the paper's weighted sum (exact low-rank export)
+    ties         trim by magnitude, elect sign, disjoint mean
+    dare         seeded drop and rescale, then the weighted sum
+    magnitude    magnitude pruning of each delta, then the weighted sum
+    della        magnitude-ranked drop probabilities (epsilon), elect sign, disjoint mean
+    breadcrumbs  drop both magnitude tails (the top share gamma), then the weighted sum
+    knots_ties   KnOTS: SVD of the concatenated deltas into a shared basis, TIES there
+    knots_dare   KnOTS with DARE-TIES in the shared basis
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from dataclasses import dataclass, field
+from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,14 @@ class MergeOperator:
     module: str
     params: dict[str, float] = field(default_factory=dict)
     dense: bool = True
+    function: str = "merge"
+
+    def check(self, values: Mapping[str, float]) -> None:
+        """Raise ValueError if these hyper-parameter values are outside the operator's domain
+        (its module's `check_params`, where it has one)."""
+        check = getattr(importlib.import_module(self.module), "check_params", None)
+        if check is not None:
+            check(**values)
 
 
 OPERATORS = {op.name: op for op in (
@@ -36,13 +50,23 @@ OPERATORS = {op.name: op for op in (
     MergeOperator("ties", "fashionfuse.fusion.ties", {"density": 0.5}),
     MergeOperator("dare", "fashionfuse.fusion.dare", {"density": 0.5}),
     MergeOperator("magnitude", "fashionfuse.fusion.magnitude", {"density": 0.5}),
+    MergeOperator("della", "fashionfuse.fusion.della", {"density": 0.5, "epsilon": 0.1}),
+    MergeOperator("breadcrumbs", "fashionfuse.fusion.breadcrumbs",
+                  {"density": 0.5, "gamma": 0.01}),
+    MergeOperator("knots_ties", "fashionfuse.fusion.knots", {"density": 0.5},
+                  function="merge_ties"),
+    MergeOperator("knots_dare", "fashionfuse.fusion.knots", {"density": 0.5},
+                  function="merge_dare"),
 )}
+# hyper-parameter names beside density (a fusion weight may not be named like one)
+OPERATOR_PARAMS = tuple(sorted({p for op in OPERATORS.values() for p in op.params} - {"density"}))
 DENSE_OPERATORS = tuple(name for name, op in OPERATORS.items() if op.dense)
 
 
-def operator(name: str):
-    """The module implementing fusion operator `name`."""
-    return importlib.import_module(OPERATORS[name].module)
+def merge_function(name: str):
+    """The merge function of fusion operator `name`."""
+    op = OPERATORS[name]
+    return getattr(importlib.import_module(op.module), op.function)
 
 
 def is_dense(name: str) -> bool:
@@ -57,13 +81,17 @@ def delta_seed(seed: int, adapter: str, module: str) -> int:
 
 
 def merged_module_delta(task_deltas: list, names: list[str], module_key: str, weights,
-                        *, granularity: str, operator_name: str, density: float, seed: int):
+                        *, granularity: str, operator_name: str, density: float, seed: int,
+                        params: Mapping[str, float] | None = None):
     """One module's fused dense update: the operator's merge of its task deltas (one per
     adapter in `names`), each adapter weighted by w(adapter, module) at `granularity` and,
-    for random operators, masked with the seed derived from the run seed, adapter and module.
-    The resident search and the export both call this, so they merge identically."""
+    for random operators, masked with the seed derived from the run seed, adapter and module;
+    `params` sets the operator's other hyper-parameters (their defaults otherwise). The
+    resident search and the export both call this, so they merge identically."""
     from ..adapters.weight_keys import module_weight
 
     ws = [module_weight(weights, n, module_key, granularity) for n in names]
     seeds = [delta_seed(seed, n, module_key) for n in names]
-    return operator(operator_name).merge(task_deltas, ws, density=density, seeds=seeds)
+    other = {k: float((params or {}).get(k, v)) for k, v in OPERATORS[operator_name].params.items()
+             if k != "density"}
+    return merge_function(operator_name)(task_deltas, ws, density=density, seeds=seeds, **other)

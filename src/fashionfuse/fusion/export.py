@@ -29,21 +29,22 @@ from .svd_export import svd_lora
 
 def merged_deltas(adapters: list[SavedAdapter], names: list[str], weights: Mapping[str, float],
                   *, granularity: str, operator_name: str, density: float,
-                  seed: int) -> dict[str, torch.Tensor]:
+                  seed: int, params: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """The operator's dense merge of every module's task deltas (float64, from the saved A/B;
     the same masks and weights the resident search used)."""
     out = {}
     for m in sorted(adapters[0].modules):
         out[m] = merged_module_delta([task_delta(a, m) for a in adapters], names, m, weights,
                                      granularity=granularity, operator_name=operator_name,
-                                     density=density, seed=seed)
+                                     density=density, seed=seed, params=params)
     return out
 
 
 def write_fused(out: Path, adapters: list[SavedAdapter], names: list[str],
                 weights: Mapping[str, float], *, granularity: str = "adapter",
                 operator_name: str = "sum", density: float = 0.5, seed: int = 0,
-                svd_rank: int | None = None) -> tuple[dict, dict[str, torch.Tensor] | None]:
+                svd_rank: int | None = None, params: Mapping[str, float] | None = None
+                ) -> tuple[dict, dict[str, torch.Tensor] | None]:
     """Save the fused PEFT adapter in `out`; return its report and, for a dense operator, the
     exact merged deltas (what a merged-model export should add to the base)."""
     check_fusable(adapters)
@@ -53,13 +54,15 @@ def write_fused(out: Path, adapters: list[SavedAdapter], names: list[str],
         save_peft_adapter(out, config, tensors)
         return {"operator": "sum", "exact": True, "rank": config["r"]}, None
     deltas = merged_deltas(adapters, names, weights, granularity=granularity,
-                           operator_name=operator_name, density=density, seed=seed)
+                           operator_name=operator_name, density=density, seed=seed,
+                           params=params)
     rank = svd_rank or sum(a.config["r"] for a in adapters)
     tensors, report = svd_lora(deltas, rank)
     config = dict(adapters[0].config)
     config.update(r=rank, lora_alpha=rank, use_rslora=False, lora_dropout=0.0, inference_mode=True)
     save_peft_adapter(out, config, tensors)
-    report = {"operator": operator_name, "density": density, "exact": False, **report}
+    report = {"operator": operator_name, "density": density, **dict(params or {}),
+              "exact": False, **report}
     (out / "svd_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report, deltas
 

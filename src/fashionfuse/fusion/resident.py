@@ -23,9 +23,11 @@ class ResidentFusion:
 
     def __init__(self, model, adapters: list[str], *, operator_name: str = "sum",
                  granularity: str = "adapter", density: float = 0.5, seed: int = 0,
-                 fixed_weights: Mapping[str, float] | None = None):
+                 fixed_weights: Mapping[str, float] | None = None,
+                 operator_params: Mapping[str, float] | None = None):
         self.model, self.adapters, self.granularity = model, list(adapters), granularity
         self.operator_name, self.density, self.seed = operator_name, density, seed
+        self.operator_params = dict(operator_params or {})  # beside density: their defaults
         self.fixed = dict(fixed_weights or {})
         self.layers = lora_layers(model)
         self.hooks: dict[str, object] = {}
@@ -34,7 +36,8 @@ class ResidentFusion:
 
     def weights(self, params: Mapping[str, float]) -> dict[str, float]:
         """The candidate's fusion weights (fixed layer weights, then the searched values)."""
-        return {**self.fixed, **{k: float(v) for k, v in params.items() if k != "density"}}
+        hyper = {"density", *self.operator_params}
+        return {**self.fixed, **{k: float(v) for k, v in params.items() if k not in hyper}}
 
     def apply(self, params: Mapping[str, float]) -> None:
         """Make the model compute base + the fused update of this candidate."""
@@ -46,15 +49,16 @@ class ResidentFusion:
         t0 = time.perf_counter()
         set_fusion_weights(self.model, {n: 0.0 for n in self.adapters})  # LoRA paths off
         density = float(params.get("density", self.density))
+        other = {k: float(params.get(k, v)) for k, v in self.operator_params.items()}
         with torch.no_grad():
             for path, module in self.layers.items():
-                self.deltas[path] = self.merged_delta(path, module, weights, density)
+                self.deltas[path] = self.merged_delta(path, module, weights, density, other)
                 if path not in self.hooks:
                     self.hooks[path] = module.register_forward_hook(self._hook(path))
         self.merge_seconds = time.perf_counter() - t0
 
     def merged_delta(self, path: str, module, weights: Mapping[str, float],
-                     density: float) -> torch.Tensor:
+                     density: float, params: Mapping[str, float] | None = None) -> torch.Tensor:
         """The operator's merge of one layer's task deltas, in float32 on the layer's device."""
         names = [n for n in self.adapters if n in module.lora_A]
         deltas = []
@@ -63,7 +67,7 @@ class ResidentFusion:
             deltas.append(module.get_delta_weight(n).float())  # B A * alpha / r (PEFT's own)
         return merged_module_delta(deltas, names, path, weights, granularity=self.granularity,
                                    operator_name=self.operator_name, density=density,
-                                   seed=self.seed)
+                                   seed=self.seed, params=params)
 
     def _hook(self, path: str):
         def add_delta(module, inputs, output):

@@ -19,8 +19,13 @@ from .magnitude import trim
 def merge(deltas: list[torch.Tensor], weights: list[float], *, density: float = 0.5,
           seeds: list[int] | None = None) -> torch.Tensor:
     """TIES-merge the weighted task deltas of one module (`seeds` unused)."""
-    trimmed = torch.stack([trim(w * d, density) for w, d in zip(weights, deltas)])
-    elected = torch.sign(trimmed.sum(dim=0))
-    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    return disjoint_mean(torch.stack([trim(w * d, density) for w, d in zip(weights, deltas)]))
+
+
+def disjoint_mean(tau: torch.Tensor) -> torch.Tensor:
+    """TIES' elect and disjoint mean over stacked task deltas [n, ...]: per entry, the sign of
+    their sum, then the mean of the non-zero entries with that sign (0 where none agrees)."""
+    elected = torch.sign(tau.sum(dim=0))
+    agree = (torch.sign(tau) == elected) & (tau != 0)
     count = agree.sum(dim=0).clamp(min=1)
-    return (trimmed * agree).sum(dim=0) / count
+    return (tau * agree).sum(dim=0) / count

@@ -25,7 +25,7 @@ from ..base_model import (
 )
 from ..config import RunConfig, config_hash
 from ..errors import UserError
-from ..fusion import is_dense
+from ..fusion import OPERATOR_PARAMS, is_dense
 from ..fusion.export import export_merged_model, trained_quantization, write_fused
 from ..fusion.resident import ResidentFusion
 from ..plots import pyplot, save_figure
@@ -65,7 +65,8 @@ def search_settings(cfg: RunConfig) -> dict:
     method_only = {s for name in BUILTIN_METHODS for s in search_method(name).SETTINGS}
     own = set(getattr(search_method(cfg.search.method), "SETTINGS", method_only))
     return {k: v for k, v in cfg.search.model_dump(mode="json").items()
-            if k not in OPERATIONAL and (k not in method_only or k in own)}
+            if k not in OPERATIONAL and (k not in method_only or k in own)
+            and not (k == "operator_params" and not v)}  # unset: as before the field existed
 
 
 def search_fingerprint(cfg: RunConfig) -> str:
@@ -111,6 +112,7 @@ def search_weights(cfg: RunConfig, force: bool = False, progress=None) -> dict:
     fusion = ResidentFusion(model, cfg.search_adapters, operator_name=cfg.search.operator,
                             granularity=cfg.search.granularity,
                             density=cfg.search.densities[0], seed=cfg.seed,
+                            operator_params=cfg.search.fixed_operator_params(),
                             fixed_weights=_layer_weights(cfg, model))
     study, storage = open_study(cfg, fp, fresh=force)
     ctx = SearchContext(cfg, study, model, build_objective(cfg, tokenizer, device),
@@ -161,6 +163,7 @@ def _trials(ctx: SearchContext) -> list[dict]:
                "per_dataset": t.user_attrs.get("per_dataset"), "seconds": t.user_attrs.get("seconds")}
         if is_dense(ctx.cfg.search.operator):
             row["density"] = float(params.get("density", ctx.fusion.density))
+            row |= {k: float(params.get(k, v)) for k, v in ctx.fusion.operator_params.items()}
             row["merge_seconds"] = t.user_attrs.get("merge_seconds")
         out.append(row)
     return out
@@ -177,6 +180,7 @@ def _write_result(cfg: RunConfig, fp: str, ctx: SearchContext, adapter_dirs: dic
               "n_trials": len(trials), "n_pruned": pruned}
     if is_dense(s.operator):
         result["best_density"] = best["density"]
+        result |= {f"best_{k}": best[k] for k in s.fixed_operator_params()}
     metrics = {"best_score": best["score"], "n_trials": len(trials)}
     with atomic_dir(RunLayout(cfg.run_dir).search) as tmp:
         write_json(tmp / "trials.json", trials)
@@ -185,7 +189,8 @@ def _write_result(cfg: RunConfig, fp: str, ctx: SearchContext, adapter_dirs: dic
         report, deltas = write_fused(
             tmp / "fused", [load_saved_adapter(adapter_dirs[n]) for n in names], names,
             best["weights"], granularity=s.granularity, operator_name=s.operator,
-            density=best.get("density", s.densities[0]), seed=cfg.seed, svd_rank=s.svd_rank)
+            density=best.get("density", s.densities[0]), seed=cfg.seed, svd_rank=s.svd_rank,
+            params={k: best.get(k, v) for k, v in s.fixed_operator_params().items()})
         if not report["exact"]:
             metrics["svd_relative_error"] = report["relative_error"]
         for f in TOKENIZER_FILES:
@@ -231,7 +236,7 @@ def _short(weights: dict[str, float], most: int = 6) -> str:
 
 
 def _write_csv(trials: list[dict], names: list[str], path: Path) -> None:
-    extra = ["density"] if trials and "density" in trials[0] else []
+    extra = [k for k in ("density", *OPERATOR_PARAMS) if trials and k in trials[0]]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["number", *[f"w_{n}" for n in names], *extra, "score", "seconds"])

@@ -1,7 +1,7 @@
 """The optuna study behind a search: persistence (resume), several workers on one storage, and
 the one routine that claims and scores trials (`run_trials`).
 
-Each finished trial is stored (SQLite in the run dir, or any optuna storage URL shared by
+Each finished trial is stored (a journal file in the run dir, or any optuna storage URL shared by
 workers), so running the same command again continues where it stopped and never repeats a
 finished trial. Fixed candidates (grid, random) are enqueued as WAITING trials, which the
 storage hands to exactly one worker each; sampler-driven searches (tpe) stop at a trial budget.
@@ -74,16 +74,15 @@ class SearchContext:
 
     @property
     def param_names(self) -> list[str]:
-        """Every searched value of a candidate: the weights, then `density` when it is searched."""
-        extra = ["density"] if len(self.cfg.search.densities) > 1 else []
-        return self.weight_names + extra
+        """Every searched value of a candidate: the weights, then the operator's searched
+        hyper-parameters (density and others given several values)."""
+        return self.weight_names + list(self.cfg.search.searched_params())
 
     @property
     def distributions(self) -> dict:
         dist = self.method.distributions(self.cfg.search, self.weight_names)
-        if len(self.cfg.search.densities) > 1:
-            dist["density"] = optuna.distributions.CategoricalDistribution(
-                self.cfg.search.densities)
+        for name, values in self.cfg.search.searched_params().items():
+            dist[name] = optuna.distributions.CategoricalDistribution(values)
         return dist
 
 
@@ -107,16 +106,25 @@ def search_worker_id(cfg: RunConfig) -> str | None:
     return f"{socket.gethostname()}:{os.getpid()}" if cfg.search.storage else None
 
 
-def _storage(cfg: RunConfig) -> optuna.storages.RDBStorage:
+def study_storage(cfg: RunConfig) -> optuna.storages.BaseStorage:
+    """The study's optuna storage: `search.storage`, a database URL shared by workers (with
+    heartbeats, so a dead worker's trial is retried elsewhere), or else a journal file in the
+    run dir (`search.work/study.journal`, appended to under a file lock: resumable, and cheaper
+    per trial than SQLite's transactions). A run dir whose search began before journal files
+    (`search.work/study.db`) keeps its SQLite study, so it resumes."""
+    # heartbeats are recorded by our own thread around ask/tell trials (see _Heartbeat)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     url = cfg.search.storage
     if url is None:
         work = RunLayout(cfg.run_dir).search_work
         work.mkdir(parents=True, exist_ok=True)
+        if not (work / "study.db").is_file():
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(str(work / "study.journal")))
         url = f"sqlite:///{(work / 'study.db').resolve()}"
     beat = max(1, int(cfg.search.stale_after_s // 4))
-    # heartbeats are recorded by our own thread around ask/tell trials (see _Heartbeat)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     for attempt in range(5):  # workers starting together race to create the schema: retry
         try:
             return optuna.storages.RDBStorage(url, heartbeat_interval=beat,
@@ -132,7 +140,7 @@ def open_study(cfg: RunConfig, fp: str, fresh: bool = False
                ) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
     """The persistent study of this search (created on first use, reopened on resume) and
     its storage; `fresh` discards its stored trials first (`search-weights --force`)."""
-    storage = _storage(cfg)
+    storage = study_storage(cfg)
     seed = worker_seed(cfg.seed, search_worker_id(cfg))
     sampler = search_method(cfg.search.method).sampler(cfg.search, seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

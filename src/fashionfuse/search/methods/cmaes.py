@@ -17,8 +17,8 @@ SETTINGS = ("n_trials", "low", "high", "step")
 
 
 def sampler(cfg: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
-    """CMA-ES (optuna's default step size, a sixth of the range); categorical parameters (a
-    searched `density` list) fall back to optuna's independent sampler."""
+    """CMA-ES (optuna's default step size, a sixth of the range); categorical parameters
+    (searched operator hyper-parameters) fall back to optuna's independent sampler."""
     try:
         import cmaes  # noqa: F401  (optuna's CMA-ES runs on it)
     except ImportError:

@@ -34,6 +34,5 @@ def start_point(cfg: SearchConfig, names: list[str]) -> dict[str, float]:
 def run(ctx: SearchContext) -> None:
     if not finished(ctx.study, pruned=True) and not ctx.study.get_trials(deepcopy=False):
         ctx.study.enqueue_trial({**start_point(ctx.cfg.search, ctx.weight_names),
-                                 **({"density": ctx.cfg.search.densities[0]}
-                                    if "density" in ctx.param_names else {})})
+                                 **{k: v[0] for k, v in ctx.cfg.search.searched_params().items()}})
     run_trials(ctx, budget=ctx.cfg.search.n_trials)

@@ -14,12 +14,15 @@ SETTINGS = ("grid_values", "low", "high")
 
 
 def candidates(cfg: SearchConfig, names: list[str], seed: int) -> list[dict[str, float]]:
-    """Every combination of `grid_values` across the adapters, times every searched `density`
-    when there are several (the seed is unused)."""
+    """Every combination of `grid_values` across the adapters, times every combination of the
+    operator's searched hyper-parameters (density, ...) when there are some (the seed is
+    unused)."""
     combos = [dict(zip(names, c)) for c in itertools.product(cfg.grid_values, repeat=len(names))]
-    if len(cfg.densities) == 1:
+    searched = cfg.searched_params()
+    if not searched:
         return combos
-    return [{**c, "density": d} for d in cfg.densities for c in combos]
+    return [{**c, **dict(zip(searched, values))}
+            for values in itertools.product(*searched.values()) for c in combos]
 
 
 def sampler(cfg: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:

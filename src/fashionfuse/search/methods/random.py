@@ -13,17 +13,17 @@ SETTINGS = ("n_trials", "low", "high", "step")
 
 
 def candidates(cfg: SearchConfig, names: list[str], seed: int) -> list[dict[str, float]]:
-    """`n_trials` uniform draws in [low, high], rounded to `step` (and a `density` drawn from
-    the searched values), reproducible from the seed: a fixed list, so a resumed search
-    continues the same candidates."""
+    """`n_trials` uniform draws in [low, high], rounded to `step` (and each searched operator
+    hyper-parameter, density first, drawn from its values), reproducible from the seed: a
+    fixed list, so a resumed search continues the same candidates."""
     rng = np.random.default_rng(seed)
     draws = rng.uniform(cfg.low, cfg.high, size=(cfg.n_trials, len(names)))
     if cfg.step:
         draws = np.clip(np.round(draws / cfg.step) * cfg.step, cfg.low, cfg.high)
     out = [dict(zip(names, (round(float(x), 6) for x in row))) for row in draws]
-    if len(cfg.densities) > 1:
-        picks = rng.integers(0, len(cfg.densities), size=len(out))
-        out = [{**c, "density": cfg.densities[int(k)]} for c, k in zip(out, picks)]
+    for name, values in cfg.searched_params().items():
+        picks = rng.integers(0, len(values), size=len(out))
+        out = [{**c, name: values[int(k)]} for c, k in zip(out, picks)]
     return out
 
 
