@@ -8,6 +8,7 @@ start-up included. The script first builds the demo adapters in runs/bench_eval 
     python scripts/bench_eval.py --leaderboard [--benchmarks ../shared/benchmarks]
     python scripts/bench_eval.py --prefix [--limit 20] [--compute-dtype float32]
     python scripts/bench_eval.py --prefix --model smollm2 [--limit 4] [--models "[base, fused]"]
+    python scripts/bench_eval.py --batch-noise [--model smollm2]
 
 Ends with `speedup_vs_separate: X` (separate seconds / one-command seconds).
 
@@ -18,9 +19,11 @@ and on five (base, three adapters, fused), each one `fashionfuse eval` process:
 from `eval/timings.json`.
 
 `--prefix`: the `leaderboard_v1` preset with `--limit 20` (default) on five models (base, three
-adapters, fused) with `eval.max_length` 4096 (the demo prompts are 1,000-3,000 of its tokens;
-beyond its 512 trained positions its scores mean nothing, but both routes compute the same
-function on the same rows, which is what is measured), one `fashionfuse eval` each with `eval.shared_contexts` false (lm-eval's own
+adapters, fused) with `eval.max_length` 8192 (the demo's small BPE tokenizer makes the
+prompts 1,000-3,000 tokens, up to ~6,900 for MMLU's 5-shot history subjects; a row lm-eval cuts
+from the left cannot share a prefix; beyond its 512 trained positions the demo's scores mean
+nothing, but both routes compute the same function on the same rows, which is what is
+measured), one `fashionfuse eval` each with `eval.shared_contexts` false (lm-eval's own
 path: every answer choice a row with its context) and true (one pass per shared context):
 `prefix_tokens_ratio` (token positions through the model, plain / shared),
 `leaderboard_speedup_vs_plain` (scoring seconds, plain / shared), the largest log-likelihood
@@ -64,9 +67,13 @@ def main() -> None:
     parser.add_argument("--leaderboard", action="store_true")
     parser.add_argument("--logits", action="store_true")
     parser.add_argument("--prefix", action="store_true")
-    parser.add_argument("--max-length", type=int, default=4096,
+    parser.add_argument("--batch-noise", action="store_true",
+                        help="how far lm-eval's own float32 log-likelihoods move between batch "
+                        "sizes 1 and 16, beside the shared route (ARC + HellaSwag, --limit)")
+    parser.add_argument("--max-length", type=int, default=8192,
                         help="--prefix: eval.max_length (the demo model's own window, 512, cuts "
-                        "ARC and HellaSwag prompts from the left, and cut rows are not shared)")
+                        "ARC and HellaSwag prompts from the left, and cut rows are not shared; "
+                        "8192 cuts none of the preset's prompts in the demo's tokens)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="--leaderboard: time each side this many times, alternating; medians")
     parser.add_argument("--compute-dtype", default="bfloat16",
@@ -88,6 +95,9 @@ def main() -> None:
         return
     if args.prefix:
         shared_prefix(args, env)
+        return
+    if args.batch_noise:
+        batch_noise(args)
         return
     ff = [sys.executable, "-m", "fashionfuse.cli"]
     common = ["--set", f"run_dir={RUN}", "--set", "eval.load_in_4bit=false",
@@ -170,6 +180,53 @@ def _samples(eval_dir: Path) -> dict:
                     metrics = {"mc2": s["acc"]}
                 out[(res_file.parent.name, task, s["doc_id"])] = (lls, metrics)
     return out
+
+
+def batch_noise(args) -> None:
+    """lm-eval's HFLM at batch sizes 1 and 16 and the shared route on the same ARC 25-shot and
+    HellaSwag 10-shot requests, float32, no 4-bit: the largest log-likelihood difference of
+    each pair (the demo model, or SmolLM2's converted checkpoint with --model smollm2)."""
+    import itertools
+
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fashionfuse.config import ModelConfig
+    from fashionfuse.evaluate.benchmarks import write_local_leaderboard_tasks
+    from fashionfuse.gguf_base import checkpoint_dir
+    from fashionfuse.lm_eval_run import task_manager, wrap_model
+
+    if args.model == "smollm2":
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from fetch_smollm2 import fetch_gguf
+
+        model_dir = checkpoint_dir(ModelConfig(base=str(fetch_gguf())))
+    else:
+        model_dir = str(ROOT / "data" / "tiny-llama")
+    limit = args.limit or (4 if args.model == "smollm2" else 10)
+    include = write_local_leaderboard_tasks(args.benchmarks, RUN / "batch_noise_tasks")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    manager, requests = task_manager([str(include)], []), []
+    for task, shots in (("local_arc_challenge", 25), ("local_hellaswag", 10)):
+        t = manager.load([task])["tasks"][task]
+        t.set_config(key="num_fewshot", value=shots)
+        t.set_fewshot_seed(seed=1234)
+        t.build_all_requests(limit=limit, rank=0, world_size=1)
+        requests += list(t.instances)
+    ml = args.max_length
+    scored = {}
+    for label, lm in (("hflm_batch16", HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16,
+                                            max_length=ml)),
+                      ("hflm_batch1", HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1,
+                                           max_length=ml)),
+                      ("shared_batch16", wrap_model(model, tokenizer, 16, max_length=ml))):
+        scored[label] = [r[0] for r in lm.loglikelihood(requests, disable_tqdm=True)]
+    print(f"requests: {len(requests)} ({args.model}, ARC 25-shot + HellaSwag 10-shot, limit {limit})")
+    for a, b in itertools.combinations(scored, 2):
+        diff = max(abs(x - y) for x, y in zip(scored[a], scored[b]))
+        print(f"max_loglikelihood_difference_{a}_vs_{b}: {diff:.2e}")
 
 
 def shared_prefix(args, env: dict) -> None:

@@ -49,7 +49,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--grid", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--overhead-only", action="store_true", help="part 1 only")
     parser.add_argument("--sizes", default=None, help="e.g. demo,30m,300m: the size sweep only")
     parser.add_argument("--val-samples", type=int, default=8)
     parser.add_argument("--compute-dtype", default="bfloat16",
@@ -83,35 +84,47 @@ def main() -> None:
     cands = [{n: float(x) for n, x in zip(names, torch.rand(len(names), generator=rng))}
              for _ in range(args.repeats)]
 
-    # 1. per-candidate cost of the search loop vs pure forward
-    set_fusion_weights(model, cands[0])
-    objective.per_dataset(model)  # warm-up
-    t0 = time.perf_counter()
-    for _ in cands:
-        objective.per_dataset(model)
-    forward_s = (time.perf_counter() - t0) / len(cands)
+    # 1. per-candidate cost of the search loop vs pure forward, interleaved (forward, loop,
+    # forward, loop, ...) so the machine's drift falls on both sides; medians
     from fashionfuse.search.study import study_storage
 
-    def loop_seconds(make_storage) -> float:
-        """Seconds per candidate of enqueue, ask, set weights, score, tell on a fresh study."""
+    set_fusion_weights(model, cands[0])
+    objective.per_dataset(model)  # warm-up
+
+    def loop_seconds(make_storage) -> tuple[float, float]:
+        """Median seconds of a pure forward and of one candidate of the loop (enqueue, ask,
+        set weights, score, store the per-dataset scores, tell) on a fresh study."""
+        forward, loop = [], []
         with tempfile.TemporaryDirectory() as tmp:
             study = optuna.create_study(storage=make_storage(tmp), direction="minimize")
             dists = {n: optuna.distributions.FloatDistribution(0.0, 1.0) for n in names}
-            t0 = time.perf_counter()
             for c in cands:
+                t0 = time.perf_counter()
+                objective.per_dataset(model)
+                forward.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
                 study.enqueue_trial(c)
                 trial = study.ask(dists)
                 set_fusion_weights(model, {n: trial.params[n] for n in names})
                 per = objective.per_dataset(model)
                 trial.set_user_attr("per_dataset", per)
                 study.tell(trial, objective.combine(per))
-            return (time.perf_counter() - t0) / len(cands)
+                loop.append(time.perf_counter() - t0)
+        return statistics.median(forward), statistics.median(loop)
 
     # the search's own storage (a journal file in a run dir without search.storage), then the
     # SQLite file it used before
-    ours_s = loop_seconds(lambda tmp: study_storage(load_config(CONFIG, [f"run_dir={tmp}"])))
-    sqlite_s = loop_seconds(lambda tmp: f"sqlite:///{tmp}/s.db")
+    forward_s, ours_s = loop_seconds(
+        lambda tmp: study_storage(load_config(CONFIG, [f"run_dir={tmp}"])))
+    forward_sqlite_s, sqlite_s = loop_seconds(lambda tmp: f"sqlite:///{tmp}/s.db")
     overhead = 100 * (ours_s - forward_s) / forward_s
+    overhead_sqlite = 100 * (sqlite_s - forward_sqlite_s) / forward_sqlite_s
+    if args.overhead_only:
+        print(f"pure_forward_s_per_candidate: {forward_s:.4f}")
+        print(f"search_loop_s_per_candidate: {ours_s:.4f}")
+        print(f"overhead_pct: {overhead:.2f}")
+        print(f"overhead_pct_sqlite: {overhead_sqlite:.2f}")
+        return
 
     # 2. naive route: PEFT cat-merge, save, reload from disk, evaluate
     naive_times = []
@@ -170,7 +183,7 @@ def main() -> None:
           f"tpe_evals: {counts_by['tpe']}, gp_evals: {counts_by['gp']}, "
           f"cmaes_evals: {counts_by['cmaes']}")
     print(f"overhead_pct: {overhead:.2f}")
-    print(f"overhead_pct_sqlite: {100 * (sqlite_s - forward_s) / forward_s:.2f}")
+    print(f"overhead_pct_sqlite: {overhead_sqlite:.2f}")
     print(f"speedup_vs_naive: {naive_s / ours_s:.1f}")
     for label, counts in counts_by.items():
         print(f"sampler_evals_pct_of_grid_{label}: "

@@ -32,6 +32,22 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
     assert m_all["datasets"] == ["chat", "orca"]  # saw every dataset
     assert m_all["metrics"]["examples"] == m_chat["metrics"]["examples"] + m_orca["metrics"]["examples"]
 
+    # the mixes: the same token budget as the two datasets together, split by their shares
+    from fashionfuse.config import load_config
+
+    longest = load_config(pipeline_run["config"]).model.max_input_len
+    balanced = json.loads((adapters / "ablate-mix-balanced" / "manifest.json").read_text())["mix"]
+    assert {d: r["share"] for d, r in balanced.items()} == {"chat": 0.5, "orca": 0.5}
+    targets = [r["target_tokens"] for r in balanced.values()]
+    assert abs(targets[0] - targets[1]) <= 1
+    for r in balanced.values():  # each reaches its target, overshooting by under one example
+        assert 0 <= r["tokens"] - r["target_tokens"] < longest
+    searched = json.loads((run / "search" / "best.json").read_text())["best_weights"]
+    ratio = json.loads((adapters / "ablate-mix-ratio" / "manifest.json").read_text())["mix"]
+    total = sum(max(0.0, w) for w in searched.values())
+    assert {d: r["share"] for d, r in ratio.items()} == {
+        d: round(max(0.0, searched[d]) / total, 6) for d in ("chat", "orca")}
+
     seq = json.loads((adapters / "ablate-seq-2" / "manifest.json").read_text())
     assert seq["on_top_of"] == ["chat"] and seq["datasets"] == ["orca"]
     chat_w = load_file(adapters / "chat" / "adapter_model.safetensors")
@@ -48,14 +64,21 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
 
     table = json.loads((run / "ablate" / "table.json").read_text())
     labels = [r["model"] for r in table["rows"]]
-    assert labels[:11] == ["base", "V0.1 adapter:chat", "V0.1 adapter:orca",
-                           "V0.2 one adapter, all datasets", "V0.4 sequential (chat -> orca)",
+    assert labels[5].startswith("one adapter, mix by searched weights (chat ")
+    del labels[5]
+    assert labels[:12] == ["base", "V0.1 adapter:chat", "V0.1 adapter:orca",
+                           "V0.2 one adapter, all datasets",
+                           "one adapter, balanced mix (equal tokens)",
+                           "V0.4 sequential (chat -> orca)",
                            "V0.5 fusion, weights 1", "fusion, uniform 1/2",
                            "V1 fusion, searched (grid)", "fusion, learned (gradient)",
                            "fusion, layer-wise learned (gradient)",
                            "fusion, layer-wise x grid multiplier"]
-    for label, op in zip(labels[11:], ("TIES", "DARE", "magnitude"), strict=True):
-        assert label.startswith(f"fusion, {op} (grid, density 0.5; SVD rank ")
+    for k, op in enumerate(("TIES", "DARE", "magnitude")):  # exact merge, then its SVD export
+        exact, svd = labels[12 + 2 * k:14 + 2 * k]
+        assert exact == f"fusion, {op} (grid, density 0.5; exact merge)"
+        assert svd.startswith(f"fusion, {op} (grid, density 0.5; SVD rank ")
+    assert len(labels) == 18
     layer = json.loads((run / "ablate" / "layerwise" / "search" / "best.json").read_text())
     assert layer["granularity"] == "layer" and set(layer["best_weights"]) == {
         f"{n}@{b}" for n in ("chat", "orca") for b in (0, 1)}
@@ -74,7 +97,7 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
     md = (run / "ablate" / "table.md").read_text()
     assert "vs best single" in md and (run / "ablate" / "table.png").read_bytes()[:4] == b"\x89PNG"
     results = sorted((run / "ablate" / "eval").glob("*/results.json"))
-    assert len(results) == len(labels)  # every variant was really scored by lm-eval
+    assert len(results) == len(labels) + 1  # every variant was really scored by lm-eval
     assert all(json.loads(p.read_text())["results"] for p in results)
 
     page = (run / "report.html").read_text()  # ablate ends with the run's report

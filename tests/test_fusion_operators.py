@@ -376,3 +376,23 @@ def test_della_with_a_searched_epsilon_through_the_cli(pipeline_run, tmp_path):
     bad = CliRunner().invoke(app, ["search-weights", str(pipeline_run["config"]), *args,
                                    "--set", "search.operator_params={gamma: 0.1}"])
     assert bad.exit_code == 2 and "della has no parameter 'gamma'" in bad.output
+
+    # scored exactly as searched: fusion=best.json puts the merged deltas on the base (what
+    # lm-eval's CLI gets with --model fashionfuse --model_args ...,fusion=best.json)
+    from fashionfuse.lm_eval_model import attach_searched_fusion
+
+    names = best["adapters"]
+    deltas = merged_deltas([load_saved_adapter(run / "adapters" / n) for n in names], names,
+                           best["best_weights"], granularity="adapter", operator_name="della",
+                           density=best["best_density"], seed=best["seed"],
+                           params={"epsilon": best["best_epsilon"]})
+    model = pipeline_run["model"]
+    exact = attach_searched_fusion(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+                                   run / "search" / "best.json")
+    dense = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float64)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2, 11]])
+    with torch.no_grad():
+        for mod, d in deltas.items():
+            dense.get_submodule(mod.removeprefix("base_model.model.")).weight += d
+        torch.testing.assert_close(exact(ids).logits.double(), dense(ids).logits,
+                                   rtol=1e-4, atol=1e-4)

@@ -4,6 +4,8 @@ From one config it builds, reusing every artifact already built, and scores with
 
     V0.1  one adapter per dataset                  adapters/<dataset>          (the run's own)
     V0.2  one adapter on all datasets together     adapters/ablate-all-datasets
+          the same, equal token shares per dataset adapters/ablate-mix-balanced
+          the same, token shares ~ searched weights  adapters/ablate-mix-ratio   (after the search)
     V0.4  sequential fine-tuning, in dataset order adapters/ablate-seq-<k>     (each beside the
           (a, then b on top, then c on top)                                      frozen previous)
     V0.5  fusion with every weight 1               ablate/weights-one/search/fused
@@ -12,7 +14,9 @@ From one config it builds, reusing every artifact already built, and scores with
           fusion with gradient-learned weights     ablate/gradient/search/fused
           layer-wise learned weights               ablate/layerwise/search/fused
           those x a per-adapter grid multiplier    ablate/layerwise-refined/search/fused
-          TIES / DARE / magnitude merges, searched ablate/<operator>/search/fused (SVD export)
+          TIES / DARE / magnitude merges, searched ablate/<operator>/search/best.json (exact: the
+                                                   merged deltas on the base, as searched) and
+                                                   ablate/<operator>/search/fused (SVD export)
 
 The fixed-weight fusions are one-candidate grid searches, so they are fingerprinted, cached and
 scored on the validation data like the search. Each variant's run dir under `ablate/` links the
@@ -34,6 +38,7 @@ from .fusion import is_dense
 from .rundir import RunLayout, link_shared, write_json, write_text
 
 ALL_DATA = "ablate-all-datasets"
+MIX_BALANCED, MIX_RATIO = "ablate-mix-balanced", "ablate-mix-ratio"
 # per-adapter multipliers tried on learned layer weights: the learned point itself (all 1) is a
 # candidate, so the refinement can only improve on it
 REFINE_MULTIPLIERS = [0.5, 1.0, 1.5]
@@ -54,6 +59,11 @@ def ablation_config(cfg: RunConfig) -> RunConfig:
     extra = []
     if "fused_dataset" in cfg.ablate.variants:
         extra.append({"name": ALL_DATA, "datasets": names})
+    if "mixed_balanced" in cfg.ablate.variants:
+        extra.append({"name": MIX_BALANCED, "datasets": names, "mix": {n: 1.0 for n in names}})
+    ratio = searched_mix(cfg) if "mixed_ratio" in cfg.ablate.variants else None
+    if ratio is not None:
+        extra.append({"name": MIX_RATIO, "datasets": names, "mix": ratio})
     if "sequential" in cfg.ablate.variants:
         chain = sequential_chain(cfg)
         extra += [{"name": link, "datasets": [dataset], "on_top_of": [previous]}
@@ -62,6 +72,44 @@ def ablation_config(cfg: RunConfig) -> RunConfig:
     known = {a["name"] for a in data["adapters"]}
     data["adapters"] += [a for a in extra if a["name"] not in known]
     return RunConfig.model_validate(data)
+
+
+def searched_mix(cfg: RunConfig) -> dict[str, float] | None:
+    """Token shares proportional to the run's searched fusion weights (an adapter's mean weight
+    over its blocks for a layer-wise search; negative weights count as 0), normalised; None
+    before the search has run."""
+    best = RunLayout(cfg.run_dir).search / "best.json"
+    if not best.is_file():
+        return None
+    weights = json.loads(best.read_text())["best_weights"]
+    shares = {cfg.adapter_spec(a).datasets[0]: max(0.0, w)
+              for a, w in adapter_mean_weights(weights, cfg.search_adapters).items()}
+    total = sum(shares.values())
+    if total <= 0:
+        raise UserError(f"ablate: mixed_ratio: every searched weight in {best} is 0 or less, "
+                        "so there is no mix to train; drop mixed_ratio from ablate.variants")
+    shares = {d: round(v / total, 6) for d, v in shares.items()}
+    return {d: shares.get(d, 0.0) for d in (x.name for x in cfg.datasets)}
+
+
+def adapter_mean_weights(weights: dict[str, float], adapters: list[str]) -> dict[str, float]:
+    """Each adapter's weight: its own, or for layer-wise weights (`<adapter>@<block>`, times a
+    per-adapter multiplier where one was searched) their mean over the blocks."""
+    out = {}
+    for a in adapters:
+        groups = [float(v) for k, v in weights.items() if k.startswith(f"{a}@")]
+        scale = float(weights.get(a, 1.0))
+        out[a] = scale * sum(groups) / len(groups) if groups else scale
+    return out
+
+
+def check_mixed_ratio(cfg: RunConfig) -> str | None:
+    """Why the mixed_ratio variant cannot run with this config (None: it can): its shares
+    come from the searched weights of single-dataset adapters."""
+    multi = [a for a in cfg.search_adapters if len(cfg.adapter_spec(a).datasets) != 1]
+    if multi:
+        return f"mixed_ratio (searched adapters {multi} learn several datasets)"
+    return None
 
 
 def variant_config(cfg: RunConfig, name: str, **search) -> RunConfig:
@@ -151,6 +199,8 @@ def check_fusion_variants(cfg: RunConfig, planned: list[FusionVariant]) -> None:
         if vcfg.search.method == "gradient" and not objective.differentiable:
             bad.append(f"{v.folder or 'searched'} (method gradient needs a differentiable "
                        f"objective, not {vcfg.search.objective.type})")
+    if "mixed_ratio" in cfg.ablate.variants and check_mixed_ratio(cfg):
+        bad.append(check_mixed_ratio(cfg))
     if bad:
         raise UserError(f"ablate: these variants cannot run with this config: {'; '.join(bad)}; "
                         "drop them from ablate.variants")
@@ -165,14 +215,17 @@ def _fusions(cfg: RunConfig, planned: list[FusionVariant], force: bool) -> dict[
         vcfg = variant_config(cfg, v.folder, **v.search) if v.folder else cfg
         best = search_weights(vcfg, force=force)
         fused = RunLayout(vcfg.run_dir).fused
-        label = v.label
-        if is_dense(v.search.get("operator", "sum")):
-            svd = json.loads((fused / "svd_report.json").read_text())
-            label = (f"fusion, {v.label} ({v.search['method']}, density "
-                     f"{best['best_density']:g}; SVD rank {svd['rank']}, error "
-                     f"{100 * svd['relative_error']:.1f}%)")
-        if v.in_table:
-            out[label] = fused
+        if not v.in_table:
+            continue
+        if not is_dense(v.search.get("operator", "sum")):
+            out[v.label] = fused
+            continue
+        # a dense merge: scored exactly (the merged deltas on the resident base, as the search
+        # scored it), with its exported SVD adapter beside it
+        svd = json.loads((fused / "svd_report.json").read_text())
+        head = f"fusion, {v.label} ({v.search['method']}, density {best['best_density']:g}"
+        out[f"{head}; exact merge)"] = RunLayout(vcfg.run_dir).search / "best.json"
+        out[f"{head}; SVD rank {svd['rank']}, error {100 * svd['relative_error']:.1f}%)"] = fused
     return out
 
 
@@ -190,23 +243,51 @@ def build_variants(cfg: RunConfig, force: bool = False) -> dict[str, Path | None
     acfg = ablation_config(cfg)
     layout = RunLayout(cfg.run_dir)
     curate(acfg, force=force)
-    datasets = [d.name for d in cfg.datasets]
+    datasets, variants = [d.name for d in cfg.datasets], cfg.ablate.variants
     needed = list(datasets)
-    if "fused_dataset" in cfg.ablate.variants:
-        needed.append(ALL_DATA)
-    if "sequential" in cfg.ablate.variants:
+    for key, name in (("fused_dataset", ALL_DATA), ("mixed_balanced", MIX_BALANCED)):
+        if key in variants:
+            needed.append(name)
+    if "sequential" in variants:
         needed += sequential_chain(cfg)[1:]
     train_adapters(acfg, needed, force=force)
     models: dict[str, Path | None] = {"base": None}
-    if "per_dataset" in cfg.ablate.variants:
+    if "per_dataset" in variants:
         models.update({f"V0.1 adapter:{d}": layout.adapter(d) for d in datasets})
-    if "fused_dataset" in cfg.ablate.variants:
+    if "fused_dataset" in variants:
         models["V0.2 one adapter, all datasets"] = layout.adapter(ALL_DATA)
-    if "sequential" in cfg.ablate.variants:
+    if "mixed_balanced" in variants:
+        models["one adapter, balanced mix (equal tokens)"] = layout.adapter(MIX_BALANCED)
+    if "mixed_ratio" in variants:
+        models[_MIX_RATIO_SLOT] = None  # placed here, trained after the search
+    if "sequential" in variants:
         order = cfg.ablate.sequential_order or datasets
         models[f"V0.4 sequential ({' -> '.join(order)})"] = layout.adapter(sequential_chain(cfg)[-1])
     models.update(_fusions(cfg, planned, force))
+    if "mixed_ratio" in variants:
+        label, path = _mixed_ratio(cfg, force)
+        models = {label if k == _MIX_RATIO_SLOT else k: path if k == _MIX_RATIO_SLOT else v
+                  for k, v in models.items()}
     return models
+
+
+_MIX_RATIO_SLOT = "<mixed ratio>"
+
+
+def _mixed_ratio(cfg: RunConfig, force: bool) -> tuple[str, Path]:
+    """Train the adapter whose data mix follows the run's searched weights (running the
+    search first if the searched variant did not); its table label and directory."""
+    from .search import search_weights
+    from .train import train_adapters
+
+    searched = "searched" in cfg.ablate.variants  # then _fusions ran (or forced) it already
+    if not (RunLayout(cfg.run_dir).search / "best.json").is_file() or (force and not searched):
+        search_weights(cfg, force=force and not searched)
+    acfg = ablation_config(cfg)
+    train_adapters(acfg, [MIX_RATIO], force=force)
+    shares = acfg.adapter_spec(MIX_RATIO).mix
+    text = ", ".join(f"{d} {v:.2f}" for d, v in shares.items())
+    return f"one adapter, mix by searched weights ({text})", RunLayout(cfg.run_dir).adapter(MIX_RATIO)
 
 
 def comparison(table: dict, singles: list[str]) -> dict:

@@ -259,6 +259,21 @@ class AdapterSpec(_Strict):
     on_top_of: list[str] = Field(
         default=[], description="Adapters merged into the base before training (sequential "
         "fine-tuning); the saved adapter contains them, so it loads on the plain base")
+    mix: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
+        default=None, description="Share of the training tokens each dataset contributes "
+        "(normalised; e.g. {chat: 1, orca: 2}): the same token budget as the datasets "
+        "together, each dataset's examples drawn in a seeded order (repeated when its share "
+        "asks for more than it has), shuffled together; recorded in the manifest")
+
+    @model_validator(mode="after")
+    def _mix_names(self) -> "AdapterSpec":
+        if self.mix is not None:
+            if sorted(self.mix) != sorted(self.datasets):
+                raise ValueError(f"mix: give a share for each of datasets {self.datasets}, "
+                                 f"got {sorted(self.mix)}")
+            if not sum(self.mix.values()) > 0:
+                raise ValueError("mix: the shares must not all be 0")
+        return self
 
 
 class RoundConfig(_Strict):
@@ -487,9 +502,9 @@ class EvalConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- ablation
-ABLATION_VARIANTS = ("per_dataset", "fused_dataset", "sequential", "weights_one", "uniform",
-                     "searched", "gradient", "layerwise", "layerwise_refined", "ties", "dare",
-                     "magnitude")
+ABLATION_VARIANTS = ("per_dataset", "fused_dataset", "mixed_balanced", "mixed_ratio",
+                     "sequential", "weights_one", "uniform", "searched", "gradient", "layerwise",
+                     "layerwise_refined", "ties", "dare", "magnitude")
 
 
 class AblateConfig(_Strict):
@@ -497,7 +512,9 @@ class AblateConfig(_Strict):
 
     variants: list[Literal[ABLATION_VARIANTS]] = Field(  # type: ignore[valid-type]
         default=list(ABLATION_VARIANTS),
-        description="per_dataset (V0.1), fused_dataset (V0.2/V0.3), sequential (V0.4), "
+        description="per_dataset (V0.1), fused_dataset (V0.2/V0.3), mixed_balanced (one "
+        "adapter, equal token shares per dataset), mixed_ratio (one adapter, token shares "
+        "proportional to the searched fusion weights), sequential (V0.4), "
         "weights_one (V0.5), uniform (1/n), searched (V1, search.method), gradient (learned), "
         "layerwise (learned per block), layerwise_refined (those times a grid multiplier per "
         "adapter), ties / dare / magnitude (search.method's search with that operator)")

@@ -43,7 +43,7 @@ from .adapters.peft_layers import use_lean_lora_forward
 from .adapters.runtime import attach_adapters, set_fusion_weights
 from .errors import UserError
 from .version_gates import internals_allowed
-from .fusion import is_dense
+from .fusion import OPERATOR_PARAMS, is_dense
 from .forward_memory import rows_that_fit
 from .shared_context import cache_argument, with_shared_prefixes
 
@@ -55,20 +55,33 @@ def _flag(value) -> bool:
 
 def attach_searched_fusion(model, best_json: str | Path):
     """The base `model` with every adapter of a search's `best.json` attached and its searched
-    weights set (exact for the sum operator; the adapters are the run's own, found beside the
-    search folder), without exporting a fused adapter."""
+    fusion applied exactly, without exporting (the adapters are the run's own, found beside the
+    search folder): for the sum operator the adapters' LoRA scales; for a dense operator (TIES,
+    DARE, ...) forward hooks adding each module's merged delta, with the density, operator
+    parameters and seed the search used (as the search scored it, not the SVD export)."""
+    from .fusion.resident import ResidentFusion
+
     best_json = Path(best_json)
     best = json.loads(best_json.read_text())
-    if is_dense(best.get("operator", "sum")):
-        raise UserError(f"fusion={best_json}: operator {best['operator']!r} merges dense deltas; "
-                        "score its exported search/fused (peft=...) or search/merged instead")
+    operator = best.get("operator", "sum")
+    if is_dense(operator) and "seed" not in best:
+        raise UserError(f"fusion={best_json}: written before best.json recorded the search's "
+                        "seed, which the dense merge needs; run search-weights --force")
     run = best_json.resolve().parent.parent
     dirs = {name: run / "adapters" / name for name in best["adapters"]}
     missing = [str(d) for d in dirs.values() if not (d / "adapter_config.json").is_file()]
     if missing:
         raise UserError(f"fusion={best_json}: adapters not found: {', '.join(missing)}")
     model = attach_adapters(model, dirs)
-    set_fusion_weights(model, best["best_weights"], list(dirs), best.get("granularity", "adapter"))
+    granularity = best.get("granularity", "adapter")
+    if not is_dense(operator):
+        set_fusion_weights(model, best["best_weights"], list(dirs), granularity)
+        return model
+    extra = {k.removeprefix("best_"): v for k, v in best.items()
+             if k.startswith("best_") and k.removeprefix("best_") in OPERATOR_PARAMS}
+    ResidentFusion(model, list(dirs), operator_name=operator, granularity=granularity,
+                   density=best["best_density"], seed=best["seed"],
+                   operator_params=extra).apply(best["best_weights"])
     return model
 
 

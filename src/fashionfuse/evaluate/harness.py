@@ -89,8 +89,16 @@ def models_to_evaluate(cfg: RunConfig) -> dict[str, Path | None]:
 def adapter_keys(models: dict[str, Path | None]) -> dict[str, str]:
     """PEFT adapter name of each evaluated adapter: m0, m1, ... (labels such as `adapter:chat`
     or `V0.4 sequential` are not valid module names)."""
-    labels = [label for label, path in models.items() if path is not None and label != "merged"]
+    labels = [label for label, path in models.items()
+              if path is not None and label != "merged" and not is_searched_fusion(path)]
     return {label: f"m{i}" for i, label in enumerate(labels)}
+
+
+def is_searched_fusion(path: Path | None) -> bool:
+    """Whether an evaluated model is a search's `best.json`: its fusion applied exactly to a
+    base with the run's adapters (dense operators through their merged deltas), not an
+    exported adapter."""
+    return path is not None and Path(path).name == "best.json"
 
 
 def activate(model, key: str | None, keys: list[str]) -> None:
@@ -138,8 +146,8 @@ def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
         "include_paths": {p: path_fingerprint(p) for p in cfg.eval.include_paths},
         "stage": "eval", "eval": cfg.eval.model_dump(mode="json"), "seed": cfg.seed,
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
-        "adapters": {k: artifact_id(v) or artifact_id(v.parent)
-                     for k, v in models.items() if v is not None},
+        "adapters": {k: artifact_id(v.parent if is_searched_fusion(v) else v)
+                     or artifact_id(v.parent) for k, v in models.items() if v is not None},
     })
 
 
@@ -188,16 +196,20 @@ def _setup(cfg: RunConfig, models: dict[str, Path | None]) -> EvalSetup:
     by_shots: dict[int | None, list[str]] = {}
     for spec in specs:
         by_shots.setdefault(spec.num_fewshot, []).append(spec.task)
-    quantized = cfg.eval.load_in_4bit
-    quantized = cfg.model.quantization.bits == 4 if quantized is None else quantized
     device = str(accelerator.device) if accelerator is not None else default_device()
-    base = load_base_model(cfg.model, quantized=quantized, device=device)
+    base = load_base_model(cfg.model, quantized=_quantized(cfg), device=device)
     check_tokenizer_fits(base, tokenizer)
     keys = adapter_keys(models)
     model = attach_adapters(base, {keys[label]: models[label] for label in keys}) if keys else base
     resident = _weights_as_scored(model)
     return EvalSetup(specs, by_shots, task_manager([*include], [s.task for s in specs]), tokenizer,
                      model, keys, device, rank, world, accelerator, resident_as=resident)
+
+
+def _quantized(cfg: RunConfig) -> bool:
+    """Whether eval loads the base in 4-bit (`eval.load_in_4bit`, else as the model is trained)."""
+    quantized = cfg.eval.load_in_4bit
+    return cfg.model.quantization.bits == 4 if quantized is None else quantized
 
 
 def _weights_as_scored(model) -> str:
@@ -227,6 +239,12 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
         target = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(ev.device).eval()
         ev.scored_as[label] = str(target.dtype).removeprefix("torch.")
         lm = _wrap(cfg, ev, target)
+    elif is_searched_fusion(path):  # a second resident base with the exact fusion applied
+        from ..lm_eval_model import attach_searched_fusion
+
+        base = load_base_model(cfg.model, quantized=_quantized(cfg), device=ev.device)
+        ev.scored_as[label] = f"{ev.resident_as}, exact merge"
+        lm = _wrap(cfg, ev, attach_searched_fusion(base, path))
     else:
         ev.scored_as[label] = ev.resident_as
         if ev.keys:

@@ -177,7 +177,7 @@ def _write_result(cfg: RunConfig, fp: str, ctx: SearchContext, adapter_dirs: dic
     result = {"method": s.method, "objective": s.objective.type, "operator": s.operator,
               "granularity": s.granularity, "adapters": names, "best_weights": best["weights"],
               "best_score": best["score"], "best_per_dataset": best["per_dataset"],
-              "n_trials": len(trials), "n_pruned": pruned}
+              "n_trials": len(trials), "n_pruned": pruned, "seed": cfg.seed}
     if is_dense(s.operator):
         result["best_density"] = best["density"]
         result |= {f"best_{k}": best[k] for k in s.fixed_operator_params()}

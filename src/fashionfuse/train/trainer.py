@@ -33,6 +33,7 @@ from ..config import AdapterSpec, RunConfig, config_hash
 from ..console import progress_file
 from ..errors import UserError
 from ..examples import collate, load_records, token_losses, tokenize_records
+from .mixing import mix_examples
 from ..adapters.saved import fuse_adapters, load_saved_adapter, save_peft_adapter
 from ..plots import pyplot, save_figure
 from ..rundir import (
@@ -63,8 +64,11 @@ def train_fingerprint(cfg: RunConfig, name: str) -> str:
     adapters it is trained on top of (their contents)."""
     layout = RunLayout(cfg.run_dir)
     spec = cfg.adapter_spec(name)
+    adapter = spec.model_dump(mode="json")
+    if adapter["mix"] is None:
+        del adapter["mix"]  # unmixed adapters keep the fingerprint they had before `mix`
     return fingerprint({
-        "stage": "train", "adapter": spec.model_dump(mode="json"),
+        "stage": "train", "adapter": adapter,
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
         "training": cfg.training.model_dump(mode="json"), "seed": cfg.seed,
         "curated": {d: artifact_id(layout.curated(d)) for d in spec.datasets},
@@ -88,20 +92,27 @@ class TrainJob:
     splits: list[Path]
     steps_per_epoch: int
     total_steps: int
+    mix: dict | None = None  # per dataset, what it contributed (adapters[].mix)
 
 
 def resolve_job(cfg: RunConfig, name: str, tokenizer) -> TrainJob:
     """Read and tokenise the train splits of every dataset the adapter learns."""
     layout = RunLayout(cfg.run_dir)
     spec = cfg.adapter_spec(name)
-    examples, splits = [], []
+    per_dataset, splits = {}, []
     for dataset in spec.datasets:
         split = layout.curated(dataset) / "train.jsonl"
         if not split.exists():
             raise TrainingError(f"{split}: curated data missing, run `fashionfuse curate` first")
-        examples += tokenize_records(load_records(split), tokenizer, cfg.model.system_message,
-                                     cfg.model.max_input_len, cfg.model.chat_template)
+        per_dataset[dataset] = tokenize_records(load_records(split), tokenizer,
+                                                cfg.model.system_message, cfg.model.max_input_len,
+                                                cfg.model.chat_template)
         splits.append(split)
+    mix = None
+    if spec.mix is not None:
+        examples, mix = mix_examples(per_dataset, spec.mix, cfg.seed)
+    else:
+        examples = [e for dataset in spec.datasets for e in per_dataset[dataset]]
     if not examples:
         raise TrainingError(f"{', '.join(map(str, splits))}: no trainable examples")
     t = cfg.training
@@ -109,7 +120,7 @@ def resolve_job(cfg: RunConfig, name: str, tokenizer) -> TrainJob:
     return TrainJob(cfg, name, spec, train_fingerprint(cfg, name), layout.adapter(name),
                     layout.train_work(name), examples, [len(e["input_ids"]) for e in examples],
                     splits, per_epoch,
-                    t.max_steps or max(1, math.ceil(per_epoch * t.epochs)))
+                    t.max_steps or max(1, math.ceil(per_epoch * t.epochs)), mix)
 
 
 # --------------------------------------------------------------------------- setup
@@ -350,7 +361,7 @@ def _save_adapter(job: TrainJob, s: Session, tokenizer, metrics: dict) -> None:
                        inputs={str(p): artifact_id(p.parent) for p in job.splits},
                        seed=cfg.seed, metrics=metrics,
                        extra={"adapter": job.name, "datasets": spec.datasets,
-                              "on_top_of": spec.on_top_of,
+                              "on_top_of": spec.on_top_of, "mix": job.mix,
                               "quantization": quantization_record(s.model)},
                        content=["adapter_model.safetensors", "adapter_config.json"])
 

@@ -1,0 +1,63 @@
+"""`adapters[].mix`: one adapter's training tokens split between its datasets by share."""
+
+from __future__ import annotations
+
+import pytest
+
+from fashionfuse.train.mixing import mix_examples
+
+
+def _examples(tag: str, lengths: list[int]) -> list[dict]:
+    return [{"input_ids": [0] * n, "tag": tag, "i": i} for i, n in enumerate(lengths)]
+
+
+def test_shares_split_the_concatenations_token_budget():
+    big = _examples("big", [30] * 40)  # 1,200 tokens
+    small = _examples("small", [20] * 5)  # 100 tokens
+    mixed, record = mix_examples({"big": big, "small": small}, {"big": 1, "small": 1}, seed=3)
+    budget = 1300
+    for name, longest in (("big", 30), ("small", 20)):
+        r = record[name]
+        assert r["share"] == 0.5 and r["target_tokens"] == budget // 2
+        assert 0 <= r["tokens"] - r["target_tokens"] < longest
+        assert r["tokens"] == sum(len(e["input_ids"]) for e in mixed if e["tag"] == name)
+    assert record["small"]["passes"] == 7  # 650 tokens from a 100-token set: repeated
+    assert record["big"]["passes"] == 1 and record["big"]["examples"] == 22  # a subsample
+    # each pass over a dataset takes every example once before any repeats: no example of the
+    # small set is taken two times more often than another
+    from collections import Counter
+
+    counts = Counter(e["i"] for e in mixed if e["tag"] == "small")
+    assert len(counts) == 5 and max(counts.values()) - min(counts.values()) <= 1
+    # shuffled together: both datasets appear early, not one block after the other
+    assert {e["tag"] for e in mixed[:12]} == {"big", "small"}
+
+
+def test_mix_is_seeded_and_a_zero_share_drops_a_dataset():
+    data = {"a": _examples("a", [10, 12, 14, 16]), "b": _examples("b", [11, 13])}
+    one, rec = mix_examples(data, {"a": 2, "b": 1}, seed=1)
+    assert one == mix_examples(data, {"a": 2, "b": 1}, seed=1)[0]
+    assert one != mix_examples(data, {"a": 2, "b": 1}, seed=2)[0]
+    assert rec["a"]["share"] == pytest.approx(2 / 3, abs=1e-6)
+    none, rec = mix_examples(data, {"a": 1, "b": 0}, seed=1)
+    assert rec["b"]["examples"] == 0 and all(e["tag"] == "a" for e in none)
+
+
+def test_mix_must_name_the_adapters_datasets():
+    from pydantic import ValidationError
+
+    from fashionfuse.config import AdapterSpec
+
+    assert AdapterSpec(name="m", datasets=["a", "b"], mix={"a": 1, "b": 3}).mix == {"a": 1, "b": 3}
+    with pytest.raises(ValidationError, match="give a share for each of datasets"):
+        AdapterSpec(name="m", datasets=["a", "b"], mix={"a": 1})
+    with pytest.raises(ValidationError, match="must not all be 0"):
+        AdapterSpec(name="m", datasets=["a", "b"], mix={"a": 0, "b": 0})
+
+
+def test_mixed_ratio_reads_layer_wise_weights_as_their_block_mean():
+    from fashionfuse.ablate import adapter_mean_weights
+
+    weights = {"a@0": 1.0, "a@1": 3.0, "a": 0.5, "b@0": 2.0, "b@1": 2.0}
+    assert adapter_mean_weights(weights, ["a", "b"]) == {"a": 1.0, "b": 2.0}
+    assert adapter_mean_weights({"a": 0.3, "b": 0.7}, ["a", "b"]) == {"a": 0.3, "b": 0.7}
