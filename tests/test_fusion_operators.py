@@ -35,17 +35,22 @@ def _reference_trim(t, density):
     return torch.where(keep.view_as(t), t, torch.zeros_like(t))
 
 
-def _reference_ties(deltas, weights, density):
-    """TIES-merging (Yadav et al. 2023, Alg. 1) entry by entry: trim, elect, disjoint mean."""
-    trimmed = [_reference_trim(w * d, density) for w, d in zip(weights, deltas)]
-    out = torch.zeros_like(deltas[0])
+def _reference_disjoint_mean(taus):
+    """TIES' elect + disjoint mean entry by entry (Yadav et al. 2023, Alg. 1 steps 2-3)."""
+    out = torch.zeros_like(taus[0])
     for idx in range(out.numel()):
-        values = [float(t.flatten()[idx]) for t in trimmed]
+        values = [float(t.flatten()[idx]) for t in taus]
         total = sum(values)
         sign = (total > 0) - (total < 0)
         agreeing = [v for v in values if v != 0 and ((v > 0) - (v < 0)) == sign]
         out.view(-1)[idx] = sum(agreeing) / len(agreeing) if agreeing else 0.0
     return out
+
+
+def _reference_ties(deltas, weights, density):
+    """TIES-merging (Yadav et al. 2023, Alg. 1) entry by entry: trim, elect, disjoint mean."""
+    return _reference_disjoint_mean([_reference_trim(w * d, density)
+                                     for w, d in zip(weights, deltas)])
 
 
 @pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
@@ -82,18 +87,6 @@ def test_dare_is_drop_and_rescale():
     # unbiased: the mean over many masks approaches the delta
     mean = sum(dare.merge([deltas[0]], [1.0], density=keep, seeds=[s]) for s in range(300)) / 300
     assert (mean - deltas[0]).abs().mean() < 0.15 * deltas[0].abs().mean()
-
-
-def _reference_disjoint_mean(taus):
-    """TIES' elect + disjoint mean entry by entry (Yadav et al. 2023, Alg. 1 steps 2-3)."""
-    out = torch.zeros_like(taus[0])
-    for idx in range(out.numel()):
-        values = [float(t.flatten()[idx]) for t in taus]
-        total = sum(values)
-        sign = (total > 0) - (total < 0)
-        agreeing = [v for v in values if v != 0 and ((v > 0) - (v < 0)) == sign]
-        out.view(-1)[idx] = sum(agreeing) / len(agreeing) if agreeing else 0.0
-    return out
 
 
 def test_della_keep_probabilities_follow_the_magnitude_rank_in_each_row():

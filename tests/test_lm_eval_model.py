@@ -21,7 +21,8 @@ def test_registered_in_lm_evals_registry():
     assert get_model("hf").__name__ == "HFLM"  # lm-eval's own models still there
 
 
-def _cli(pipeline_run, tmp_path, model_args: str) -> dict:
+def run_cli(pipeline_run, tmp_path, model_args: str, **env) -> tuple[dict, str]:
+    """lm-eval's own CLI with the `fashionfuse` model on two demo tasks: (results, stderr)."""
     run = pipeline_run["run_dir"]
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fashionfuse.lm_eval_cli", "--model", "fashionfuse",
@@ -29,10 +30,14 @@ def _cli(pipeline_run, tmp_path, model_args: str) -> dict:
            "--tasks", "demo_colours,demo_opposites", "--include_path", str(run / "eval_tasks"),
            "--limit", "6", "--num_fewshot", "0", "--device", "cpu", "--batch_size", "8",
            "--output_path", str(out)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **env)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    return json.loads(next(out.rglob("results_*.json")).read_text())["results"], proc.stderr
+
+
+def _cli(pipeline_run, tmp_path, model_args: str) -> dict:
+    return run_cli(pipeline_run, tmp_path, model_args)[0]
 
 
 @pytest.mark.parametrize("row,args", [("base", ""), ("fused", ",peft={run}/search/fused"),

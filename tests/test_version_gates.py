@@ -6,9 +6,6 @@ results with the fast one."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -156,20 +153,13 @@ def test_lm_eval_public_path_is_plain_hflm_with_the_same_scores(tiny_model, publ
 def test_lm_eval_cli_on_public_paths_scores_like_fashionfuse_eval(pipeline_run, tmp_path):
     """lm-eval's own CLI with every fashionfuse shortcut off (lm-eval, PEFT, bitsandbytes public
     paths) scores the demo's fused adapter as `fashionfuse eval` (all shortcuts on) did."""
+    from .test_lm_eval_model import run_cli
+
     run = pipeline_run["run_dir"]
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "fashionfuse.lm_eval_cli", "--model", "fashionfuse",
-           "--model_args", f"pretrained={pipeline_run['model']},peft={run}/search/fused",
-           "--tasks", "demo_colours,demo_opposites", "--include_path", str(run / "eval_tasks"),
-           "--limit", "6", "--num_fewshot", "0", "--device", "cpu", "--batch_size", "8",
-           "--output_path", str(out)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               FASHIONFUSE_PUBLIC_PATHS="all")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs, stderr = run_cli(pipeline_run, tmp_path, f",peft={run}/search/fused",
+                             FASHIONFUSE_PUBLIC_PATHS="all")
     for library in ("lm-eval", "peft", "bitsandbytes"):
-        assert f"using {library}'s public path" in proc.stderr
-    theirs = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+        assert f"using {library}'s public path" in stderr
     ours = json.loads((run / "eval" / "fused" / "results.json").read_text())["results"]
     for task in ("demo_colours", "demo_opposites"):
         for metric in ("acc,none", "acc_norm,none"):
