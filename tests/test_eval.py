@@ -232,3 +232,32 @@ def test_logits_only_where_scored_match_full_logits(tiny_model):
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
     # each batch keeps its longest padding plus continuation: fewer positions than its length
     assert len(kept) == len(full) and all(k < f for k, f in zip(kept, full))
+
+
+def test_retention_block_scores_its_tasks_with_their_own_limit(pipeline_run, tmp_path):
+    """`eval.retention`: its tasks form the table's retention group, run with their own shots
+    and limit, and each model gets its retention minus the base's."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fashionfuse.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("eval*"))
+    res = CliRunner().invoke(app, ["eval", str(pipeline_run["config"]), "--set", f"run_dir={run}",
+                                   "--set", "eval.models=[base, fused]",
+                                   "--set", "eval.retention={tasks: [demo_sounds], limit: 3}"])
+    assert res.exit_code == 0, res.output
+    table = json.loads((run / "eval" / "table.json").read_text())
+    assert table["columns"] == ["demo_colours", "demo_opposites", "demo_sounds", "other",
+                                "retention", "average", "retention vs base"]
+    rows = {r["model"]: r for r in table["rows"]}
+    assert rows["base"]["retention vs base"] == 0.0
+    fused = rows["fused"]
+    assert fused["retention vs base"] == round(fused["retention"] - rows["base"]["retention"], 2)
+    assert fused["retention"] == fused["demo_sounds"]
+    assert fused["average"] == round((fused["other"] + fused["retention"]) / 2, 2)
+    results = json.loads((run / "eval" / "fused" / "results.json").read_text())
+    assert results["n-samples"]["demo_sounds"]["effective"] == 3  # its own limit
+    assert results["n-samples"]["demo_colours"]["effective"] > 3  # eval.limit (none) for the rest

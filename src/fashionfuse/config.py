@@ -468,6 +468,22 @@ class SearchConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- eval
+class RetentionConfig(_Strict):
+    """General-ability tasks scored for every model beside its skills: what a fine-tune or a
+    fusion costs the base (the table adds each model's retention minus the base's)."""
+
+    tasks: list[str] = Field(description="lm-eval task names (built in or under include_paths)")
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    limit: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="Examples per retention task (default: eval.limit)")
+
+    @model_validator(mode="after")
+    def _some_tasks(self) -> "RetentionConfig":
+        if not self.tasks:
+            raise ValueError("tasks must not be empty")
+        return self
+
+
 class EvalConfig(_Strict):
     preset: Literal["leaderboard_v1"] | None = Field(
         default=None, description="Task set with fixed shots and metrics (Open LLM Leaderboard v1)")
@@ -478,6 +494,9 @@ class EvalConfig(_Strict):
     skill_tasks: bool = Field(
         default=False, description="Also score each dataset's held-out test split (datasets[]."
         "test_fraction): the reference answer's per-token probability, a task per dataset")
+    retention: RetentionConfig | None = Field(
+        default=None, description="General-ability tasks in the table's retention group, with "
+        "their own shots and limit; the table adds `retention vs base`")
     num_fewshot: Annotated[int, Field(ge=0)] | None = None
     limit: Annotated[float, Field(gt=0)] | None = None
     batch_size: str | int = "auto"

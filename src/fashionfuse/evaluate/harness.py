@@ -41,7 +41,7 @@ from ..rundir import (
     write_text,
 )
 from .benchmarks import PREFIX, write_local_leaderboard_tasks
-from .presets import PRESETS, TaskSpec, custom_specs
+from .presets import PRESETS, RETENTION, TaskSpec, custom_specs
 from .skills import skill_specs, test_files, write_skill_tasks
 from .table import build_table, plot_table, to_csv, to_markdown
 
@@ -114,6 +114,9 @@ def task_specs(cfg: RunConfig) -> list[TaskSpec]:
     if cfg.eval.preset:
         specs += PRESETS[cfg.eval.preset](PREFIX if cfg.eval.benchmark_data else "")
     specs += custom_specs(list(cfg.eval.tasks), cfg.eval.num_fewshot)
+    keep = cfg.eval.retention
+    if keep is not None:
+        specs += [TaskSpec(t, keep.num_fewshot, "", t, RETENTION, keep.limit) for t in keep.tasks]
     if not specs:
         raise EvalError("eval: no tasks configured (set eval.preset, eval.tasks or eval.skill_tasks)")
     return specs
@@ -132,6 +135,15 @@ def _merge_results(parts: list[dict]) -> dict:
     return merged
 
 
+def _eval_settings(cfg: RunConfig) -> dict:
+    """The eval section as fingerprinted: an unset `retention` is left out, so runs from
+    before the field keep their fingerprints."""
+    settings = cfg.eval.model_dump(mode="json")
+    if settings.get("retention") is None:
+        settings.pop("retention", None)
+    return settings
+
+
 def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
     """Everything the scores depend on: eval section, base weights, the evaluated artifacts'
     contents, the benchmark files, the task YAMLs under include_paths and the task code."""
@@ -144,7 +156,7 @@ def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
         "benchmark_data": path_fingerprint(cfg.eval.benchmark_data) if cfg.eval.benchmark_data else None,
         "task_code": path_fingerprint(benchmarks.__file__),
         "include_paths": {p: path_fingerprint(p) for p in cfg.eval.include_paths},
-        "stage": "eval", "eval": cfg.eval.model_dump(mode="json"), "seed": cfg.seed,
+        "stage": "eval", "eval": _eval_settings(cfg), "seed": cfg.seed,
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
         "adapters": {k: artifact_id(v.parent if is_searched_fusion(v) else v)
                      or artifact_id(v.parent) for k, v in models.items() if v is not None},
@@ -157,7 +169,7 @@ class EvalSetup:
     adapter attached, and the data-parallel world."""
 
     specs: list[TaskSpec]
-    by_shots: dict[int | None, list[str]]  # tasks grouped by few-shot count (one call each)
+    by_shots: dict[tuple, list[str]]  # tasks by (few-shot count, own limit): one call each
     task_manager: object
     tokenizer: object
     model: object
@@ -166,18 +178,18 @@ class EvalSetup:
     rank: int
     world: int
     accelerator: object
-    task_sets: dict = field(default_factory=dict)  # few-shot count -> TaskSet, on first use
+    task_sets: dict = field(default_factory=dict)  # by_shots key -> TaskSet, on first use
     lm: object = None  # the HFLM around the resident model, shared by every model scored on it
     resident_as: str = ""  # the resident model's weights as scored (see _weights_as_scored)
     scored_as: dict[str, str] = field(default_factory=dict)  # label -> weights as scored
     tokens: dict[str, int] = field(default_factory=dict)  # label -> token positions run (rank's)
 
-    def tasks_for(self, shots: int | None, seed: int) -> TaskSet:
-        """The task set of one few-shot group, loaded once for every model."""
-        if shots not in self.task_sets:
-            self.task_sets[shots] = TaskSet(self.task_manager, self.by_shots[shots],
-                                            num_fewshot=shots, seed=seed)
-        return self.task_sets[shots]
+    def tasks_for(self, key: tuple, seed: int) -> TaskSet:
+        """The task set of one (few-shot count, limit) group, loaded once for every model."""
+        if key not in self.task_sets:
+            self.task_sets[key] = TaskSet(self.task_manager, self.by_shots[key],
+                                          num_fewshot=key[0], seed=seed)
+        return self.task_sets[key]
 
 
 def _setup(cfg: RunConfig, models: dict[str, Path | None]) -> EvalSetup:
@@ -193,9 +205,9 @@ def _setup(cfg: RunConfig, models: dict[str, Path | None]) -> EvalSetup:
     tokenizer = load_tokenizer(cfg.model)
     if cfg.eval.skill_tasks:
         include.append(str(write_skill_tasks(cfg, tokenizer, tasks_dir / "skills")))
-    by_shots: dict[int | None, list[str]] = {}
+    by_shots: dict[tuple, list[str]] = {}
     for spec in specs:
-        by_shots.setdefault(spec.num_fewshot, []).append(spec.task)
+        by_shots.setdefault((spec.num_fewshot, spec.limit), []).append(spec.task)
     device = str(accelerator.device) if accelerator is not None else default_device()
     base = load_base_model(cfg.model, quantized=_quantized(cfg), device=device)
     check_tokenizer_fits(base, tokenizer)
@@ -254,12 +266,13 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
         lm = ev.lm
     tokens_before = lm.tokens_through_model
     parts = []
-    for shots, names in ev.by_shots.items():
+    for (shots, own_limit), names in ev.by_shots.items():
         if ev.rank == 0:
             print(f"eval {label}: {len(names)} task(s), num_fewshot={shots}, processes={ev.world}, "
                   f"weights {ev.scored_as[label]}")
-        parts.append(ev.tasks_for(shots, cfg.seed).score(lm, limit=cfg.eval.limit,
-                                                         log_samples=cfg.eval.log_samples))
+        limit = own_limit if own_limit is not None else cfg.eval.limit
+        parts.append(ev.tasks_for((shots, own_limit), cfg.seed).score(
+            lm, limit=limit, log_samples=cfg.eval.log_samples))
     ev.tokens[label] = lm.tokens_through_model - tokens_before
     if ev.rank != 0:
         return None

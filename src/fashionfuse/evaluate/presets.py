@@ -26,6 +26,7 @@ class TaskSpec:
     metric: str  # key in lm-eval's results, e.g. "acc_norm,none"
     column: str
     group: str = ""
+    limit: float | None = None  # examples per task when not eval.limit (the retention block)
 
 
 def lm_eval_tasks_dir() -> Path:

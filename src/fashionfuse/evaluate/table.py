@@ -13,6 +13,10 @@ def _mean(values: list) -> float | None:
     return round(sum(scored) / len(scored), 2) if scored else None
 
 
+# each model's retention group mean minus the base's, in points (when both exist)
+RETENTION_DELTA = "retention vs base"
+
+
 def column_groups(specs: list) -> dict[str, list[str]]:
     """Group name -> its columns, when the specs fall into two groups or more (skill tasks and
     the retention preset, say; ungrouped columns form "other"); empty otherwise."""
@@ -58,14 +62,21 @@ def build_table(results_by_model: dict[str, dict], specs: list) -> dict:
             row[group] = _mean([row[c] for c in cols])
         row["average"] = _mean([row[g] for g in groups] if groups else [row[c] for c in columns])
         rows.append(row)
-    columns = [*columns, *groups, "average"]
+    summary = [*groups, "average"]
+    base = next((r for r in rows if r["model"] == "base"), None)
+    if "retention" in groups and base is not None and base["retention"] is not None:
+        for row in rows:  # what each model kept of the base's general ability
+            kept = row["retention"]
+            row[RETENTION_DELTA] = None if kept is None else round(kept - base["retention"], 2)
+        summary.append(RETENTION_DELTA)
+    columns = [*columns, *summary]
     best = {}
     for c in columns:
         vals = [(r[c], r["model"]) for r in rows if r[c] is not None]
         if vals:
             top = max(v for v, _ in vals)
             best[c] = [m for v, m in vals if v == top]
-    return {"columns": columns, "rows": rows, "best": best, "summary": [*groups, "average"]}
+    return {"columns": columns, "rows": rows, "best": best, "summary": summary}
 
 
 def to_markdown(table: dict) -> str:
