@@ -199,8 +199,9 @@ def check_fusion_variants(cfg: RunConfig, planned: list[FusionVariant]) -> None:
         if vcfg.search.method == "gradient" and not objective.differentiable:
             bad.append(f"{v.folder or 'searched'} (method gradient needs a differentiable "
                        f"objective, not {vcfg.search.objective.type})")
-    if "mixed_ratio" in cfg.ablate.variants and check_mixed_ratio(cfg):
-        bad.append(check_mixed_ratio(cfg))
+    why = check_mixed_ratio(cfg) if "mixed_ratio" in cfg.ablate.variants else None
+    if why:
+        bad.append(why)
     if bad:
         raise UserError(f"ablate: these variants cannot run with this config: {'; '.join(bad)}; "
                         "drop them from ablate.variants")

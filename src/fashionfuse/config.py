@@ -376,8 +376,9 @@ class SearchConfig(_Strict):
         "paper's; exact LoRA export), ties, dare, magnitude, della, breadcrumbs, knots_ties, "
         "knots_dare (dense; exported by truncated SVD)")
     density: Annotated[float, Field(gt=0, le=1)] | list[Annotated[float, Field(gt=0, le=1)]] = Field(
-        default=0.5, description="ties/magnitude: share of each delta's entries kept by "
-        "magnitude; dare: keep probability. A list is searched as one more dimension")
+        default=0.5, description="ties/magnitude/breadcrumbs/knots_ties: share of each delta's "
+        "entries kept by magnitude; dare/knots_dare: keep probability; della: mean keep "
+        "probability. A list is searched as one more dimension")
     operator_params: dict[str, Annotated[float, Field(ge=0, le=1)]
                           | list[Annotated[float, Field(ge=0, le=1)]]] = Field(
         default_factory=dict, description="The operator's other hyper-parameters (della: "

@@ -128,6 +128,13 @@ def fingerprint(parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def without_unset(settings: dict, added: tuple[str, ...]) -> dict:
+    """`settings` (a config section's dump) without the `added` fields that are unset (None or
+    empty): fields added to a section after artifacts were built keep those artifacts'
+    fingerprints until a field is actually used."""
+    return {k: v for k, v in settings.items() if not (k in added and not v)}
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

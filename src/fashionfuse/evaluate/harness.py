@@ -36,6 +36,7 @@ from ..rundir import (
     fingerprint,
     is_up_to_date,
     path_fingerprint,
+    without_unset,
     write_json,
     write_manifest,
     write_text,
@@ -135,15 +136,6 @@ def _merge_results(parts: list[dict]) -> dict:
     return merged
 
 
-def _eval_settings(cfg: RunConfig) -> dict:
-    """The eval section as fingerprinted: an unset `retention` is left out, so runs from
-    before the field keep their fingerprints."""
-    settings = cfg.eval.model_dump(mode="json")
-    if settings.get("retention") is None:
-        settings.pop("retention", None)
-    return settings
-
-
 def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
     """Everything the scores depend on: eval section, base weights, the evaluated artifacts'
     contents, the benchmark files, the task YAMLs under include_paths and the task code."""
@@ -156,7 +148,8 @@ def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
         "benchmark_data": path_fingerprint(cfg.eval.benchmark_data) if cfg.eval.benchmark_data else None,
         "task_code": path_fingerprint(benchmarks.__file__),
         "include_paths": {p: path_fingerprint(p) for p in cfg.eval.include_paths},
-        "stage": "eval", "eval": _eval_settings(cfg), "seed": cfg.seed,
+        "stage": "eval", "eval": without_unset(cfg.eval.model_dump(mode="json"), ("retention",)),
+        "seed": cfg.seed,
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
         "adapters": {k: artifact_id(v.parent if is_searched_fusion(v) else v)
                      or artifact_id(v.parent) for k, v in models.items() if v is not None},

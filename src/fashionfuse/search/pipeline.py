@@ -37,6 +37,7 @@ from ..rundir import (
     fingerprint,
     is_up_to_date,
     read_manifest,
+    without_unset,
     write_json,
     write_manifest,
 )
@@ -64,9 +65,9 @@ def search_settings(cfg: RunConfig) -> dict:
     `gradient_steps` changed."""
     method_only = {s for name in BUILTIN_METHODS for s in search_method(name).SETTINGS}
     own = set(getattr(search_method(cfg.search.method), "SETTINGS", method_only))
-    return {k: v for k, v in cfg.search.model_dump(mode="json").items()
-            if k not in OPERATIONAL and (k not in method_only or k in own)
-            and not (k == "operator_params" and not v)}  # unset: as before the field existed
+    settings = without_unset(cfg.search.model_dump(mode="json"), ("operator_params",))
+    return {k: v for k, v in settings.items()
+            if k not in OPERATIONAL and (k not in method_only or k in own)}
 
 
 def search_fingerprint(cfg: RunConfig) -> str:

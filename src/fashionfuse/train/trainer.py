@@ -43,6 +43,7 @@ from ..rundir import (
     fingerprint,
     is_up_to_date,
     read_manifest,
+    without_unset,
     write_json,
     write_manifest,
 )
@@ -64,11 +65,8 @@ def train_fingerprint(cfg: RunConfig, name: str) -> str:
     adapters it is trained on top of (their contents)."""
     layout = RunLayout(cfg.run_dir)
     spec = cfg.adapter_spec(name)
-    adapter = spec.model_dump(mode="json")
-    if adapter["mix"] is None:
-        del adapter["mix"]  # unmixed adapters keep the fingerprint they had before `mix`
     return fingerprint({
-        "stage": "train", "adapter": adapter,
+        "stage": "train", "adapter": without_unset(spec.model_dump(mode="json"), ("mix",)),
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
         "training": cfg.training.model_dump(mode="json"), "seed": cfg.seed,
         "curated": {d: artifact_id(layout.curated(d)) for d in spec.datasets},
