@@ -9,6 +9,7 @@ start-up included. The script first builds the demo adapters in runs/bench_eval 
     python scripts/bench_eval.py --prefix [--limit 20] [--compute-dtype float32]
     python scripts/bench_eval.py --prefix --model smollm2 [--limit 4] [--models "[base, fused]"]
     python scripts/bench_eval.py --batch-noise [--model smollm2]
+    python scripts/bench_eval.py --generate --model smollm2 [--limit 16] [--batch-size 16]
 
 Ends with `speedup_vs_separate: X` (separate seconds / one-command seconds).
 
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--batch-noise", action="store_true",
                         help="how far lm-eval's own float32 log-likelihoods move between batch "
                         "sizes 1 and 16, beside the shared route (ARC + HellaSwag, --limit)")
+    parser.add_argument("--generate", action="store_true",
+                        help="GSM8K 5-shot generation (--limit, default 16): lm-eval's default "
+                        "batch size 1 vs the fashionfuse class at --batch-size")
     parser.add_argument("--max-length", type=int, default=8192,
                         help="--prefix: eval.max_length (the demo model's own window, 512, cuts "
                         "ARC and HellaSwag prompts from the left, and cut rows are not shared; "
@@ -98,6 +102,9 @@ def main() -> None:
         return
     if args.batch_noise:
         batch_noise(args)
+        return
+    if args.generate:
+        generate(args)
         return
     ff = [sys.executable, "-m", "fashionfuse.cli"]
     common = ["--set", f"run_dir={RUN}", "--set", "eval.load_in_4bit=false",
@@ -227,6 +234,77 @@ def batch_noise(args) -> None:
     for a, b in itertools.combinations(scored, 2):
         diff = max(abs(x - y) for x, y in zip(scored[a], scored[b]))
         print(f"max_loglikelihood_difference_{a}_vs_{b}: {diff:.2e}")
+
+
+def _local_gsm8k(benchmarks: Path, out: Path) -> Path:
+    """lm-eval's own gsm8k task (its YAML included: prompt, stop sequences, filters, metric)
+    on the local GSM8K test file, 5-shot from the local train file."""
+    import lm_eval
+
+    train = benchmarks.parent / "raw" / "gsm8k_train.jsonl"
+    test = benchmarks / "gsm8k" / "test.jsonl"
+    for f in (train, test):
+        if not f.is_file():
+            sys.exit(f"--generate needs {f} (../shared)")
+    own = Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "local_gsm8k.yaml").write_text(
+        f"include: {own}\ntask: local_gsm8k\ntag: []\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    train: {train}\n    test: {test}\n")
+    return out
+
+
+def generate(args) -> None:
+    """GSM8K 5-shot (lm-eval's generate_until task) on SmolLM2 (or the demo model), float32:
+    lm-eval's default (HFLM, batch size 1) against the class `fashionfuse eval` uses at
+    `--batch-size` (HFLM's batched generation: left padding, KV cache, stop sequences as
+    stopping criteria): seconds, identical outputs, strict-match exact match of each."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fashionfuse.config import ModelConfig
+    from fashionfuse.gguf_base import checkpoint_dir
+    from fashionfuse.lm_eval_run import task_manager, wrap_model
+
+    if args.model == "smollm2":
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from fetch_smollm2 import fetch_gguf
+
+        model_dir = checkpoint_dir(ModelConfig(base=str(fetch_gguf())))
+    else:
+        model_dir = str(ROOT / "data" / "tiny-llama")
+    limit = args.limit or 16
+    include = _local_gsm8k(args.benchmarks, RUN / "gsm8k_task")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    task = task_manager([str(include)], []).load(["local_gsm8k"])["tasks"]["local_gsm8k"]
+    task.set_fewshot_seed(seed=1234)
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    requests = list(task.instances)
+    runs = {}
+    for label, lm in (("lm_eval_default_batch1", HFLM(pretrained=model, tokenizer=tokenizer,
+                                                      batch_size=1)),
+                      (f"fashionfuse_batch{args.batch_size}",
+                       wrap_model(model, tokenizer, args.batch_size))):
+        lm.generate_until(requests[:1], disable_tqdm=True)  # warm-up, untimed
+        t0 = time.perf_counter()
+        texts = lm.generate_until(requests, disable_tqdm=True)
+        seconds = time.perf_counter() - t0
+        for inst, text in zip(requests, texts):
+            inst.resps = [text]
+        task.apply_filters()
+        correct = [task.process_results(inst.doc, [inst.filtered_resps["strict-match"]])
+                   ["exact_match"] for inst in requests]
+        runs[label] = (seconds, texts, sum(correct))
+        print(f"{label}: {seconds:.1f} s, strict-match exact match {sum(correct)}/{len(requests)}")
+    (slow, ref, _), (fast, ours, _) = runs.values()
+    gen_tokens = sum(len(tokenizer(t)["input_ids"]) for t in ref)
+    same = sum(a == b for a, b in zip(ref, ours))
+    print(f"items: {len(requests)} ({args.model}, GSM8K 5-shot, float32), generated tokens "
+          f"(batch 1): {gen_tokens}")
+    print(f"identical_outputs: {same}/{len(requests)}")
+    print(f"generate_speedup_vs_lm_eval_default: {slow / fast:.2f}")
 
 
 def shared_prefix(args, env: dict) -> None:

@@ -74,11 +74,14 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
                            "V1 fusion, searched (grid)", "fusion, learned (gradient)",
                            "fusion, layer-wise learned (gradient)",
                            "fusion, layer-wise x grid multiplier"]
-    for k, op in enumerate(("TIES", "DARE", "magnitude")):  # exact merge, then its SVD export
+    dense = {"TIES": "density 0.5", "DARE": "density 0.5", "magnitude": "density 0.5",
+             "DELLA": "density 0.5, epsilon 0.1", "Breadcrumbs": "density 0.5, gamma 0.01",
+             "KnOTS-TIES": "density 0.5", "KnOTS-DARE": "density 0.5"}
+    for k, (op, params) in enumerate(dense.items()):  # exact merge, then its SVD export
         exact, svd = labels[12 + 2 * k:14 + 2 * k]
-        assert exact == f"fusion, {op} (grid, density 0.5; exact merge)"
-        assert svd.startswith(f"fusion, {op} (grid, density 0.5; SVD rank ")
-    assert len(labels) == 18
+        assert exact == f"fusion, {op} (grid, {params}; exact merge)"
+        assert svd.startswith(f"fusion, {op} (grid, {params}; SVD rank ")
+    assert len(labels) == 12 + 2 * len(dense)
     layer = json.loads((run / "ablate" / "layerwise" / "search" / "best.json").read_text())
     assert layer["granularity"] == "layer" and set(layer["best_weights"]) == {
         f"{n}@{b}" for n in ("chat", "orca") for b in (0, 1)}
@@ -86,7 +89,7 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
     assert {k: refined["best_weights"][k] for k in layer["best_weights"]} == layer["best_weights"]
     assert refined["n_trials"] == 9  # multipliers {0.5, 1, 1.5} for each of 2 adapters
     assert refined["best_score"] <= layer["best_score"] + 1e-9  # the learned point is a candidate
-    for op in ("ties", "dare", "magnitude"):
+    for op in ("ties", "dare", "magnitude", "della", "breadcrumbs", "knots_ties", "knots_dare"):
         best = json.loads((run / "ablate" / op / "search" / "best.json").read_text())
         assert best["operator"] == op and best["n_trials"] == 4
         assert (run / "ablate" / op / "search" / "fused" / "svd_report.json").is_file()

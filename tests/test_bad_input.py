@@ -126,6 +126,8 @@ BAD_CONFIGS = [
     ("bad_halving", {"search.halving_fractions": [0.5, 0.8]}, "halving_fractions"),
     ("unknown_search_adapter", {"search.adapters": ["nope"]}, "search.adapters: unknown names"),
     ("lm_eval_without_tasks", {"search.objective.type": "lm_eval"}, "needs tasks"),
+    ("retention_on_val_loss", {"search.objective.retention": {"tasks": ["x"]}},
+     "search.objective: Value error, retention: a term of the lm_eval and mix objectives"),
     ("data_without_preset", {"eval.benchmark_data": "/tmp"}, "only used with a preset"),
     ("validation_fraction_out_of_range", {"datasets.0.validation_fraction": 1.5},
      "datasets.0.validation_fraction"),

@@ -250,14 +250,14 @@ def test_retention_block_scores_its_tasks_with_their_own_limit(pipeline_run, tmp
                                    "--set", "eval.retention={tasks: [demo_sounds], limit: 3}"])
     assert res.exit_code == 0, res.output
     table = json.loads((run / "eval" / "table.json").read_text())
-    assert table["columns"] == ["demo_colours", "demo_opposites", "demo_sounds", "other",
+    assert table["columns"] == ["demo_colours", "demo_opposites", "demo_sounds", "skill",
                                 "retention", "average", "retention vs base"]
     rows = {r["model"]: r for r in table["rows"]}
     assert rows["base"]["retention vs base"] == 0.0
     fused = rows["fused"]
     assert fused["retention vs base"] == round(fused["retention"] - rows["base"]["retention"], 2)
     assert fused["retention"] == fused["demo_sounds"]
-    assert fused["average"] == round((fused["other"] + fused["retention"]) / 2, 2)
+    assert fused["average"] == round((fused["skill"] + fused["retention"]) / 2, 2)
     results = json.loads((run / "eval" / "fused" / "results.json").read_text())
     assert results["n-samples"]["demo_sounds"]["effective"] == 3  # its own limit
     assert results["n-samples"]["demo_colours"]["effective"] > 3  # eval.limit (none) for the rest

@@ -75,6 +75,56 @@ def test_report_opens_in_a_headless_browser(report_run, tmp_path):
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
 
 
+# measures the laid-out page once it has loaded and writes the figures into the DOM, where
+# --dump-dom returns them
+_LAYOUT_PROBE = """<script>
+window.addEventListener('load', () => {
+  const body = document.body.getBoundingClientRect(), style = getComputedStyle(document.body);
+  const content = body.width - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  const imgs = [...document.images].map(i => ({w: i.getBoundingClientRect().width,
+                                               natural: i.naturalWidth}));
+  const tables = [...document.querySelectorAll('table')].map(t => ({
+    w: t.getBoundingClientRect().width, scroll: t.scrollWidth}));
+  const out = {viewport: window.innerWidth, page: document.documentElement.scrollWidth,
+               left: body.left + parseFloat(style.paddingLeft), content, imgs, tables};
+  const pre = document.createElement('pre');
+  pre.id = 'layout'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless Chromium here (.ci/run installs it)")
+@pytest.mark.parametrize("width", [1400, 520])  # Chromium windows are 500 wide at least
+def test_report_layout_keeps_margins_and_fits_the_window(report_run, tmp_path, width):
+    """Laid out by Chromium at a desktop and a phone width: the text column is at most 62rem
+    with side margins, nothing widens the page (wide tables scroll in their own box), and every
+    chart is decoded and scaled to the column, at least half its width."""
+    import json
+
+    page = (report_run / "report.html").read_text().replace("</body>", _LAYOUT_PROBE + "</body>")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'p'}",
+             f"--window-size={width},900", "--virtual-time-budget=10000"]
+    dom = subprocess.run([_browser(), *flags, "--dump-dom", probe.as_uri()], capture_output=True,
+                         text=True, timeout=120)
+    found = re.search(r'<pre id="layout">(.*?)</pre>', dom.stdout)
+    assert found, dom.stderr[-2000:]
+    layout = json.loads(found.group(1).replace("&quot;", '"'))
+    assert layout["viewport"] == width
+    assert layout["page"] <= width  # no horizontal scroll of the page itself
+    assert 16 <= layout["left"]  # a margin on the left at every width
+    assert layout["content"] <= 62 * 16 + 1  # 62rem text column on a wide screen
+    assert width - layout["left"] - layout["content"] >= 16  # and on the right
+    charts = [i for i in layout["imgs"] if i["natural"]]
+    assert len(charts) == len(layout["imgs"]) >= 4  # every image decoded
+    for img in charts:
+        assert layout["content"] / 2 <= img["w"] <= layout["content"] + 0.5
+    for table in layout["tables"]:
+        assert table["w"] <= layout["content"] + 0.5  # a wide table scrolls inside its box
+
+
 def test_tensorboard_event_files_load_with_tensorboards_reader(pipeline_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -231,6 +231,38 @@ def test_lm_eval_objective_scores_candidates_on_a_validation_task(pipeline_run, 
     assert result["best_score"] == min(t["score"] for t in trials)
 
 
+def test_mix_objective_with_a_retention_term(pipeline_run, tmp_path, demo_data):
+    """`mix` with `retention`: each candidate's score is (1 - mix_weight) * validation loss -
+    mix_weight * task accuracy - retention.weight * retention accuracy, the retention task
+    scored with its own limit; the term enters the search's fingerprint only when set."""
+    from fashionfuse.search.pipeline import search_fingerprint
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval*"))
+    tasks = _validation_task(tmp_path / "tasks", demo_data["tasks"] / "demo_colours.jsonl")
+    (tasks / "dev_filler.yaml").write_text(
+        "task: dev_filler\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    validation: {demo_data['tasks'] / 'demo_filler.jsonl'}\n"
+        "validation_split: validation\noutput_type: multiple_choice\n"
+        "doc_to_text: \"{{question}}\"\ndoc_to_target: answer\n"
+        "doc_to_choice: \"{{choices}}\"\nmetric_list:\n  - metric: acc\n")
+    base = [f"run_dir={run}", "search.objective.type=mix", "search.objective.tasks=[dev_colours]",
+            f"search.objective.include_paths=[{tasks}]", "search.objective.limit=8",
+            "search.objective.mix_weight=0.4"]
+    cfg = load_config(pipeline_run["config"], base + [
+        "search.objective.retention={tasks: [dev_filler], weight: 0.25, limit: 5}"])
+    assert search_fingerprint(cfg) != search_fingerprint(load_config(pipeline_run["config"], base))
+    search_weights(cfg)
+    trials = json.loads((run / "search" / "trials.json").read_text())
+    assert len(trials) == 4
+    for t in trials:
+        per = t["per_dataset"]
+        val = (per["chat"] + per["orca"]) / 2
+        ret = per["retention:dev_filler"]
+        assert ret in {k / 5 for k in range(6)}  # its own limit: 5 items
+        assert t["score"] == pytest.approx(0.6 * val - 0.4 * per["task:dev_colours"] - 0.25 * ret)
+
+
 def test_tuning_on_a_test_split_is_refused(pipeline_run, tmp_path, demo_data):
     run = tmp_path / "run"
     shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("search*", "eval*"))

@@ -14,9 +14,9 @@ From one config it builds, reusing every artifact already built, and scores with
           fusion with gradient-learned weights     ablate/gradient/search/fused
           layer-wise learned weights               ablate/layerwise/search/fused
           those x a per-adapter grid multiplier    ablate/layerwise-refined/search/fused
-          TIES / DARE / magnitude merges, searched ablate/<operator>/search/best.json (exact: the
-                                                   merged deltas on the base, as searched) and
-                                                   ablate/<operator>/search/fused (SVD export)
+          TIES / DARE / magnitude / DELLA /        ablate/<operator>/search/best.json (exact: the
+          Breadcrumbs / KnOTS-TIES / KnOTS-DARE    merged deltas on the base, as searched) and
+          merges, searched                         ablate/<operator>/search/fused (SVD export)
 
 The fixed-weight fusions are one-candidate grid searches, so they are fingerprinted, cached and
 scored on the validation data like the search. Each variant's run dir under `ablate/` links the
@@ -34,7 +34,7 @@ from pathlib import Path
 from .config import RunConfig
 from .errors import UserError
 from .evaluate.table import plot_table, to_csv, to_markdown
-from .fusion import is_dense
+from .fusion import OPERATORS, is_dense
 from .rundir import RunLayout, link_shared, write_json, write_text
 
 ALL_DATA = "ablate-all-datasets"
@@ -42,6 +42,10 @@ MIX_BALANCED, MIX_RATIO = "ablate-mix-balanced", "ablate-mix-ratio"
 # per-adapter multipliers tried on learned layer weights: the learned point itself (all 1) is a
 # candidate, so the refinement can only improve on it
 REFINE_MULTIPLIERS = [0.5, 1.0, 1.5]
+# the dense-operator variants, in table order, with their labels
+DENSE_LABELS = {"ties": "TIES", "dare": "DARE", "magnitude": "magnitude", "della": "DELLA",
+                "breadcrumbs": "Breadcrumbs", "knots_ties": "KnOTS-TIES",
+                "knots_dare": "KnOTS-DARE"}
 _PLAIN_SUM = {"operator": "sum", "granularity": "adapter", "layer_weights_from": None}
 
 
@@ -173,10 +177,12 @@ def fusion_variants(cfg: RunConfig) -> list[FusionVariant]:
                                       layer_weights_from=str(best),
                                       grid_values=REFINE_MULTIPLIERS)))
     method = "grid" if cfg.search.method == "gradient" else cfg.search.method
-    out += [FusionVariant(op, op.upper() if op != "magnitude" else op,
+    out += [FusionVariant(op, label,
                           dict(plain, method=method, operator=op, granularity="adapter",
-                               layer_weights_from=None))
-            for op in ("ties", "dare", "magnitude") if op in variants]
+                               layer_weights_from=None,
+                               operator_params={k: v for k, v in cfg.search.operator_params.items()
+                                                if k in OPERATORS[op].params}))
+            for op, label in DENSE_LABELS.items() if op in variants]
     return out
 
 
@@ -224,7 +230,9 @@ def _fusions(cfg: RunConfig, planned: list[FusionVariant], force: bool) -> dict[
         # a dense merge: scored exactly (the merged deltas on the resident base, as the search
         # scored it), with its exported SVD adapter beside it
         svd = json.loads((fused / "svd_report.json").read_text())
-        head = f"fusion, {v.label} ({v.search['method']}, density {best['best_density']:g}"
+        params = "".join(f", {k} {best[f'best_{k}']:g}" for k in OPERATORS[v.search["operator"]].params
+                         if f"best_{k}" in best)
+        head = f"fusion, {v.label} ({v.search['method']}{params}"
         out[f"{head}; exact merge)"] = RunLayout(vcfg.run_dir).search / "best.json"
         out[f"{head}; SVD rank {svd['rank']}, error {100 * svd['relative_error']:.1f}%)"] = fused
     return out

@@ -306,6 +306,25 @@ def _registered(kind: str):
     return AfterValidator(check)
 
 
+class ObjectiveRetention(_Strict):
+    """A retention term of the lm_eval and mix objectives: general-ability tasks scored for
+    every candidate, their mean headline metric times `weight` subtracted from the score."""
+
+    tasks: list[str] = Field(description="lm-eval task names (built in or under include_paths)")
+    weight: Annotated[float, Field(ge=0)] = Field(
+        default=0.5, description="How much one point of mean retention accuracy counts against "
+        "one point of the objective's own term")
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    limit: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="Examples per retention task (default: objective.limit)")
+
+    @model_validator(mode="after")
+    def _some_tasks(self) -> "ObjectiveRetention":
+        if not self.tasks:
+            raise ValueError("tasks must not be empty")
+        return self
+
+
 class ObjectiveConfig(_Strict):
     type: Annotated[str, _registered("objective")] = Field(
         default="val_loss", description="val_loss, lm_eval, mix, or a registered plugin")
@@ -322,11 +341,18 @@ class ObjectiveConfig(_Strict):
     dataset_weights: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
         default=None, description="Weight of each dataset's loss in the mean (default: equal)")
     max_samples_per_dataset: Annotated[int, Field(gt=0)] | None = None
+    retention: ObjectiveRetention | None = Field(
+        default=None, description="lm_eval, mix: {tasks, weight, num_fewshot, limit}: "
+        "general-ability tasks whose mean headline metric, times weight, is subtracted from "
+        "the score, so the search trades skill against what the fusion costs the base")
 
     @model_validator(mode="after")
     def _tasks_needed(self) -> "ObjectiveConfig":
         if self.type in ("lm_eval", "mix") and not self.tasks:
             raise ValueError(f"type {self.type} needs tasks")
+        if self.retention is not None and self.type not in ("lm_eval", "mix"):
+            raise ValueError(f"retention: a term of the lm_eval and mix objectives, not of "
+                             f"{self.type} (use type mix to add it to the validation loss)")
         return self
 
 
@@ -524,7 +550,8 @@ class EvalConfig(_Strict):
 # --------------------------------------------------------------------------- ablation
 ABLATION_VARIANTS = ("per_dataset", "fused_dataset", "mixed_balanced", "mixed_ratio",
                      "sequential", "weights_one", "uniform", "searched", "gradient", "layerwise",
-                     "layerwise_refined", "ties", "dare", "magnitude")
+                     "layerwise_refined", "ties", "dare", "magnitude", "della", "breadcrumbs",
+                     "knots_ties", "knots_dare")
 
 
 class AblateConfig(_Strict):
@@ -537,7 +564,9 @@ class AblateConfig(_Strict):
         "proportional to the searched fusion weights), sequential (V0.4), "
         "weights_one (V0.5), uniform (1/n), searched (V1, search.method), gradient (learned), "
         "layerwise (learned per block), layerwise_refined (those times a grid multiplier per "
-        "adapter), ties / dare / magnitude (search.method's search with that operator)")
+        "adapter), ties / dare / magnitude / della / breadcrumbs / knots_ties / knots_dare "
+        "(search.method's search with that operator; search.operator_params that the operator "
+        "declares carry over)")
     sequential_order: list[str] | None = Field(
         default=None, description="Dataset order of the sequential variant (default: datasets)")
 

@@ -196,16 +196,62 @@ metadata:
 """
 
 
+def _retention_items(rng: random.Random) -> list[dict]:
+    """The base model's general ability, as far as a demo base has one: finishing the filler
+    sentences of its pretraining text. Each sentence with its last 2-5 words to choose: its own,
+    or the last as many words of three other filler sentences."""
+    items = []
+    for i, sentence in enumerate(FILLER):
+        words = sentence.split()
+        for n in range(2, 6):
+            cut = len(words) - n
+            right = " ".join(words[cut:])
+            rests = [" ".join(f.split()[-n:]) for j, f in enumerate(FILLER)
+                     if j != i and len(f.split()) > n]
+            keys = rng.sample([r for r in dict.fromkeys(rests) if r != right], 3) + [right]
+            rng.shuffle(keys)
+            items.append({"question": " ".join(words[:cut]), "choices": keys,
+                          "answer": keys.index(right)})
+    return items
+
+
+_RETENTION_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_target: answer
+doc_to_choice: "{{{{choices}}}}"
+target_delimiter: " "
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+RETENTION_TASK = "demo_filler"
+
+
 def write_eval_tasks(out_dir: Path, seed: int = 0) -> list[str]:
-    """Write local lm-eval multiple-choice tasks (YAML + JSONL) over the demo facts."""
+    """Write local lm-eval multiple-choice tasks (YAML + JSONL): one per demo skill over the
+    demo facts, and `demo_filler`, a retention task over the base's own pretraining text (plain
+    sentences, no chat format)."""
     rng = random.Random(seed + 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = []
-    for task, rows in _mc_items(rng).items():
+    tasks = [(task, rows, _TASK_YAML) for task, rows in _mc_items(rng).items()]
+    tasks.append((RETENTION_TASK, _retention_items(random.Random(seed + 3)), _RETENTION_YAML))
+    for task, rows, template in tasks:
         data = out_dir / f"{task}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (out_dir / f"{task}.yaml").write_text(
-            _TASK_YAML.format(task=task, data_file=data.name))
+        (out_dir / f"{task}.yaml").write_text(template.format(task=task, data_file=data.name))
         names.append(task)
     return names
 

@@ -168,9 +168,11 @@ def _provenance(page: _Page, layout: RunLayout) -> None:
 
 
 # a readable column: at most ~100 characters a line, margins on narrow windows, wide tables
-# scrolling inside their own box instead of widening the page, figures no wider than the text
+# scrolling inside their own box instead of widening the page, figures no wider than the text,
+# long paths in headings and text broken anywhere rather than pushing the page wider
 CSS = ("body{font-family:system-ui,sans-serif;max-width:62rem;margin:2em auto;padding:0 1.5rem;"
        "line-height:1.5;color:#222}h2{margin-top:2em;border-bottom:1px solid #ddd}"
+       "h1,h2,h3,p,li{overflow-wrap:anywhere}"
        "table{border-collapse:collapse;margin:1em 0;display:block;overflow-x:auto;"
        "max-width:100%;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
        "text-align:right;white-space:nowrap}td:first-child,th:first-child{text-align:left}"

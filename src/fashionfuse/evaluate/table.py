@@ -19,10 +19,13 @@ RETENTION_DELTA = "retention vs base"
 
 def column_groups(specs: list) -> dict[str, list[str]]:
     """Group name -> its columns, when the specs fall into two groups or more (skill tasks and
-    the retention preset, say; ungrouped columns form "other"); empty otherwise."""
+    the retention preset, say); empty otherwise. Ungrouped columns (the user's own tasks) form
+    "skill" beside a retention group alone, else "other"."""
+    named = {s.group for s in specs if s.group}
+    ungrouped = "skill" if named == {"retention"} else "other"
     groups: dict[str, list[str]] = {}
     for s in specs:
-        cols = groups.setdefault(s.group or "other", [])
+        cols = groups.setdefault(s.group or ungrouped, [])
         if s.column not in cols:
             cols.append(s.column)
     return groups if len(groups) > 1 else {}

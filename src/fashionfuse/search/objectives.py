@@ -87,22 +87,28 @@ class ValidationLoss:
 
 class TaskScores:
     """Headline metric of each lm-eval task on the resident model (higher is better), run in
-    memory through `lm_eval_run`. Tasks scored on their test split are refused unless
-    `allow_test_split` is set."""
+    memory through `lm_eval_run`: `objective.tasks`, or with `retention` the objective's
+    retention tasks with their own shots and limit. Tasks scored on their test split are
+    refused unless `allow_test_split` is set."""
 
-    def __init__(self, cfg: RunConfig, tokenizer):
+    def __init__(self, cfg: RunConfig, tokenizer, retention: bool = False):
         from ..lm_eval_run import prepare_include_paths, task_manager
 
         obj = cfg.search.objective
+        term = obj.retention if retention else None
+        tasks = list(term.tasks if term else obj.tasks)
+        field = "search.objective.retention.tasks" if term else "search.objective.tasks"
         include = prepare_include_paths(obj.include_paths, RunLayout(cfg.run_dir).root / "search_tasks")
-        self.task_manager = task_manager(include, list(obj.tasks))
-        self.tasks, self.tokenizer, self.obj, self.seed = list(obj.tasks), tokenizer, obj, cfg.seed
+        self.task_manager = task_manager(include, tasks)
+        self.tasks, self.tokenizer, self.seed = tasks, tokenizer, cfg.seed
+        self.num_fewshot = term.num_fewshot if term else obj.num_fewshot
+        self.limit = term.limit if term and term.limit is not None else obj.limit
         self.batch_size = cfg.search.batch_size
         self.task_set, self.lm = None, None
         for name, task in self.task_manager.load(list(self.tasks))["tasks"].items():
             if task.has_test_docs() and not obj.allow_test_split:
                 raise UserError(
-                    f"search.objective.tasks: {name} is scored on its test split "
+                    f"{field}: {name} is scored on its test split "
                     f"({task.config.test_split!r}); tuning weights on test data is refused "
                     "(use a validation split, or set search.objective.allow_test_split: true)")
 
@@ -112,11 +118,11 @@ class TaskScores:
         from ..lm_eval_run import TaskSet, headline_metric, wrap_model
 
         if self.task_set is None:
-            self.task_set = TaskSet(self.task_manager, self.tasks, num_fewshot=self.obj.num_fewshot,
+            self.task_set = TaskSet(self.task_manager, self.tasks, num_fewshot=self.num_fewshot,
                                     seed=self.seed)
         if self.lm is None or self.lm.model is not model:
             self.lm = wrap_model(model, self.tokenizer, self.batch_size)
-        res = self.task_set.score(self.lm, limit=self.obj.limit)
+        res = self.task_set.score(self.lm, limit=self.limit)
         out = {}
         for t in self.tasks:
             hm = headline_metric(res["results"].get(t, {}))
@@ -154,36 +160,65 @@ class ValLossObjective:
         return {"per_dataset": per, "score": self.data.combine(per)}
 
 
+class RetentionTerm:
+    """`objective.retention`: minus `weight` times the mean headline metric of the retention
+    tasks, with each task's score kept as `retention:<task>`."""
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        self.tasks = TaskScores(cfg, tokenizer, retention=True)
+        self.weight = cfg.search.objective.retention.weight
+
+    def score(self, model) -> tuple[dict[str, float], float]:
+        """Per-task scores and the term added to the objective's score."""
+        scores = self.tasks.score(model)
+        mean = sum(scores.values()) / max(len(scores), 1)
+        return {f"retention:{k}": v for k, v in scores.items()}, -self.weight * mean
+
+
+def _with_retention(out: dict, term: RetentionTerm | None, model) -> dict:
+    if term is None:
+        return out
+    per, added = term.score(model)
+    return {"per_dataset": {**out["per_dataset"], **per}, "score": out["score"] + added}
+
+
 class LmEvalObjective:
-    """`lm_eval`: minus the mean headline metric of `objective.tasks`."""
+    """`lm_eval`: minus the mean headline metric of `objective.tasks` (minus the retention
+    term's weighted mean, when one is set)."""
 
     differentiable = False
 
     def __init__(self, cfg: RunConfig, tokenizer, device: str):
         self.tasks = TaskScores(cfg, tokenizer)
+        self.retention = RetentionTerm(cfg, tokenizer) if cfg.search.objective.retention else None
 
     def score(self, model, trial=None) -> dict:
         tasks = self.tasks.score(model)
-        return {"per_dataset": {f"task:{k}": v for k, v in tasks.items()},
-                "score": -sum(tasks.values()) / max(len(tasks), 1)}
+        return _with_retention({"per_dataset": {f"task:{k}": v for k, v in tasks.items()},
+                                "score": -sum(tasks.values()) / max(len(tasks), 1)},
+                               self.retention, model)
 
 
 class MixObjective:
-    """`mix`: `(1 - mix_weight) * val_loss - mix_weight * mean task accuracy`."""
+    """`mix`: `(1 - mix_weight) * val_loss - mix_weight * mean task accuracy` (minus the
+    retention term's weighted mean, when one is set)."""
 
     differentiable = False
 
     def __init__(self, cfg: RunConfig, tokenizer, device: str):
         self.data = ValidationLoss.from_config(cfg, tokenizer, device)
         self.tasks = TaskScores(cfg, tokenizer)
+        self.retention = RetentionTerm(cfg, tokenizer) if cfg.search.objective.retention else None
         self.mix = cfg.search.objective.mix_weight
 
     def score(self, model, trial=None) -> dict:
         per = self.data.per_dataset(model)
         tasks = self.tasks.score(model)
         accuracy = sum(tasks.values()) / max(len(tasks), 1)
-        return {"per_dataset": {**per, **{f"task:{k}": v for k, v in tasks.items()}},
-                "score": (1 - self.mix) * self.data.combine(per) - self.mix * accuracy}
+        return _with_retention(
+            {"per_dataset": {**per, **{f"task:{k}": v for k, v in tasks.items()}},
+             "score": (1 - self.mix) * self.data.combine(per) - self.mix * accuracy},
+            self.retention, model)
 
 
 def build_objective(cfg: RunConfig, tokenizer, device: str):

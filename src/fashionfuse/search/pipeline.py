@@ -66,6 +66,7 @@ def search_settings(cfg: RunConfig) -> dict:
     method_only = {s for name in BUILTIN_METHODS for s in search_method(name).SETTINGS}
     own = set(getattr(search_method(cfg.search.method), "SETTINGS", method_only))
     settings = without_unset(cfg.search.model_dump(mode="json"), ("operator_params",))
+    settings["objective"] = without_unset(settings["objective"], ("retention",))
     return {k: v for k, v in settings.items()
             if k not in OPERATIONAL and (k not in method_only or k in own)}
 
