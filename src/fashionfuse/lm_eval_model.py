@@ -15,9 +15,11 @@ What it adds to HFLM, each with the same scores as HFLM's own path (the tests co
     - `batch_size: auto` bounded by memory and found once per row length;
     - requests that share a token prefix scored with one pass over it (`shared_context.py`);
     - data parallelism on CPU too (rank, world size and accelerator in the constructor);
+    - greedy `generate_until` batches that drop each row as it finishes
+      (`greedy_generation.py`; sampling, beams and logits processors go to `generate`);
     - `tokens_through_model`, the token positions (padding included) the model ran.
-Its overrides are HFLM's methods `_model_call`, `_loglikelihood_tokens` and
-`_detect_batch_size`; the rank, world size and accelerator are HFLM's attributes of the same
+Its overrides are HFLM's methods `_model_call`, `_loglikelihood_tokens`, `_model_generate`
+and `_detect_batch_size`; the rank, world size and accelerator are HFLM's attributes of the same
 names (HFLM sets them only for several GPUs). For several models scored on one task set
 (`lm_eval_run.TaskSet`) it also renders each task's prompts once (`build_all_requests`, the
 task's `_instances`) and tokenises each request once (HFLM's `_encode_pair`).
@@ -45,6 +47,7 @@ from .errors import UserError
 from .version_gates import internals_allowed
 from .fusion import OPERATOR_PARAMS, is_dense
 from .forward_memory import rows_that_fit
+from .greedy_generation import cache_keyword, greedy_generate, plain_greedy
 from .shared_context import cache_argument, with_shared_prefixes
 
 
@@ -177,6 +180,21 @@ class FashionfuseLM(HFLM):
               torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                              enabled=self.mixed_precision_dtype is not None)):
             return self.model(inps, logits_to_keep=keep).logits
+
+    # ---------------------------------------------------------------- generation
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        """Plain greedy requests: finished rows leave the batch (`greedy_generate`, the same
+        tokens as `generate`); everything else HFLM's `generate` call."""
+        if not (self._internals and self.backend == "causal" and cache_keyword(self.model)
+                and plain_greedy(self.model.generation_config, generation_kwargs)):
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                            enabled=self.mixed_precision_dtype is not None):
+            return greedy_generate(
+                self.model, context, generation_kwargs["attention_mask"],
+                max_new_tokens=max_length - context.shape[1], stop=stop,
+                tokenizer=self.tokenizer, pad_id=self.tokenizer.pad_token_id,
+                logits_to_keep=self._trailing_logits, prefill_each=self.device.type == "cpu")
 
     # ---------------------------------------------------------------- batch size
     def _detect_batch_size(self, requests=None, pos: int = 0) -> int:

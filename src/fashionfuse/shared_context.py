@@ -36,13 +36,14 @@ def cache_argument(lm) -> str | None:
     apply (not a decoder, no cache, or no `logits_to_keep`)."""
     import inspect
 
+    from .greedy_generation import cache_keyword
+
     if lm.backend != "causal":
         return None
     model = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
-    params = inspect.signature(model.forward).parameters
-    if "logits_to_keep" not in params:
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         return None
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
+    return cache_keyword(model)
 
 
 def _common(a, b) -> int:
