@@ -8,7 +8,7 @@ start-up included. The script first builds the demo adapters in runs/bench_eval 
     python scripts/bench_eval.py --leaderboard [--benchmarks ../shared/benchmarks]
     python scripts/bench_eval.py --prefix [--limit 20] [--compute-dtype float32]
     python scripts/bench_eval.py --prefix --model smollm2 [--limit 4] [--models "[base, fused]"]
-    python scripts/bench_eval.py --batch-noise [--model smollm2]
+    python scripts/bench_eval.py --batch-noise [--model smollm2] [--noise-dtype float64]
     python scripts/bench_eval.py --generate --model smollm2 [--limit 16] [--batch-size 16]
 
 Ends with `speedup_vs_separate: X` (separate seconds / one-command seconds).
@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--batch-noise", action="store_true",
                         help="how far lm-eval's own float32 log-likelihoods move between batch "
                         "sizes 1 and 16, beside the shared route (ARC + HellaSwag, --limit)")
+    parser.add_argument("--noise-dtype", default="float32", choices=["float32", "float64"],
+                        help="--batch-noise: the dtype of the model (float64: how far the routes "
+                        "are apart once rounding is out of the way)")
     parser.add_argument("--generate", action="store_true",
                         help="GSM8K 5-shot generation (--limit, default 16): lm-eval's default "
                         "batch size 1 vs the fashionfuse class at --batch-size")
@@ -191,7 +194,7 @@ def _samples(eval_dir: Path) -> dict:
 
 def batch_noise(args) -> None:
     """lm-eval's HFLM at batch sizes 1 and 16 and the shared route on the same ARC 25-shot and
-    HellaSwag 10-shot requests, float32, no 4-bit: the largest log-likelihood difference of
+    HellaSwag 10-shot requests, float32 (or `--noise-dtype float64`), no 4-bit: the largest log-likelihood difference of
     each pair (the demo model, or SmolLM2's converted checkpoint with --model smollm2)."""
     import itertools
 
@@ -213,7 +216,8 @@ def batch_noise(args) -> None:
         model_dir = str(ROOT / "data" / "tiny-llama")
     limit = args.limit or (4 if args.model == "smollm2" else 10)
     include = write_local_leaderboard_tasks(args.benchmarks, RUN / "batch_noise_tasks")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.noise_dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     manager, requests = task_manager([str(include)], []), []
     for task, shots in (("local_arc_challenge", 25), ("local_hellaswag", 10)):
@@ -230,7 +234,8 @@ def batch_noise(args) -> None:
                                            max_length=ml)),
                       ("shared_batch16", wrap_model(model, tokenizer, 16, max_length=ml))):
         scored[label] = [r[0] for r in lm.loglikelihood(requests, disable_tqdm=True)]
-    print(f"requests: {len(requests)} ({args.model}, ARC 25-shot + HellaSwag 10-shot, limit {limit})")
+    print(f"requests: {len(requests)} ({args.model}, {args.noise_dtype}, ARC 25-shot + "
+          f"HellaSwag 10-shot, limit {limit})")
     for a, b in itertools.combinations(scored, 2):
         diff = max(abs(x - y) for x, y in zip(scored[a], scored[b]))
         print(f"max_loglikelihood_difference_{a}_vs_{b}: {diff:.2e}")

@@ -108,3 +108,43 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
 
     again = runner.invoke(app, args)  # everything up to date: nothing rebuilt
     assert again.exit_code == 0 and "eval: up to date" in again.output
+
+
+def test_mixed_searched_tries_every_grid_mix_and_keeps_the_best(pipeline_run, tmp_path):
+    """`mixed_searched`: one adapter per distinct normalised grid point (grid {0, 1} over two
+    datasets: chat only, orca only, half and half), each scored alone by the search objective;
+    the lowest score is the table's row."""
+    import shutil
+
+    from fashionfuse.config import load_config
+    from fashionfuse.search.objectives import build_objective
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("eval*"))
+    args = ["ablate", str(pipeline_run["config"]), "--set", f"run_dir={run}",
+            "--set", "ablate.variants=[mixed_searched]"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    trials = json.loads((run / "ablate" / "mix-search" / "trials.json").read_text())
+    assert [t["mix"] for t in trials] == [{"chat": 0.0, "orca": 1.0}, {"chat": 1.0, "orca": 0.0},
+                                          {"chat": 0.5, "orca": 0.5}]
+    for t in trials:  # each candidate trained on its own mix
+        manifest = json.loads((run / "adapters" / t["adapter"] / "manifest.json").read_text())
+        assert {d: r["share"] for d, r in manifest["mix"].items()} == t["mix"]
+    best = json.loads((run / "ablate" / "mix-search" / "best.json").read_text())
+    assert best["score"] == min(t["score"] for t in trials) and best["n_candidates"] == 3
+
+    # the winner's score is the objective's own on base + that adapter
+    from fashionfuse.adapters.runtime import attach_adapters, set_fusion_weights
+    from fashionfuse.base_model import load_base_model, load_tokenizer
+
+    cfg = load_config(pipeline_run["config"], [f"run_dir={run}"])
+    model = attach_adapters(load_base_model(cfg.model, device="cpu"),
+                            {best["adapter"]: run / "adapters" / best["adapter"]})
+    set_fusion_weights(model, {best["adapter"]: 1.0})
+    again = build_objective(cfg, load_tokenizer(cfg.model), "cpu").score(model)["score"]
+    assert abs(again - best["score"]) < 1e-4
+
+    table = json.loads((run / "ablate" / "table.json").read_text())
+    shares = ", ".join(f"{d} {v:.2f}" for d, v in best["mix"].items())
+    assert [r["model"] for r in table["rows"]] == ["base", f"one adapter, mix searched ({shares})"]

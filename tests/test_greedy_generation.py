@@ -119,3 +119,23 @@ def test_prompts_prefilled_one_by_one_decode_like_a_padded_batch(tiny):
         ours = greedy_generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=12,
                                stop=[], tokenizer=tok, pad_id=tok.pad_token_id, prefill_each=each)
         assert torch.equal(ours, expected[:, :ours.shape[1]]), each
+
+
+def test_a_peft_model_generates_like_lm_evals_default(tiny):
+    """Through a PeftModel (how fused adapters are scored): the same texts as HFLM at batch 1."""
+    import copy
+
+    from lm_eval.models.huggingface import HFLM
+    from peft import LoraConfig, get_peft_model
+
+    from fashionfuse.lm_eval_run import wrap_model
+
+    model, tok = tiny
+    torch.manual_seed(1)
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    requests = _requests({"until": ["."], "max_gen_toks": 16, "do_sample": False})
+    reference = HFLM(pretrained=peft, tokenizer=tok, batch_size=1).generate_until(requests)
+    assert wrap_model(peft, tok, 8).generate_until(requests) == reference
+    plain = HFLM(pretrained=model, tokenizer=tok, batch_size=1).generate_until(requests)
+    assert reference != plain  # the adapter changed what is generated

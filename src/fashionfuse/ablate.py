@@ -6,6 +6,8 @@ From one config it builds, reusing every artifact already built, and scores with
     V0.2  one adapter on all datasets together     adapters/ablate-all-datasets
           the same, equal token shares per dataset adapters/ablate-mix-balanced
           the same, token shares ~ searched weights  adapters/ablate-mix-ratio   (after the search)
+          the same, token shares searched          adapters/ablate-mix-search-<k> (asked for by
+          (one adapter per grid mix, best kept)                                   name only)
     V0.4  sequential fine-tuning, in dataset order adapters/ablate-seq-<k>     (each beside the
           (a, then b on top, then c on top)                                      frozen previous)
     V0.5  fusion with every weight 1               ablate/weights-one/search/fused
@@ -35,6 +37,7 @@ from .config import RunConfig
 from .errors import UserError
 from .evaluate.table import plot_table, to_csv, to_markdown
 from .fusion import OPERATORS, is_dense
+from .mix_search import candidate_specs, search_mix
 from .rundir import RunLayout, link_shared, write_json, write_text
 
 ALL_DATA = "ablate-all-datasets"
@@ -65,6 +68,8 @@ def ablation_config(cfg: RunConfig) -> RunConfig:
         extra.append({"name": ALL_DATA, "datasets": names})
     if "mixed_balanced" in cfg.ablate.variants:
         extra.append({"name": MIX_BALANCED, "datasets": names, "mix": {n: 1.0 for n in names}})
+    if "mixed_searched" in cfg.ablate.variants:
+        extra += candidate_specs(cfg)
     ratio = searched_mix(cfg) if "mixed_ratio" in cfg.ablate.variants else None
     if ratio is not None:
         extra.append({"name": MIX_RATIO, "datasets": names, "mix": ratio})
@@ -107,12 +112,12 @@ def adapter_mean_weights(weights: dict[str, float], adapters: list[str]) -> dict
     return out
 
 
-def check_mixed_ratio(cfg: RunConfig) -> str | None:
-    """Why the mixed_ratio variant cannot run with this config (None: it can): its shares
-    come from the searched weights of single-dataset adapters."""
+def check_mixed_ratio(cfg: RunConfig, variant: str = "mixed_ratio") -> str | None:
+    """Why the mixed_ratio (or mixed_searched) variant cannot run with this config (None: it
+    can): its shares map the searched single-dataset adapters' weights to their datasets."""
     multi = [a for a in cfg.search_adapters if len(cfg.adapter_spec(a).datasets) != 1]
     if multi:
-        return f"mixed_ratio (searched adapters {multi} learn several datasets)"
+        return f"{variant} (searched adapters {multi} learn several datasets)"
     return None
 
 
@@ -205,9 +210,10 @@ def check_fusion_variants(cfg: RunConfig, planned: list[FusionVariant]) -> None:
         if vcfg.search.method == "gradient" and not objective.differentiable:
             bad.append(f"{v.folder or 'searched'} (method gradient needs a differentiable "
                        f"objective, not {vcfg.search.objective.type})")
-    why = check_mixed_ratio(cfg) if "mixed_ratio" in cfg.ablate.variants else None
-    if why:
-        bad.append(why)
+    for variant in ("mixed_ratio", "mixed_searched"):
+        why = check_mixed_ratio(cfg, variant) if variant in cfg.ablate.variants else None
+        if why:
+            bad.append(why)
     if bad:
         raise UserError(f"ablate: these variants cannot run with this config: {'; '.join(bad)}; "
                         "drop them from ablate.variants")
@@ -269,6 +275,9 @@ def build_variants(cfg: RunConfig, force: bool = False) -> dict[str, Path | None
         models["one adapter, balanced mix (equal tokens)"] = layout.adapter(MIX_BALANCED)
     if "mixed_ratio" in variants:
         models[_MIX_RATIO_SLOT] = None  # placed here, trained after the search
+    if "mixed_searched" in variants:
+        label, name = search_mix(cfg, acfg, force)
+        models[label] = layout.adapter(name)
     if "sequential" in variants:
         order = cfg.ablate.sequential_order or datasets
         models[f"V0.4 sequential ({' -> '.join(order)})"] = layout.adapter(sequential_chain(cfg)[-1])
