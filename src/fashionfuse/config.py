@@ -306,23 +306,31 @@ def _registered(kind: str):
     return AfterValidator(check)
 
 
-class ObjectiveRetention(_Strict):
-    """A retention term of the lm_eval and mix objectives: general-ability tasks scored for
-    every candidate, their mean headline metric times `weight` subtracted from the score."""
+class RetentionConfig(_Strict):
+    """General-ability tasks scored for every model beside its skills: what a fine-tune or a
+    fusion costs the base (the table adds each model's retention minus the base's)."""
 
     tasks: list[str] = Field(description="lm-eval task names (built in or under include_paths)")
-    weight: Annotated[float, Field(ge=0)] = Field(
-        default=0.5, description="How much one point of mean retention accuracy counts against "
-        "one point of the objective's own term")
     num_fewshot: Annotated[int, Field(ge=0)] | None = None
     limit: Annotated[float, Field(gt=0)] | None = Field(
-        default=None, description="Examples per retention task (default: objective.limit)")
+        default=None, description="Examples per retention task (default: eval.limit)")
 
     @model_validator(mode="after")
-    def _some_tasks(self) -> "ObjectiveRetention":
+    def _some_tasks(self) -> "RetentionConfig":
         if not self.tasks:
             raise ValueError("tasks must not be empty")
         return self
+
+
+class ObjectiveRetention(RetentionConfig):
+    """A retention term of the lm_eval and mix objectives: general-ability tasks scored for
+    every candidate, their mean headline metric times `weight` subtracted from the score."""
+
+    weight: Annotated[float, Field(ge=0)] = Field(
+        default=0.5, description="How much one point of mean retention accuracy counts against "
+        "one point of the objective's own term")
+    limit: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="Examples per retention task (default: objective.limit)")
 
 
 class ObjectiveConfig(_Strict):
@@ -495,22 +503,6 @@ class SearchConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- eval
-class RetentionConfig(_Strict):
-    """General-ability tasks scored for every model beside its skills: what a fine-tune or a
-    fusion costs the base (the table adds each model's retention minus the base's)."""
-
-    tasks: list[str] = Field(description="lm-eval task names (built in or under include_paths)")
-    num_fewshot: Annotated[int, Field(ge=0)] | None = None
-    limit: Annotated[float, Field(gt=0)] | None = Field(
-        default=None, description="Examples per retention task (default: eval.limit)")
-
-    @model_validator(mode="after")
-    def _some_tasks(self) -> "RetentionConfig":
-        if not self.tasks:
-            raise ValueError("tasks must not be empty")
-        return self
-
-
 class EvalConfig(_Strict):
     preset: Literal["leaderboard_v1"] | None = Field(
         default=None, description="Task set with fixed shots and metrics (Open LLM Leaderboard v1)")

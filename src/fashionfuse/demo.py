@@ -173,6 +173,8 @@ def _mc_items(rng: random.Random) -> dict[str, list[dict]]:
     return items
 
 
+# the skill tasks ask in the chat shape the adapters learn; the retention task is plain text
+SKILL_PROMPT, PLAIN_PROMPT = "USER: {{question}}\\nASSISTANT:", "{{question}}"
 _TASK_YAML = """task: {task}
 dataset_path: json
 dataset_kwargs:
@@ -180,7 +182,7 @@ dataset_kwargs:
     test: {data_file}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "USER: {{{{question}}}}\\nASSISTANT:"
+doc_to_text: "{text}"
 doc_to_target: answer
 doc_to_choice: "{{{{choices}}}}"
 target_delimiter: " "
@@ -215,27 +217,6 @@ def _retention_items(rng: random.Random) -> list[dict]:
     return items
 
 
-_RETENTION_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data_file}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_target: answer
-doc_to_choice: "{{{{choices}}}}"
-target_delimiter: " "
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 RETENTION_TASK = "demo_filler"
 
 
@@ -246,12 +227,13 @@ def write_eval_tasks(out_dir: Path, seed: int = 0) -> list[str]:
     rng = random.Random(seed + 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = []
-    tasks = [(task, rows, _TASK_YAML) for task, rows in _mc_items(rng).items()]
-    tasks.append((RETENTION_TASK, _retention_items(random.Random(seed + 3)), _RETENTION_YAML))
-    for task, rows, template in tasks:
+    tasks = [(task, rows, SKILL_PROMPT) for task, rows in _mc_items(rng).items()]
+    tasks.append((RETENTION_TASK, _retention_items(random.Random(seed + 3)), PLAIN_PROMPT))
+    for task, rows, prompt in tasks:
         data = out_dir / f"{task}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (out_dir / f"{task}.yaml").write_text(template.format(task=task, data_file=data.name))
+        (out_dir / f"{task}.yaml").write_text(
+            _TASK_YAML.format(task=task, data_file=data.name, text=prompt))
         names.append(task)
     return names
 
