@@ -192,6 +192,19 @@ def _samples(eval_dir: Path) -> dict:
     return out
 
 
+def _plain_checkpoint(model: str) -> str:
+    """The demo model's folder, or SmolLM2's GGUF converted to a plain checkpoint."""
+    if model != "smollm2":
+        return str(ROOT / "data" / "tiny-llama")
+    from fashionfuse.config import ModelConfig
+    from fashionfuse.gguf_base import checkpoint_dir
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from fetch_smollm2 import fetch_gguf
+
+    return checkpoint_dir(ModelConfig(base=str(fetch_gguf())))
+
+
 def batch_noise(args) -> None:
     """lm-eval's HFLM at batch sizes 1 and 16 and the shared route on the same ARC 25-shot and
     HellaSwag 10-shot requests, float32 (or `--noise-dtype float64`), no 4-bit: the largest log-likelihood difference of
@@ -202,18 +215,10 @@ def batch_noise(args) -> None:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fashionfuse.config import ModelConfig
     from fashionfuse.evaluate.benchmarks import write_local_leaderboard_tasks
-    from fashionfuse.gguf_base import checkpoint_dir
     from fashionfuse.lm_eval_run import task_manager, wrap_model
 
-    if args.model == "smollm2":
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from fetch_smollm2 import fetch_gguf
-
-        model_dir = checkpoint_dir(ModelConfig(base=str(fetch_gguf())))
-    else:
-        model_dir = str(ROOT / "data" / "tiny-llama")
+    model_dir = _plain_checkpoint(args.model)
     limit = args.limit or (4 if args.model == "smollm2" else 10)
     include = write_local_leaderboard_tasks(args.benchmarks, RUN / "batch_noise_tasks")
     dtype = getattr(torch, args.noise_dtype)
@@ -269,17 +274,9 @@ def generate(args) -> None:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fashionfuse.config import ModelConfig
-    from fashionfuse.gguf_base import checkpoint_dir
     from fashionfuse.lm_eval_run import task_manager, wrap_model
 
-    if args.model == "smollm2":
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from fetch_smollm2 import fetch_gguf
-
-        model_dir = checkpoint_dir(ModelConfig(base=str(fetch_gguf())))
-    else:
-        model_dir = str(ROOT / "data" / "tiny-llama")
+    model_dir = _plain_checkpoint(args.model)
     limit = args.limit or 16
     include = _local_gsm8k(args.benchmarks, RUN / "gsm8k_task")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -36,8 +36,8 @@ from pathlib import Path
 from .config import RunConfig
 from .errors import UserError
 from .evaluate.table import plot_table, to_csv, to_markdown
-from .fusion import OPERATORS, is_dense
-from .mix_search import candidate_specs, search_mix
+from .fusion import OPERATORS, is_dense, searched_operator_params
+from .mix_search import candidate_specs, search_mix, shares_label
 from .rundir import RunLayout, link_shared, write_json, write_text
 
 ALL_DATA = "ablate-all-datasets"
@@ -236,8 +236,7 @@ def _fusions(cfg: RunConfig, planned: list[FusionVariant], force: bool) -> dict[
         # a dense merge: scored exactly (the merged deltas on the resident base, as the search
         # scored it), with its exported SVD adapter beside it
         svd = json.loads((fused / "svd_report.json").read_text())
-        params = "".join(f", {k} {best[f'best_{k}']:g}" for k in OPERATORS[v.search["operator"]].params
-                         if f"best_{k}" in best)
+        params = "".join(f", {k} {value:g}" for k, value in searched_operator_params(best).items())
         head = f"fusion, {v.label} ({v.search['method']}{params}"
         out[f"{head}; exact merge)"] = RunLayout(vcfg.run_dir).search / "best.json"
         out[f"{head}; SVD rank {svd['rank']}, error {100 * svd['relative_error']:.1f}%)"] = fused
@@ -303,9 +302,8 @@ def _mixed_ratio(cfg: RunConfig, force: bool) -> tuple[str, Path]:
         search_weights(cfg, force=force and not searched)
     acfg = ablation_config(cfg)
     train_adapters(acfg, [MIX_RATIO], force=force)
-    shares = acfg.adapter_spec(MIX_RATIO).mix
-    text = ", ".join(f"{d} {v:.2f}" for d, v in shares.items())
-    return f"one adapter, mix by searched weights ({text})", RunLayout(cfg.run_dir).adapter(MIX_RATIO)
+    label = f"one adapter, mix by searched weights ({shares_label(acfg.adapter_spec(MIX_RATIO).mix)})"
+    return label, RunLayout(cfg.run_dir).adapter(MIX_RATIO)
 
 
 def comparison(table: dict, singles: list[str]) -> dict:

@@ -125,8 +125,10 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         keep = []
         for i, (row, token) in enumerate(zip(active, tokens.tolist())):
             generated[row].append(token)
-            done = token in ends or (stop and any(
-                s in tokenizer.decode(generated[row], skip_special_tokens=False) for s in stop))
+            done = token in ends
+            if not done and stop:
+                text = tokenizer.decode(generated[row], skip_special_tokens=False)
+                done = any(s in text for s in stop)
             if not done:
                 keep.append(i)
         if not keep or step == max_new_tokens - 1:

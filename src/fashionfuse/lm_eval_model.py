@@ -45,7 +45,7 @@ from .adapters.peft_layers import use_lean_lora_forward
 from .adapters.runtime import attach_adapters, set_fusion_weights
 from .errors import UserError
 from .version_gates import internals_allowed
-from .fusion import OPERATOR_PARAMS, is_dense
+from .fusion import is_dense, searched_operator_params
 from .forward_memory import rows_that_fit
 from .greedy_generation import cache_keyword, greedy_generate, plain_greedy
 from .shared_context import cache_argument, with_shared_prefixes
@@ -80,11 +80,11 @@ def attach_searched_fusion(model, best_json: str | Path):
     if not is_dense(operator):
         set_fusion_weights(model, best["best_weights"], list(dirs), granularity)
         return model
-    extra = {k.removeprefix("best_"): v for k, v in best.items()
-             if k.startswith("best_") and k.removeprefix("best_") in OPERATOR_PARAMS}
+    params = searched_operator_params(best)
+    density = params.pop("density")
     ResidentFusion(model, list(dirs), operator_name=operator, granularity=granularity,
-                   density=best["best_density"], seed=best["seed"],
-                   operator_params=extra).apply(best["best_weights"])
+                   density=density, seed=best["seed"],
+                   operator_params=params).apply(best["best_weights"])
     return model
 
 

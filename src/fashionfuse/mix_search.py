@@ -46,6 +46,11 @@ def candidate_specs(cfg: RunConfig) -> list[dict]:
             for k, shares in enumerate(mix_candidates(cfg))]
 
 
+def shares_label(shares: dict[str, float]) -> str:
+    """A mix's token shares as a table label reads them: `chat 0.20, orca 0.40, ...`."""
+    return ", ".join(f"{d} {v:.2f}" for d, v in shares.items())
+
+
 def search_mix(cfg: RunConfig, acfg: RunConfig, force: bool = False) -> tuple[str, str]:
     """Train and score every candidate mix (`acfg`: the ablation config holding their specs);
     the winner's table label and adapter name."""
@@ -78,5 +83,4 @@ def search_mix(cfg: RunConfig, acfg: RunConfig, force: bool = False) -> tuple[st
     write_json(out / "trials.json", trials)
     write_json(out / "best.json", {"objective": cfg.search.objective.type,
                                    "n_candidates": len(trials), **best})
-    text = ", ".join(f"{d} {v:.2f}" for d, v in best["mix"].items())
-    return f"one adapter, mix searched ({text})", best["adapter"]
+    return f"one adapter, mix searched ({shares_label(best['mix'])})", best["adapter"]

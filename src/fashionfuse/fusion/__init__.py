@@ -63,6 +63,13 @@ OPERATOR_PARAMS = tuple(sorted({p for op in OPERATORS.values() for p in op.param
 DENSE_OPERATORS = tuple(name for name, op in OPERATORS.items() if op.dense)
 
 
+def searched_operator_params(best: dict) -> dict[str, float]:
+    """A search's `best.json`: the hyper-parameters its dense operator was applied with
+    (density, then the operator's others, as `best_<name>`), in declaration order."""
+    declared = OPERATORS[best.get("operator", "sum")].params
+    return {k: best[f"best_{k}"] for k in declared if f"best_{k}" in best}
+
+
 def merge_function(name: str):
     """The merge function of fusion operator `name`."""
     op = OPERATORS[name]
