@@ -12,7 +12,10 @@
 3. Full grid over `--grid` values for the three demo adapters; then optuna's TPE, GP and CMA-ES
    samplers, per seed, count the evaluations until their best score is at least as good as the
    grid's best: `sampler_evals_pct_of_grid_<sampler>` = median count / grid size * 100 (and
-   the maximum over seeds; `cmaes_evals_pct_of_grid_max` for CMA-ES).
+   the maximum over seeds; `cmaes_evals_pct_of_grid_max` for CMA-ES). `--cmaes-settings`
+   adds CMA-ES with other `CmaEsSampler` settings (e.g. `lr_adapt=True popsize=10`), each
+   printed as `sampler_evals_pct_of_grid_max_cmaes[<settings>]`. The objective is
+   deterministic, so scores are memoised: a point the samplers revisit is scored once.
 
 4. `--sizes demo,30m,300m`: instead of 1-3, the resident route against the naive route at
    each model size: random-initialised Llamas (4-bit NF4 on CPU, saved in bfloat16 like real
@@ -56,7 +59,10 @@ def main() -> None:
     parser.add_argument("--compute-dtype", default="bfloat16",
                         choices=["auto", "bfloat16", "float16", "float32"],
                         help="model.quantization.compute_dtype of the size sweep (both routes)")
+    parser.add_argument("--cmaes-settings", nargs="*", default=[], metavar="KEY=VALUE[,...]",
+                        help="also CMA-ES with these CmaEsSampler settings, one set per word")
     args = parser.parse_args()
+    cmaes_settings = {spec: _keywords(spec) for spec in args.cmaes_settings}
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     for stage in ("curate", "train-adapter"):
         subprocess.run([sys.executable, "-m", "fashionfuse.cli", stage, str(CONFIG), "--set",
@@ -141,39 +147,49 @@ def main() -> None:
             naive_times.append(time.perf_counter() - t0)
     naive_s = statistics.median(naive_times)
 
-    # 3. TPE vs grid
+    # 3. the samplers vs the grid
     values = [float(x) for x in args.grid.split(",")]
     import itertools
 
-    grid_scores = []
-    for combo in itertools.product(values, repeat=len(names)):
-        set_fusion_weights(model, dict(zip(names, combo)))
-        grid_scores.append(objective.combine(objective.per_dataset(model)))
+    scores: dict[tuple, float] = {}
+
+    def score(weights) -> float:
+        """The objective at `weights`, memoised (it is deterministic)."""
+        key = tuple(round(float(w), 6) for w in weights)
+        if key not in scores:
+            set_fusion_weights(model, dict(zip(names, key)))
+            scores[key] = objective.combine(objective.per_dataset(model))
+        return scores[key]
+
+    grid_scores = [score(combo) for combo in itertools.product(values, repeat=len(names))]
     best_grid = min(grid_scores)
     from fashionfuse.config import SearchConfig
     from fashionfuse.search.methods import cmaes, gp, tpe
 
     search_cfg = SearchConfig(low=min(values), high=max(values), step=0.05, gp_startup_trials=5)
+    samplers = {"tpe": lambda seed: tpe.sampler(search_cfg, seed),
+                "gp": lambda seed: gp.sampler(search_cfg, seed),
+                "cmaes": lambda seed: cmaes.sampler(search_cfg, seed)}
+    for spec, keywords in cmaes_settings.items():
+        samplers[f"cmaes[{spec}]"] = (lambda kw: lambda seed: optuna.samplers.CmaEsSampler(
+            seed=seed, warn_independent_sampling=False, **kw))(keywords)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     counts_by = {}
-    for label, module in (("tpe", tpe), ("gp", gp), ("cmaes", cmaes)):
+    for label, make_sampler in samplers.items():
         counts = counts_by[label] = []
         for seed in range(args.seeds):
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            study = optuna.create_study(direction="minimize",
-                                        sampler=module.sampler(search_cfg, seed))
-            if label in ("gp", "cmaes"):  # what methods/gp.py and cmaes.py enqueue first
+            study = optuna.create_study(direction="minimize", sampler=make_sampler(seed))
+            if label != "tpe":  # what methods/gp.py and cmaes.py enqueue first
                 study.enqueue_trial(gp.start_point(search_cfg, names))
             needed = None
             for k in range(1, len(grid_scores) + 1):
-                trial = study.ask(module.distributions(search_cfg, names))
-                set_fusion_weights(model, {n: trial.params[n] for n in names})
-                study.tell(trial, objective.combine(objective.per_dataset(model)))
+                trial = study.ask(tpe.distributions(search_cfg, names))
+                study.tell(trial, score([trial.params[n] for n in names]))
                 if study.best_value <= best_grid:
                     needed = k
                     break
             counts.append(needed or len(grid_scores))
             print(f"{label} seed {seed}: matched the grid's best after {needed} evaluations")
-    counts = counts_by["tpe"]
 
     print(f"validation: {sum(len(b) for b in objective.batches.values())} batches over {len(names)} datasets")
     print(f"pure_forward_s_per_candidate: {forward_s:.4f}")
@@ -191,6 +207,16 @@ def main() -> None:
         print(f"sampler_evals_pct_of_grid_max_{label}: {100 * max(counts) / len(grid_scores):.1f}")
     print(f"sampler_evals_pct_of_grid_max: {100 * max(counts_by['gp']) / len(grid_scores):.1f}")
     print(f"cmaes_evals_pct_of_grid_max: {100 * max(counts_by['cmaes']) / len(grid_scores):.1f}")
+
+
+def _keywords(spec: str) -> dict:
+    """`lr_adapt=True,popsize=10` as CmaEsSampler keyword arguments."""
+    import ast
+
+    pairs = [part.split("=", 1) for part in spec.split(",") if part]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--cmaes-settings {spec!r}: expected KEY=VALUE[,KEY=VALUE]")
+    return {key.strip(): ast.literal_eval(value.strip()) for key, value in pairs}
 
 
 def _random_adapters(base: Path, out: Path, n: int = 3) -> dict[str, Path]:

@@ -1,7 +1,9 @@
 """`cmaes`: optuna's CMA-ES sampler (covariance matrix adaptation, the evolution strategy
 mergekit-evolve uses for merge weights): a population of candidates drawn from a Gaussian whose
 mean and covariance follow the better ones. Like `gp`, it starts from the uniform point of the
-range; `n_trials` is the budget (the `cmaes` package must be installed)."""
+range; `n_trials` is the budget (the `cmaes` package must be installed). A population
+evolves a few generations per tens of trials, so it suits budgets of hundreds; for a handful of
+weights and tens of trials `gp` is the better choice (`scripts/bench_search.py` measures both)."""
 
 from __future__ import annotations
 
