@@ -148,3 +148,85 @@ def test_mixed_searched_tries_every_grid_mix_and_keeps_the_best(pipeline_run, tm
     table = json.loads((run / "ablate" / "table.json").read_text())
     shares = ", ".join(f"{d} {v:.2f}" for d, v in best["mix"].items())
     assert [r["model"] for r in table["rows"]] == ["base", f"one adapter, mix searched ({shares})"]
+
+
+
+def test_mixed_searched_with_a_sampler_uses_its_budget_and_resumes(pipeline_run, tmp_path):
+    """`mixed_searched` under `search.method: tpe`: the sampler's `n_trials` proposals, each
+    distinct mix trained once and named by its shares; the study is kept, so running again
+    retrains nothing and finds the same best."""
+    import shutil
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("eval*"))
+    args = ["ablate", str(pipeline_run["config"]), "--set", f"run_dir={run}",
+            "--set", "ablate.variants=[mixed_searched]", "--set", "search.method=tpe",
+            "--set", "search.n_trials=3", "--set", "search.step=0.5"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    folder = run / "ablate" / "mix-search"
+    trials = json.loads((folder / "trials.json").read_text())
+    best = json.loads((folder / "best.json").read_text())
+    assert best["method"] == "tpe" and best["n_trials"] == 3
+    assert 1 <= len(trials) <= 3 and len({t["adapter"] for t in trials}) == len(trials)
+    for t in trials:  # each a mix of the lattice {0, .5, 1}^2, trained on its own shares
+        assert abs(sum(t["mix"].values()) - 1) < 1e-6
+        manifest = json.loads((run / "adapters" / t["adapter"] / "manifest.json").read_text())
+        assert {d: r["share"] for d, r in manifest["mix"].items()} == t["mix"]
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(folder / "study.journal")))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    scored = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(scored) + sum(bool(t.user_attrs.get("no_mix")) for t in study.trials) == 3
+    assert best["score"] == min(t.value for t in scored)
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, (again.output, again.exception)
+    trained = [line for line in again.output.splitlines()
+               if line.startswith("train ablate-mix-search-")]
+    assert trained and all(line.endswith(": up to date") for line in trained)
+    assert json.loads((folder / "best.json").read_text()) == best
+    assert len(optuna.load_study(study_name=summary.study_name, storage=storage).trials) == \
+        len(study.trials)
+
+
+def test_mixed_searched_refuses_a_method_that_cannot_draw_mixes(pipeline_run, tmp_path):
+    result = runner.invoke(app, ["ablate", str(pipeline_run["config"]), "--set",
+                                 f"run_dir={tmp_path / 'run'}", "--set",
+                                 "ablate.variants=[mixed_searched]", "--set",
+                                 "search.method=gradient"])
+    assert result.exit_code != 0
+    assert "mixed_searched (search.method gradient" in result.output
+
+
+def test_mix_search_interrupted_while_training_runs_that_mix_again(pipeline_run, tmp_path):
+    """A sampled mix search stopped while a proposal trains resumes with that same mix (its
+    adapter resumes from its checkpoint), then proposes the rest of the budget."""
+    import pytest
+
+    from fashionfuse.config import load_config
+    from fashionfuse.mix_search import _sampled
+
+    cfg = load_config(pipeline_run["config"], [f"run_dir={tmp_path / 'run'}", "search.method=tpe",
+                                               "search.n_trials=4", "search.step=0.25"])
+
+    class Scorer:  # stands in for train-and-score
+        def __init__(self, stop_at: int | None = None):
+            self.seen, self.stop_at = [], stop_at
+
+        def score(self, shares):
+            self.seen.append(shares)
+            if len(self.seen) == self.stop_at:
+                raise KeyboardInterrupt("stopped while training (test)")
+            return {"score": sum(v * v for v in shares.values())}
+
+    first = Scorer(stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        _sampled(cfg, first, force=False)
+    second = Scorer()
+    assert _sampled(cfg, second, force=False) == 4
+    # the finished trial's record, then the interrupted mix again, then new proposals
+    assert second.seen[:2] == first.seen[:2] and len(second.seen) >= 4

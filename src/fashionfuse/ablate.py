@@ -6,8 +6,9 @@ From one config it builds, reusing every artifact already built, and scores with
     V0.2  one adapter on all datasets together     adapters/ablate-all-datasets
           the same, equal token shares per dataset adapters/ablate-mix-balanced
           the same, token shares ~ searched weights  adapters/ablate-mix-ratio   (after the search)
-          the same, token shares searched          adapters/ablate-mix-search-<k> (asked for by
-          (one adapter per grid mix, best kept)                                   name only)
+          the same, token shares searched          adapters/ablate-mix-search-<shares> (asked
+          (the fusion search's method and budget,                                 for by name
+          one adapter per mix, best kept)                                         only)
     V0.4  sequential fine-tuning, in dataset order adapters/ablate-seq-<k>     (each beside the
           (a, then b on top, then c on top)                                      frozen previous)
     V0.5  fusion with every weight 1               ablate/weights-one/search/fused
@@ -37,7 +38,7 @@ from .config import RunConfig
 from .errors import UserError
 from .evaluate.table import plot_table, to_csv, to_markdown
 from .fusion import OPERATORS, is_dense, searched_operator_params
-from .mix_search import candidate_specs, search_mix, shares_label
+from .mix_search import candidate_specs, search_mix, shares_label, unsupported_method
 from .rundir import RunLayout, link_shared, write_json, write_text
 
 ALL_DATA = "ablate-all-datasets"
@@ -214,6 +215,8 @@ def check_fusion_variants(cfg: RunConfig, planned: list[FusionVariant]) -> None:
         why = check_mixed_ratio(cfg, variant) if variant in cfg.ablate.variants else None
         if why:
             bad.append(why)
+    if "mixed_searched" in cfg.ablate.variants and unsupported_method(cfg):
+        bad.append(unsupported_method(cfg))
     if bad:
         raise UserError(f"ablate: these variants cannot run with this config: {'; '.join(bad)}; "
                         "drop them from ablate.variants")

@@ -556,7 +556,7 @@ class AblateConfig(_Strict):
         description="per_dataset (V0.1), fused_dataset (V0.2/V0.3), mixed_balanced (one "
         "adapter, equal token shares per dataset), mixed_ratio (one adapter, token shares "
         "proportional to the searched fusion weights), mixed_searched (one adapter, token shares "
-        "searched over the fusion grid with the search's objective; one adapter trained per "
+        "searched with the fusion search's method, budget and objective; one adapter trained per "
         "candidate, so not in the default list), sequential (V0.4), "
         "weights_one (V0.5), uniform (1/n), searched (V1, search.method), gradient (learned), "
         "layerwise (learned per block), layerwise_refined (those times a grid multiplier per "

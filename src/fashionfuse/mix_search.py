@@ -1,14 +1,23 @@
-"""`mixed_searched`, the ablation's tuned data mix: the mixing ratios searched with the same
-objective and candidate set as the fusion weights, so mixing gets the tuning effort fusion gets.
+"""`mixed_searched`, the ablation's tuned data mix: the mixing ratios searched by the fusion
+search's own method, objective and budget, so mixing gets the tuning effort fusion gets.
 
-Candidates: every point of the fusion grid (`search.grid_values` per searched dataset),
-normalised to token shares, without the all-zero point and without repeats (1, 1 and 0.5, 0.5
-are one mix). Each candidate is one adapter trained on all the searched datasets with those
-shares (`adapters[].mix`; named `ablate-mix-search-<k>`, trained and cached like every
-adapter, so an interrupted search resumes at the first untrained candidate), scored alone on
-the base by `search.objective` (the same validation splits or tasks the fusion search scores).
-The lowest score wins. `ablate/mix-search/trials.json` holds every candidate's shares and
-scores, `best.json` the winner; its adapter is the table's row.
+A candidate is a weight per searched dataset, drawn as the fusion search draws adapter weights,
+normalised to token shares (1, 1 and 0.5, 0.5 are one mix; the all-zero point is no mix):
+
+* `grid`: every point of `search.grid_values` per dataset; `random`: the `n_trials` seeded
+  draws `random` fuses with. Both fixed lists, scored in order, repeats dropped.
+* `tpe`, `gp`, `cmaes`: the method's optuna sampler proposes `n_trials` candidates, each from
+  the scores before it (`gp` and `cmaes` start from the uniform point, the balanced mix, as
+  their fusion search does). The study lives in `ablate/mix-search/study.journal`, so an
+  interrupted search resumes with its finished trials; a proposal whose shares were already
+  trained reuses that score (a trial of the budget, no training).
+
+Each distinct mix is one adapter trained on all the searched datasets with those shares
+(`adapters[].mix`; named `ablate-mix-search-<shares in millionths>`, trained and cached like
+every adapter, so an interrupted training resumes from its checkpoint), scored alone on the base
+by `search.objective` (the validation splits or tasks the fusion search scores). The lowest
+score wins. `ablate/mix-search/trials.json` holds every trained mix's shares and scores,
+`best.json` the winner; its adapter is the table's row.
 """
 
 from __future__ import annotations
@@ -16,34 +25,71 @@ from __future__ import annotations
 import itertools
 
 from .config import RunConfig
-from .rundir import RunLayout, write_json
+from .errors import UserError
+from .rundir import RunLayout, artifact_id, fingerprint, write_json
 
 PREFIX = "ablate-mix-search-"
+# the search methods whose candidates can be data mixes: fixed lists, then optuna samplers
+FIXED_LIST_METHODS = ("grid", "random")
+SAMPLER_METHODS = ("tpe", "gp", "cmaes")
+
+
+def unsupported_method(cfg: RunConfig) -> str | None:
+    """Why `mixed_searched` cannot search with this config's `search.method` (None: it can)."""
+    if cfg.search.method in FIXED_LIST_METHODS + SAMPLER_METHODS:
+        return None
+    return (f"mixed_searched (search.method {cfg.search.method}: data shares are searched with "
+            f"{', '.join(FIXED_LIST_METHODS + SAMPLER_METHODS)})")
+
+
+def searched_datasets(cfg: RunConfig) -> list[str]:
+    """The datasets whose shares are searched: those of the searched adapters, in order."""
+    return [cfg.adapter_spec(a).datasets[0] for a in cfg.search_adapters]
+
+
+def normalised(point: dict[str, float]) -> dict[str, float] | None:
+    """Weights as token shares (negative weights count as 0, 6 places); None if all are 0."""
+    total = sum(max(0.0, v) for v in point.values())
+    if total <= 0:
+        return None
+    return {d: round(max(0.0, v) / total, 6) for d, v in point.items()}
 
 
 def mix_candidates(cfg: RunConfig) -> list[dict[str, float]]:
-    """The distinct token-share vectors of the fusion grid over the searched adapters'
-    datasets, normalised (shares rounded to 6 places), in grid order."""
-    datasets = [cfg.adapter_spec(a).datasets[0] for a in cfg.search_adapters]
+    """The distinct token-share vectors of a fixed-list method (`grid` or `random`) over the
+    searched datasets, in the method's order."""
+    from .search.methods import random as random_method
+
+    datasets = searched_datasets(cfg)
+    if cfg.search.method == "random":
+        points = [[c[n] for n in datasets]
+                  for c in random_method.candidates(cfg.search, datasets, cfg.seed)]
+    else:
+        points = itertools.product(cfg.search.grid_values, repeat=len(datasets))
     out, seen = [], set()
-    for point in itertools.product(cfg.search.grid_values, repeat=len(datasets)):
-        total = sum(max(0.0, v) for v in point)
-        if total <= 0:
-            continue
-        shares = tuple(round(max(0.0, v) / total, 6) for v in point)
-        if shares not in seen:
-            seen.add(shares)
-            out.append(dict(zip(datasets, shares)))
+    for point in points:
+        shares = normalised(dict(zip(datasets, point)))
+        if shares is not None and tuple(shares.values()) not in seen:
+            seen.add(tuple(shares.values()))
+            out.append(shares)
     return out
 
 
-def candidate_specs(cfg: RunConfig) -> list[dict]:
-    """The candidates as adapter specs (for `ablation_config`): every dataset of the run,
-    those not searched with share 0."""
+def adapter_spec(cfg: RunConfig, shares: dict[str, float]) -> dict:
+    """The adapter spec of one mix: every dataset of the run, those not searched with share 0;
+    named after the shares, so the same mix is the same adapter whichever method drew it."""
     names = [d.name for d in cfg.datasets]
-    return [{"name": f"{PREFIX}{k}", "datasets": names,
-             "mix": {d: shares.get(d, 0.0) for d in names}}
-            for k, shares in enumerate(mix_candidates(cfg))]
+    tag = "-".join(str(round(shares[d] * 1_000_000)) for d in shares)
+    return {"name": f"{PREFIX}{tag}", "datasets": names,
+            "mix": {d: shares.get(d, 0.0) for d in names}}
+
+
+def candidate_specs(cfg: RunConfig) -> list[dict]:
+    """The adapter specs known before the search (for `ablation_config`): a fixed-list
+    method's candidates; none for a sampler, whose candidates depend on the scores."""
+    if cfg.search.method not in FIXED_LIST_METHODS:
+        return []
+    return [adapter_spec(cfg, shares) for shares in mix_candidates(cfg)]
 
 
 def shares_label(shares: dict[str, float]) -> str:
@@ -51,36 +97,125 @@ def shares_label(shares: dict[str, float]) -> str:
     return ", ".join(f"{d} {v:.2f}" for d, v in shares.items())
 
 
-def search_mix(cfg: RunConfig, acfg: RunConfig, force: bool = False) -> tuple[str, str]:
-    """Train and score every candidate mix (`acfg`: the ablation config holding their specs);
-    the winner's table label and adapter name."""
-    import torch
+class _MixScorer:
+    """Trains a mix's adapter (or finds it up to date) and scores it alone on the base."""
 
-    from .adapters.runtime import attach_adapters, set_fusion_weights
-    from .base_model import default_device, load_base_model, load_tokenizer
-    from .search.objectives import build_objective
-    from .train import train_adapters
+    def __init__(self, cfg: RunConfig, acfg: RunConfig, force: bool):
+        from .base_model import default_device, load_tokenizer
+        from .search.objectives import build_objective
 
-    specs = candidate_specs(cfg)
-    names = [s["name"] for s in specs]
-    train_adapters(acfg, names, force=force)
+        self.cfg, self.acfg, self.force = cfg, acfg, force
+        self.device = default_device()
+        self.objective = build_objective(cfg, load_tokenizer(cfg.model), self.device)
+        self.trials: list[dict] = []
+
+    def score(self, shares: dict[str, float]) -> dict:
+        """The trial record of `shares`: trained and scored once per distinct mix."""
+        import torch
+
+        from .adapters.runtime import attach_adapters, set_fusion_weights
+        from .base_model import load_base_model
+        from .train import train_adapters
+
+        spec = adapter_spec(self.cfg, shares)
+        for trial in self.trials:
+            if trial["adapter"] == spec["name"]:
+                return trial
+        acfg = _with_adapter(self.acfg, spec)
+        train_adapters(acfg, [spec["name"]], force=self.force)
+        path = RunLayout(self.cfg.run_dir).adapter(spec["name"])
+        model = attach_adapters(load_base_model(self.cfg.model, device=self.device),
+                                {spec["name"]: path})
+        set_fusion_weights(model, {spec["name"]: 1.0})
+        with torch.no_grad():
+            scored = self.objective.score(model)
+        trial = {"adapter": spec["name"], "mix": spec["mix"], "score": scored["score"],
+                 "per_dataset": scored["per_dataset"]}
+        self.trials.append(trial)
+        print(f"mix search: {spec['mix']} -> {scored['score']:.4f}", flush=True)
+        return trial
+
+
+def _with_adapter(acfg: RunConfig, spec: dict) -> RunConfig:
+    """`acfg` with the adapter `spec` added (if not there already)."""
+    if spec["name"] in acfg.adapter_names:
+        return acfg
+    data = acfg.model_dump(mode="json")
+    data["adapters"].append(spec)
+    return RunConfig.model_validate(data)
+
+
+def _sampled(cfg: RunConfig, scorer: _MixScorer, force: bool) -> int:
+    """Run the method's optuna sampler over the dataset weights for `n_trials` finished
+    trials (resuming its journal); the number of trials."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    from .search.methods import gp
+    from .search.pipeline import search_settings
+    from .search.registry import search_method
+
+    method = search_method(cfg.search.method)
+    datasets = searched_datasets(cfg)
     layout = RunLayout(cfg.run_dir)
-    device = default_device()
-    tokenizer = load_tokenizer(cfg.model)
-    model = attach_adapters(load_base_model(cfg.model, device=device),
-                            {n: layout.adapter(n) for n in names})
-    objective = build_objective(cfg, tokenizer, device)
-    trials = []
-    with torch.no_grad():
-        for spec in specs:
-            set_fusion_weights(model, {n: float(n == spec["name"]) for n in names})
-            scored = objective.score(model)
-            trials.append({"adapter": spec["name"], "mix": spec["mix"], "score": scored["score"],
-                           "per_dataset": scored["per_dataset"]})
-            print(f"mix search: {spec['mix']} -> {scored['score']:.4f}", flush=True)
-    best = min(trials, key=lambda t: t["score"])
-    out = layout.ablation("mix-search")
-    write_json(out / "trials.json", trials)
+    folder = layout.ablation("mix-search")
+    folder.mkdir(parents=True, exist_ok=True)
+    journal = folder / "study.journal"
+    if force:
+        journal.unlink(missing_ok=True)
+    # one study per setting the proposals depend on: a changed config starts afresh
+    name = "mix-" + fingerprint({
+        "search": search_settings(cfg), "seed": cfg.seed, "datasets": datasets,
+        "model": cfg.model.model_dump(mode="json"), "training": cfg.training.model_dump(mode="json"),
+        "curated": {n: artifact_id(layout.curated(n)) for n in (d.name for d in cfg.datasets)}})
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=name, direction="minimize", load_if_exists=True,
+        storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))),
+        sampler=method.sampler(cfg.search, cfg.seed))
+    def counted(trials) -> list:  # the budget's trials: scored, or all-zero (no mix)
+        return [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
+                or t.user_attrs.get("no_mix")]
+
+    for t in study.get_trials(deepcopy=False):  # interrupted while training: run it again
+        if t.state == optuna.trial.TrialState.RUNNING:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(t.params)
+    for t in study.get_trials(deepcopy=False):  # the finished trials' records (no training)
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            scorer.score(normalised({d: t.params[d] for d in datasets}))
+    if not study.get_trials(deepcopy=False) and cfg.search.method in ("gp", "cmaes"):
+        study.enqueue_trial(gp.start_point(cfg.search, datasets))
+    distributions = method.distributions(cfg.search, datasets)
+    while len(finished := counted(study.get_trials(deepcopy=False))) < cfg.search.n_trials:
+        trial = study.ask(distributions)
+        shares = normalised({d: trial.params[d] for d in datasets})
+        if shares is None:  # every weight 0: no data to train on
+            trial.set_user_attr("no_mix", True)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, scorer.score(shares)["score"])
+    return len(finished)
+
+
+def search_mix(cfg: RunConfig, acfg: RunConfig, force: bool = False) -> tuple[str, str]:
+    """Search the data mix (`acfg`: the ablation config, holding a fixed-list method's
+    candidates); the winner's table label and adapter name."""
+    scorer = _MixScorer(cfg, acfg, force)
+    if cfg.search.method in FIXED_LIST_METHODS:
+        for shares in mix_candidates(cfg):
+            scorer.score(shares)
+        n_trials = len(scorer.trials)
+    else:
+        n_trials = _sampled(cfg, scorer, force)
+    if not scorer.trials:
+        raise UserError(f"ablate: mixed_searched: every candidate of search.method "
+                        f"{cfg.search.method} had all weights 0, so no mix was trained; raise "
+                        "search.low or search.n_trials")
+    best = min(scorer.trials, key=lambda t: t["score"])
+    out = RunLayout(cfg.run_dir).ablation("mix-search")
+    write_json(out / "trials.json", scorer.trials)
     write_json(out / "best.json", {"objective": cfg.search.objective.type,
-                                   "n_candidates": len(trials), **best})
+                                   "method": cfg.search.method, "n_trials": n_trials,
+                                   "n_candidates": len(scorer.trials), **best})
     return f"one adapter, mix searched ({shares_label(best['mix'])})", best["adapter"]
