@@ -145,57 +145,65 @@ def _with_adapter(acfg: RunConfig, spec: dict) -> RunConfig:
     return RunConfig.model_validate(data)
 
 
-def _sampled(cfg: RunConfig, scorer: _MixScorer, force: bool) -> int:
-    """Run the method's optuna sampler over the dataset weights for `n_trials` finished
-    trials (resuming its journal); the number of trials."""
+def _mix_study(cfg: RunConfig, force: bool):
+    """The mix search's optuna study in `ablate/mix-search/study.journal` (a fresh one with
+    `force`), one per setting the proposals depend on: a changed config starts afresh."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    from .search.methods import gp
     from .search.pipeline import search_settings
     from .search.registry import search_method
 
-    method = search_method(cfg.search.method)
-    datasets = searched_datasets(cfg)
     layout = RunLayout(cfg.run_dir)
     folder = layout.ablation("mix-search")
     folder.mkdir(parents=True, exist_ok=True)
     journal = folder / "study.journal"
     if force:
         journal.unlink(missing_ok=True)
-    # one study per setting the proposals depend on: a changed config starts afresh
     name = "mix-" + fingerprint({
-        "search": search_settings(cfg), "seed": cfg.seed, "datasets": datasets,
+        "search": search_settings(cfg), "seed": cfg.seed, "datasets": searched_datasets(cfg),
         "model": cfg.model.model_dump(mode="json"), "training": cfg.training.model_dump(mode="json"),
         "curated": {n: artifact_id(layout.curated(n)) for n in (d.name for d in cfg.datasets)}})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
+    return optuna.create_study(
         study_name=name, direction="minimize", load_if_exists=True,
         storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))),
-        sampler=method.sampler(cfg.search, cfg.seed))
-    def counted(trials) -> list:  # the budget's trials: scored, or all-zero (no mix)
-        return [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
-                or t.user_attrs.get("no_mix")]
+        sampler=search_method(cfg.search.method).sampler(cfg.search, cfg.seed))
+
+
+def _sampled(cfg: RunConfig, scorer: _MixScorer, force: bool) -> int:
+    """Run the method's optuna sampler over the dataset weights for `n_trials` finished
+    trials (resuming its study); the number of trials."""
+    from optuna.trial import TrialState
+
+    from .search.methods import gp
+    from .search.registry import search_method
+
+    study, datasets = _mix_study(cfg, force), searched_datasets(cfg)
+
+    def counted() -> list:  # the budget's trials: scored, or all weights 0 (no mix)
+        return [t for t in study.get_trials(deepcopy=False)
+                if t.state == TrialState.COMPLETE or t.user_attrs.get("no_mix")]
 
     for t in study.get_trials(deepcopy=False):  # interrupted while training: run it again
-        if t.state == optuna.trial.TrialState.RUNNING:
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        if t.state == TrialState.RUNNING:
+            study.tell(t.number, state=TrialState.FAIL)
             study.enqueue_trial(t.params)
     for t in study.get_trials(deepcopy=False):  # the finished trials' records (no training)
-        if t.state == optuna.trial.TrialState.COMPLETE:
+        if t.state == TrialState.COMPLETE:
             scorer.score(normalised({d: t.params[d] for d in datasets}))
     if not study.get_trials(deepcopy=False) and cfg.search.method in ("gp", "cmaes"):
         study.enqueue_trial(gp.start_point(cfg.search, datasets))
-    distributions = method.distributions(cfg.search, datasets)
-    while len(finished := counted(study.get_trials(deepcopy=False))) < cfg.search.n_trials:
+    distributions = search_method(cfg.search.method).distributions(cfg.search, datasets)
+    while len(counted()) < cfg.search.n_trials:
         trial = study.ask(distributions)
         shares = normalised({d: trial.params[d] for d in datasets})
         if shares is None:  # every weight 0: no data to train on
             trial.set_user_attr("no_mix", True)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL)
         else:
             study.tell(trial, scorer.score(shares)["score"])
-    return len(finished)
+    return len(counted())
 
 
 def search_mix(cfg: RunConfig, acfg: RunConfig, force: bool = False) -> tuple[str, str]:
