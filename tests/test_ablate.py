@@ -150,7 +150,6 @@ def test_mixed_searched_tries_every_grid_mix_and_keeps_the_best(pipeline_run, tm
     assert [r["model"] for r in table["rows"]] == ["base", f"one adapter, mix searched ({shares})"]
 
 
-
 def test_mixed_searched_with_a_sampler_uses_its_budget_and_resumes(pipeline_run, tmp_path):
     """`mixed_searched` under `search.method: tpe`: the sampler's `n_trials` proposals, each
     distinct mix trained once and named by its shares; the study is kept, so running again

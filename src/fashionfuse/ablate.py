@@ -38,7 +38,8 @@ from .config import RunConfig
 from .errors import UserError
 from .evaluate.table import plot_table, to_csv, to_markdown
 from .fusion import OPERATORS, is_dense, searched_operator_params
-from .mix_search import candidate_specs, search_mix, shares_label, unsupported_method
+from .mix_search import (candidate_specs, normalised, search_mix, shares_label,
+                         unsupported_method)
 from .rundir import RunLayout, link_shared, write_json, write_text
 
 ALL_DATA = "ablate-all-datasets"
@@ -78,10 +79,7 @@ def ablation_config(cfg: RunConfig) -> RunConfig:
         chain = sequential_chain(cfg)
         extra += [{"name": link, "datasets": [dataset], "on_top_of": [previous]}
                   for previous, link, dataset in zip(chain, chain[1:], order[1:])]
-    data = cfg.model_dump(mode="json")
-    known = {a["name"] for a in data["adapters"]}
-    data["adapters"] += [a for a in extra if a["name"] not in known]
-    return RunConfig.model_validate(data)
+    return cfg.with_adapters(extra)
 
 
 def searched_mix(cfg: RunConfig) -> dict[str, float] | None:
@@ -92,13 +90,11 @@ def searched_mix(cfg: RunConfig) -> dict[str, float] | None:
     if not best.is_file():
         return None
     weights = json.loads(best.read_text())["best_weights"]
-    shares = {cfg.adapter_spec(a).datasets[0]: max(0.0, w)
-              for a, w in adapter_mean_weights(weights, cfg.search_adapters).items()}
-    total = sum(shares.values())
-    if total <= 0:
+    shares = normalised({cfg.adapter_spec(a).datasets[0]: w
+                         for a, w in adapter_mean_weights(weights, cfg.search_adapters).items()})
+    if shares is None:
         raise UserError(f"ablate: mixed_ratio: every searched weight in {best} is 0 or less, "
                         "so there is no mix to train; drop mixed_ratio from ablate.variants")
-    shares = {d: round(v / total, 6) for d, v in shares.items()}
     return {d: shares.get(d, 0.0) for d in (x.name for x in cfg.datasets)}
 
 

@@ -638,6 +638,17 @@ class RunConfig(_Strict):
         """Every adapter: one per dataset, then the extras."""
         return [d.name for d in self.datasets] + [a.name for a in self.adapters]
 
+    def with_adapters(self, specs: list[dict]) -> "RunConfig":
+        """This config with the adapter `specs` added (those not already among `adapters`),
+        validated."""
+        known = {a.name for a in self.adapters}
+        new = [spec for spec in specs if spec["name"] not in known]
+        if not new:
+            return self
+        data = self.model_dump(mode="json")
+        data["adapters"] += new
+        return RunConfig.model_validate(data)
+
     def round_config(self, index: int) -> "RunConfig":
         """The config of fusion round `index` (0-based): its own run dir, adapters and base.
 

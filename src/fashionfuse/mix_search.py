@@ -121,8 +121,7 @@ class _MixScorer:
         for trial in self.trials:
             if trial["adapter"] == spec["name"]:
                 return trial
-        acfg = _with_adapter(self.acfg, spec)
-        train_adapters(acfg, [spec["name"]], force=self.force)
+        train_adapters(self.acfg.with_adapters([spec]), [spec["name"]], force=self.force)
         path = RunLayout(self.cfg.run_dir).adapter(spec["name"])
         model = attach_adapters(load_base_model(self.cfg.model, device=self.device),
                                 {spec["name"]: path})
@@ -134,15 +133,6 @@ class _MixScorer:
         self.trials.append(trial)
         print(f"mix search: {spec['mix']} -> {scored['score']:.4f}", flush=True)
         return trial
-
-
-def _with_adapter(acfg: RunConfig, spec: dict) -> RunConfig:
-    """`acfg` with the adapter `spec` added (if not there already)."""
-    if spec["name"] in acfg.adapter_names:
-        return acfg
-    data = acfg.model_dump(mode="json")
-    data["adapters"].append(spec)
-    return RunConfig.model_validate(data)
 
 
 def _mix_study(cfg: RunConfig, force: bool):
