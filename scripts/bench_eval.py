@@ -155,7 +155,8 @@ def leaderboard(args, env: dict) -> None:
     ff = [sys.executable, "-m", "fashionfuse.cli"]
     common = ["--set", f"run_dir={RUN}", "--set", "eval.preset=leaderboard_v1",
               "--set", f"eval.benchmark_data={args.benchmarks}", "--set", "eval.tasks=[]",
-              "--set", "eval.include_paths=[]", "--set", "eval.num_fewshot=null",
+              "--set", "eval.include_paths=[]", "--set", "eval.retention=null",
+              "--set", "eval.num_fewshot=null",
               "--set", "eval.limit=5", "--set", f"eval.batch_size={args.batch_size}",
               "--set", f"model.quantization.compute_dtype={args.compute_dtype}"]
     for stage in ("curate", "train-adapter", "search-weights"):
@@ -335,7 +336,8 @@ def shared_prefix(args, env: dict) -> None:
     limit = args.limit or (4 if args.model == "smollm2" else 20)
     common = ["--set", f"run_dir={run}", "--set", "eval.preset=leaderboard_v1",
               "--set", f"eval.benchmark_data={args.benchmarks}", "--set", "eval.tasks=[]",
-              "--set", "eval.include_paths=[]", "--set", "eval.num_fewshot=null",
+              "--set", "eval.include_paths=[]", "--set", "eval.retention=null",
+              "--set", "eval.num_fewshot=null",
               "--set", f"eval.limit={limit}", "--set", f"eval.batch_size={args.batch_size}",
               "--set", "eval.log_samples=true", "--set", f"eval.models={models}",
               "--set", "eval.skill_tasks=false",

@@ -26,6 +26,10 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
     assert "train chat: up to date" in result.output and "search: up to date" in result.output
 
     adapters = run / "adapters"
+    # ablate trains its variants one call at a time: the summary keeps every adapter's row
+    summary = json.loads((adapters / "summary.json").read_text())
+    assert {"chat", "orca", "ablate-all-datasets", "ablate-mix-balanced",
+            "ablate-mix-ratio"} <= set(summary)
     m_all = json.loads((adapters / "ablate-all-datasets" / "manifest.json").read_text())
     m_chat = json.loads((adapters / "chat" / "manifest.json").read_text())
     m_orca = json.loads((adapters / "orca" / "manifest.json").read_text())
@@ -38,10 +42,23 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
     longest = load_config(pipeline_run["config"]).model.max_input_len
     balanced = json.loads((adapters / "ablate-mix-balanced" / "manifest.json").read_text())["mix"]
     assert {d: r["share"] for d, r in balanced.items()} == {"chat": 0.5, "orca": 0.5}
-    targets = [r["target_tokens"] for r in balanced.values()]
+    targets = [r["target_supervised_tokens"] for r in balanced.values()]
     assert abs(targets[0] - targets[1]) <= 1
     for r in balanced.values():  # each reaches its target, overshooting by under one example
-        assert 0 <= r["tokens"] - r["target_tokens"] < longest
+        assert 0 <= r["supervised_tokens"] - r["target_supervised_tokens"] < longest
+    # the budget is what the loss trains on: half the concatenation's supervised tokens each
+    from fashionfuse.base_model import load_tokenizer
+    from fashionfuse.examples import load_records, tokenize_records
+    from fashionfuse.train.mixing import supervised_tokens
+
+    cfg = load_config(pipeline_run["config"])
+    tok = load_tokenizer(cfg.model)
+    budget = sum(supervised_tokens(e) for d in ("chat", "orca") for e in tokenize_records(
+        load_records(run / "curated" / d / "train.jsonl"), tok, cfg.model.system_message,
+        cfg.model.max_input_len, cfg.model.chat_template))
+    for r in balanced.values():
+        assert abs(r["target_supervised_tokens"] - budget / 2) <= 1
+        assert r["input_tokens"] > r["supervised_tokens"]  # the masked prompts, counted apart
     searched = json.loads((run / "search" / "best.json").read_text())["best_weights"]
     ratio = json.loads((adapters / "ablate-mix-ratio" / "manifest.json").read_text())["mix"]
     total = sum(max(0.0, w) for w in searched.values())

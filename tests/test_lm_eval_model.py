@@ -22,11 +22,12 @@ def test_registered_in_lm_evals_registry():
 
 
 def run_cli(pipeline_run, tmp_path, model_args: str, **env) -> tuple[dict, str]:
-    """lm-eval's own CLI with the `fashionfuse` model on two demo tasks: (results, stderr)."""
+    """lm-eval's own CLI with the `fashionfuse` model on two demo tasks, the base loaded in
+    4-bit as the run trained and scored it: (results, stderr)."""
     run = pipeline_run["run_dir"]
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fashionfuse.lm_eval_cli", "--model", "fashionfuse",
-           "--model_args", f"pretrained={pipeline_run['model']}{model_args}",
+           "--model_args", f"pretrained={pipeline_run['model']},load_in_4bit=true{model_args}",
            "--tasks", "demo_colours,demo_opposites", "--include_path", str(run / "eval_tasks"),
            "--limit", "6", "--num_fewshot", "0", "--device", "cpu", "--batch_size", "8",
            "--output_path", str(out)]

@@ -7,8 +7,11 @@ import pytest
 from fashionfuse.train.mixing import mix_examples
 
 
-def _examples(tag: str, lengths: list[int]) -> list[dict]:
-    return [{"input_ids": [0] * n, "tag": tag, "i": i} for i, n in enumerate(lengths)]
+def _examples(tag: str, lengths: list[int], prompt: int = 0) -> list[dict]:
+    """Examples of `prompt` masked tokens then `n` supervised ones (the first position is never
+    a target, as in a real example: it starts with the masked BOS)."""
+    return [{"input_ids": [0] * (prompt + n + 1), "labels": [-100] * (prompt + 1) + [7] * n,
+             "tag": tag, "i": i} for i, n in enumerate(lengths)]
 
 
 def test_shares_split_the_concatenations_token_budget():
@@ -18,9 +21,10 @@ def test_shares_split_the_concatenations_token_budget():
     budget = 1300
     for name, longest in (("big", 30), ("small", 20)):
         r = record[name]
-        assert r["share"] == 0.5 and r["target_tokens"] == budget // 2
-        assert 0 <= r["tokens"] - r["target_tokens"] < longest
-        assert r["tokens"] == sum(len(e["input_ids"]) for e in mixed if e["tag"] == name)
+        assert r["share"] == 0.5 and r["target_supervised_tokens"] == budget // 2
+        assert 0 <= r["supervised_tokens"] - r["target_supervised_tokens"] < longest
+        assert r["supervised_tokens"] == sum(len(e["input_ids"]) - 1 for e in mixed
+                                             if e["tag"] == name)
     assert record["small"]["passes"] == 7  # 650 tokens from a 100-token set: repeated
     assert record["big"]["passes"] == 1 and record["big"]["examples"] == 22  # a subsample
     # each pass over a dataset takes every example once before any repeats: no example of the
@@ -31,6 +35,24 @@ def test_shares_split_the_concatenations_token_budget():
     assert len(counts) == 5 and max(counts.values()) - min(counts.values()) <= 1
     # shuffled together: both datasets appear early, not one block after the other
     assert {e["tag"] for e in mixed[:12]} == {"big", "small"}
+
+
+def test_shares_count_the_supervised_tokens_not_the_prompts():
+    """A dataset of long masked prompts and short answers gets its share of what the loss
+    trains on: its prompt tokens do not count against its budget."""
+    from fashionfuse.train.mixing import supervised_tokens
+
+    chatty = _examples("chatty", [40] * 30)  # 1,200 supervised tokens, no prompt
+    terse = _examples("terse", [5] * 60, prompt=95)  # 300 supervised in 6,000 input tokens
+    mixed, record = mix_examples({"chatty": chatty, "terse": terse},
+                                 {"chatty": 1, "terse": 1}, seed=0)
+    budget = 1200 + 300
+    trained = {name: sum(supervised_tokens(e) for e in mixed if e["tag"] == name)
+               for name in ("chatty", "terse")}
+    assert trained == {n: record[n]["supervised_tokens"] for n in trained}
+    assert abs(trained["chatty"] - budget / 2) < 40 and abs(trained["terse"] - budget / 2) < 5
+    assert record["terse"]["input_tokens"] == record["terse"]["examples"] * 101
+    assert record["chatty"]["input_tokens"] == record["chatty"]["examples"] * 41
 
 
 def test_mix_is_seeded_and_a_zero_share_drops_a_dataset():

@@ -156,8 +156,11 @@ def fusion_variants(cfg: RunConfig) -> list[FusionVariant]:
     learned = dict(plain, method="gradient", operator="sum", layer_weights_from=None)
     on = ""
     if not registry.objective_class(cfg.search.objective.type).differentiable:
-        learned["objective"] = dict(cfg.search.objective.model_dump(mode="json"), type="val_loss")
-        on = " on validation loss"
+        # validation loss has no retention term: it is dropped, and the label says so
+        learned["objective"] = dict(cfg.search.objective.model_dump(mode="json"), type="val_loss",
+                                    retention=None)
+        on = " on validation loss" + (", no retention term" if cfg.search.objective.retention
+                                      else "")
     out = [FusionVariant(folder, label, dict(plain, **_PLAIN_SUM, method="grid",
                                              grid_values=[weight]))
            for key, folder, label, weight in (

@@ -42,13 +42,19 @@ def _fail(lines: list[str]) -> None:
     raise typer.Exit(code=2)
 
 
-def _load(config: Path, overrides: Optional[list[str]], reads_sources: bool = True) -> RunConfig:
-    """The validated config, with everything it points to checked to exist (nothing written)."""
+def _load(config: Path, overrides: Optional[list[str]], reads_sources: bool = True,
+          tasks: Optional[str] = None) -> RunConfig:
+    """The validated config, with everything it points to checked to exist (nothing written).
+    `tasks`: also resolve its lm-eval task names ("names"), and require an eval task ("eval")."""
     try:
         cfg = load_config(config, overrides or [])
     except ConfigError as exc:
         _fail(exc.problems)
     problems = filesystem_problems(cfg, reads_sources)
+    if tasks is not None:
+        from .lm_eval_run import task_name_problems
+
+        problems += task_name_problems(cfg, needs_eval=tasks == "eval")
     if problems:
         _fail([f"{config}: {p}" for p in problems])
     return cfg
@@ -63,7 +69,7 @@ def _save_resolved(cfg: RunConfig) -> None:
 
 def _run_stage(command: str, config: Path, overrides: Optional[list[str]],
                stage: Callable[[RunConfig], object], reads_sources: bool = True,
-               shared_lock: Callable[[RunConfig], bool] = None):
+               shared_lock: Callable[[RunConfig], bool] = None, tasks: Optional[str] = None):
     """Validate, lock the run dir, save the resolved config, run. A `UserError` (or a full disk,
     a permission problem) is one line and exit 2; any other exception is a bug and propagates
     with its traceback (exit 1)."""
@@ -73,7 +79,7 @@ def _run_stage(command: str, config: Path, overrides: Optional[list[str]],
     from .errors import UserError, environment_problem
     from .rundir import run_lock
 
-    cfg = _load(config, overrides, reads_sources)
+    cfg = _load(config, overrides, reads_sources, tasks)
     shared = int(os.environ.get("WORLD_SIZE", "1")) > 1 or bool(shared_lock and shared_lock(cfg))
     started = time.perf_counter()
     try:
@@ -101,8 +107,8 @@ def _run_stage(command: str, config: Path, overrides: Optional[list[str]],
 
 @app.command()
 def validate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
-    """Check a config and print every problem at once."""
-    cfg = _load(config, set_)
+    """Check a config and print every problem at once (lm-eval task names included)."""
+    cfg = _load(config, set_, tasks="eval")
     typer.echo(f"{config}: ok ({len(cfg.datasets)} datasets, run_dir {cfg.run_dir})")
 
 
@@ -136,7 +142,8 @@ def search_weights(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
     """Search fusion weights on the held-out objective; export the fused adapter."""
     _run_stage("search-weights", config, set_,
                lambda cfg: run_stage(cfg, "search", round_, force=force),
-               reads_sources=False, shared_lock=lambda cfg: cfg.search.storage is not None)
+               reads_sources=False, shared_lock=lambda cfg: cfg.search.storage is not None,
+               tasks="names")
 
 
 @app.command("eval")
@@ -148,7 +155,7 @@ def eval_(
     `rounds`: the last round's)."""
     overrides = list(set_ or []) + ([f"eval.limit={limit}"] if limit is not None else [])
     _run_stage("eval", config, overrides, lambda cfg: run_stage(cfg, "eval", force=force),
-               reads_sources=False)
+               reads_sources=False, tasks="eval")
 
 
 @app.command()
@@ -160,7 +167,7 @@ def ablate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
     from .ablate import ablate as run_ablation
 
     _run_stage("ablate", config, set_,
-               lambda cfg: _with_report(cfg, run_ablation(cfg, force=force)))
+               lambda cfg: _with_report(cfg, run_ablation(cfg, force=force)), tasks="eval")
 
 
 @app.command()
@@ -168,7 +175,8 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: boo
     """All stages in order, skipping those whose artifacts are up to date; then the report."""
     from .pipeline import run_all
 
-    _run_stage("run", config, set_, lambda cfg: _with_report(cfg, run_all(cfg, force=force)))
+    _run_stage("run", config, set_, lambda cfg: _with_report(cfg, run_all(cfg, force=force)),
+               tasks="eval")
 
 
 @app.command()

@@ -311,7 +311,8 @@ class RetentionConfig(_Strict):
     fusion costs the base (the table adds each model's retention minus the base's)."""
 
     tasks: list[str] = Field(description="lm-eval task names (built in or under include_paths)")
-    num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    num_fewshot: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="Shots of the retention tasks (default: eval.num_fewshot)")
     limit: Annotated[float, Field(gt=0)] | None = Field(
         default=None, description="Examples per retention task (default: eval.limit)")
 
@@ -329,6 +330,8 @@ class ObjectiveRetention(RetentionConfig):
     weight: Annotated[float, Field(ge=0)] = Field(
         default=0.5, description="How much one point of mean retention accuracy counts against "
         "one point of the objective's own term")
+    num_fewshot: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="Shots of the retention tasks (default: objective.num_fewshot)")
     limit: Annotated[float, Field(gt=0)] | None = Field(
         default=None, description="Examples per retention task (default: objective.limit)")
 

@@ -12,12 +12,20 @@ from __future__ import annotations
 
 
 def main() -> None:
-    """Register `fashionfuse` in lm-eval's model registry, then run lm-eval's CLI."""
+    """Register `fashionfuse` in lm-eval's model registry, then run lm-eval's CLI. A problem
+    with the model arguments is one line and exit 2, as in `fashionfuse`."""
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
     from . import lm_eval_model  # noqa: F401  (registers the model)
+    from .errors import UserError
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

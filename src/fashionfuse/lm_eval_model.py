@@ -88,44 +88,74 @@ def attach_searched_fusion(model, best_json: str | Path):
     return model
 
 
+# HFLM's loading arguments that `load_for_scoring` does not implement: refused, never ignored
+_LOADING_ARGS_REFUSED = ("parallelize", "tp_plan", "delta", "autogptq", "gptqmodel", "gguf_file",
+                         "subfolder", "max_memory_per_gpu", "max_cpu_memory")
+
+
+def scoring_device(device: str | None) -> str:
+    """The device to load on, as HFLM picks it: the one asked for when this machine has it,
+    else CUDA where available, else the CPU (HFLM's default `cuda` on a CPU-only machine)."""
+    from .base_model import default_device
+
+    if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
+        return default_device()
+    return device
+
+
 def load_for_scoring(base: str, *, peft: str | None = None, fusion: str | None = None,
-                     load_in_4bit: bool = True, compute_dtype: str = "auto",
-                     device: str | None = None, revision: str | None = None):
-    """(model, tokenizer) as `fashionfuse eval` scores them: the base (a hub id, folder or GGUF
-    file) quantised to NF4 with double quant like training (or in `compute_dtype` without
-    4-bit), then a PEFT adapter at weight 1 (`peft`) or a search's fused weights (`fusion`)."""
-    from .base_model import default_device, load_base_model, load_tokenizer
+                     load_in_4bit: bool = False, dtype: str = "auto",
+                     device: str | None = None, revision: str | None = None,
+                     trust_remote_code: bool = False):
+    """(model, tokenizer, what was loaded in words): the base (a hub id, folder or GGUF file)
+    loaded as lm-eval's HFLM loads it from the same arguments (unquantised, `dtype` "auto" =
+    the checkpoint's own), or with `load_in_4bit` quantised to NF4 with double quant like
+    training (`dtype` the compute dtype; "auto" as `fashionfuse eval` resolves it); then a PEFT
+    adapter at weight 1 (`peft`) or a search's fused weights (`fusion`)."""
+    from .base_model import DTYPES, load_base_model, load_full_precision, load_tokenizer
+    from .base_model import resolve_compute_dtype
     from .config import ModelConfig
 
     if peft and fusion:
         raise UserError("model_args: give peft= or fusion=, not both")
-    cfg = ModelConfig(base=base, revision=revision, quantization={
-        "bits": 4 if load_in_4bit else 16, "compute_dtype": compute_dtype})
-    model = load_base_model(cfg, quantized=load_in_4bit, device=device or default_device())
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"model_args: dtype={dtype}: use auto, {', '.join(DTYPES)}")
+    device = scoring_device(device)
+    cfg = ModelConfig(base=base, revision=revision, trust_remote_code=trust_remote_code,
+                      quantization={"bits": 4 if load_in_4bit else 16, "compute_dtype": dtype})
+    if load_in_4bit:
+        model = load_base_model(cfg, quantized=True, device=device)
+        loaded = (f"4-bit NF4 (double quant), compute "
+                  f"{resolve_compute_dtype(cfg.quantization, device)}")
+    else:
+        model = load_full_precision(cfg, DTYPES.get(dtype, "auto")).to(device)
+        model.config.use_cache = False
+        loaded = f"unquantised, {str(next(model.parameters()).dtype).removeprefix('torch.')}"
     if peft:
         model = attach_adapters(model, {"scored": Path(peft)})
         set_fusion_weights(model, {"scored": 1.0})
+        loaded += f", adapter {peft} at weight 1"
     elif fusion:
         model = attach_searched_fusion(model, fusion)
-    return model, load_tokenizer(cfg)
+        loaded += f", fused weights of {fusion}"
+    return model, load_tokenizer(cfg), f"{base} ({loaded}) on {device}"
 
 
 @register_model("fashionfuse")
 class FashionfuseLM(HFLM):
     """HFLM with fashionfuse's speed-ups (see the module doc). `pretrained` is a model object,
-    or a base to load as `fashionfuse eval` does (`load_for_scoring`: `peft`, `fusion`,
-    `load_in_4bit` default true, `compute_dtype` default auto). Beyond HFLM's arguments:
-    `shared_contexts` (default true), and `rank`, `world_size`, `accelerator` for data
-    parallelism across processes."""
+    or a base to load (`load_for_scoring`): what HFLM loads from the same arguments
+    (unquantised, HFLM's `dtype`), or with `load_in_4bit=true` the NF4 base as training and
+    `fashionfuse eval` load it (`compute_dtype`, default auto); `peft` or `fusion` on top.
+    Beyond HFLM's arguments: `shared_contexts` (default true), and `rank`, `world_size`,
+    `accelerator` for data parallelism across processes."""
 
     def __init__(self, pretrained="", *, shared_contexts=True, fusion: str | None = None,
-                 load_in_4bit=True, compute_dtype: str = "auto", rank: int | None = None,
+                 load_in_4bit=False, compute_dtype: str | None = None, rank: int | None = None,
                  world_size: int | None = None, accelerator=None, **kwargs):
-        if isinstance(pretrained, str):  # loaded as `fashionfuse eval` loads it
-            pretrained, tokenizer = load_for_scoring(
-                pretrained, peft=kwargs.pop("peft", None), fusion=fusion,
-                load_in_4bit=_flag(load_in_4bit), compute_dtype=compute_dtype,
-                device=kwargs.get("device"), revision=kwargs.get("revision"))
+        if isinstance(pretrained, str):
+            pretrained, tokenizer = self._load(pretrained, fusion, _flag(load_in_4bit),
+                                               compute_dtype, kwargs)
             kwargs.setdefault("tokenizer", tokenizer)
         super().__init__(pretrained=pretrained, **kwargs)
         use_lean_lora_forward(self.model)
@@ -143,6 +173,29 @@ class FashionfuseLM(HFLM):
                                              self._detect_batch_size)
                         if self._internals and _flag(shared_contexts) and cache_argument(self)
                         else None)
+
+    @staticmethod
+    def _load(base: str, fusion, load_in_4bit: bool, compute_dtype, kwargs: dict):
+        """Load `base` for lm-eval's CLI (`load_for_scoring`) from the model arguments, refusing
+        the ones it would ignore; says on stderr what was loaded."""
+        import sys
+
+        refused = [k for k in _LOADING_ARGS_REFUSED
+                   if k in kwargs and kwargs[k] not in (None, "", False) and _flag(kwargs[k])]
+        if refused:
+            raise UserError(f"model_args: {', '.join(refused)}: not supported by --model "
+                            "fashionfuse (use --model hf)")
+        dtype = kwargs.get("dtype")
+        if dtype is not None and compute_dtype is not None and str(dtype) != compute_dtype:
+            raise UserError(f"model_args: dtype={dtype} and compute_dtype={compute_dtype}: "
+                            "give one of them")
+        model, tokenizer, loaded = load_for_scoring(
+            base, peft=kwargs.pop("peft", None), fusion=fusion, load_in_4bit=load_in_4bit,
+            dtype=str(compute_dtype or dtype or "auto"), device=kwargs.get("device"),
+            revision=kwargs.get("revision"),
+            trust_remote_code=_flag(kwargs.get("trust_remote_code", False)))
+        print(f"fashionfuse: loaded {loaded}", file=sys.stderr)
+        return model, tokenizer
 
     # ---------------------------------------------------------------- scoring
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
@@ -188,11 +241,14 @@ class FashionfuseLM(HFLM):
         if not (self._internals and self.backend == "causal" and cache_keyword(self.model)
                 and plain_greedy(self.model.generation_config, generation_kwargs)):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        # as in `generate`, the model's own `generation_config.max_new_tokens` takes precedence
+        # over the `max_length` lm-eval passes
+        own = getattr(self.model.generation_config, "max_new_tokens", None)
         with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
             return greedy_generate(
                 self.model, context, generation_kwargs["attention_mask"],
-                max_new_tokens=max_length - context.shape[1], stop=stop,
+                max_new_tokens=own if own is not None else max_length - context.shape[1], stop=stop,
                 tokenizer=self.tokenizer, pad_id=self.tokenizer.pad_token_id,
                 logits_to_keep=self._trailing_logits, prefill_each=self.device.type == "cpu")
 

@@ -12,6 +12,7 @@ cannot read (custom tags such as `!function`) keep their folder as an include pa
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import yaml
@@ -77,6 +78,54 @@ def task_manager(include_paths: list[str], task_names: list[str]):
             return local
     return TaskManager(include_path=list(include_paths) or None)
 
+
+
+@functools.cache
+def _builtin_task_names() -> frozenset[str]:
+    """Every task and group lm-eval ships (indexing them takes seconds: once a process)."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)
+
+
+def task_name_problems(cfg, needs_eval: bool = True) -> list[str]:
+    """One line for every lm-eval task name in the config that lm-eval cannot resolve (built in,
+    or defined under the section's include paths), with the closest known names; and, with
+    `needs_eval`, one when no eval task is configured at all. Checked before any work; nothing is written (the
+    include folders are indexed where they are, not copied)."""
+    import difflib
+
+    from lm_eval.tasks import TaskManager
+
+    ev, obj = cfg.eval, cfg.search.objective
+    named = [("eval.tasks", ev.tasks, ev.include_paths, "eval.include_paths"),
+             ("search.objective.tasks", obj.tasks, obj.include_paths,
+              "search.objective.include_paths")]
+    if ev.retention is not None:
+        named.append(("eval.retention.tasks", ev.retention.tasks, ev.include_paths,
+                      "eval.include_paths"))
+    if obj.retention is not None:
+        named.append(("search.objective.retention.tasks", obj.retention.tasks,
+                      obj.include_paths, "search.objective.include_paths"))
+    problems = []
+    if needs_eval and not (ev.preset or ev.tasks or ev.skill_tasks or ev.retention):
+        problems.append("eval: no tasks configured (set eval.preset, eval.tasks or "
+                        "eval.skill_tasks)")
+    for field, names, folders, folders_field in named:
+        if not names:
+            continue
+        folders = [f for f in folders if Path(f).is_dir()]  # a missing one is its own problem
+        known = set(TaskManager(include_path=folders, include_defaults=False).all_tasks
+                    if folders else ())
+        if set(names) - known:
+            known |= _builtin_task_names()
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+                problems.append(
+                    f"{field}: {name!r}: not an lm-eval task (built in or under "
+                    f"{folders_field})" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return problems
 
 
 def wrap_model(model, tokenizer, batch_size, accelerator=None, rank: int = 0, world: int = 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -224,6 +225,30 @@ def _filter_shards(cfg: RunConfig, ds: DatasetConfig, benchmark_index, work: Pat
     return passed, funnel, rejects
 
 
+def _die_with_parent(parent: int) -> None:
+    """In a worker: end when the curating process ends, however it ends (SIGTERM or SIGKILL
+    leave no chance to shut the pool down): the kernel's parent-death signal on Linux, else a
+    thread that watches the parent's pid."""
+    import signal
+    import threading
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # it ended before the signal was armed
+        os._exit(1)
+
+
 def _in_order(func, jobs, nproc: int):
     """`func` over `jobs` in forked worker processes, results in job order, at most two jobs a
     worker in flight (the job iterator is read lazily). Closing the generator early cancels the
@@ -234,7 +259,8 @@ def _in_order(func, jobs, nproc: int):
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
-    executor = ProcessPoolExecutor(nproc, mp_context=mp.get_context("fork"))
+    executor = ProcessPoolExecutor(nproc, mp_context=mp.get_context("fork"),
+                                   initializer=_die_with_parent, initargs=(os.getpid(),))
     pending: deque = deque()
     try:
         for job in jobs:

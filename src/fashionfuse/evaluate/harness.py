@@ -117,7 +117,8 @@ def task_specs(cfg: RunConfig) -> list[TaskSpec]:
     specs += custom_specs(list(cfg.eval.tasks), cfg.eval.num_fewshot)
     keep = cfg.eval.retention
     if keep is not None:
-        specs += [TaskSpec(t, keep.num_fewshot, "", t, RETENTION, keep.limit) for t in keep.tasks]
+        shots = keep.num_fewshot if keep.num_fewshot is not None else cfg.eval.num_fewshot
+        specs += [TaskSpec(t, shots, "", t, RETENTION, keep.limit) for t in keep.tasks]
     if not specs:
         raise EvalError("eval: no tasks configured (set eval.preset, eval.tasks or eval.skill_tasks)")
     return specs

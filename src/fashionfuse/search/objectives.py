@@ -101,7 +101,9 @@ class TaskScores:
         include = prepare_include_paths(obj.include_paths, RunLayout(cfg.run_dir).root / "search_tasks")
         self.task_manager = task_manager(include, tasks)
         self.tasks, self.tokenizer, self.seed = tasks, tokenizer, cfg.seed
-        self.num_fewshot = term.num_fewshot if term else obj.num_fewshot
+        # the retention term's own shots and limit, each defaulting to the objective's
+        self.num_fewshot = (term.num_fewshot if term and term.num_fewshot is not None
+                            else obj.num_fewshot)
         self.limit = term.limit if term and term.limit is not None else obj.limit
         self.batch_size = cfg.search.batch_size
         self.task_set, self.lm = None, None

@@ -391,6 +391,8 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress |
                "compute_dtype": s.compute_dtype,
                "target_modules": s.targets, "train_seconds": round(totals["seconds"], 2),
                "real_tokens": int(totals["real"]),
+               # what the loss trained on (assistant tokens), every step, resumed ones included
+               "trained_tokens": sum(step["trained_tokens"] for step in h),
                "padding_pct": round(100 * (1 - totals["real"] / max(totals["padded"], 1)), 2)
                if totals["padded"] else None}
     if world.is_main:
@@ -404,7 +406,8 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress |
 
 def train_adapters(cfg: RunConfig, names: list[str] | None = None, force: bool = False
                    ) -> dict[str, dict]:
-    """Train (or skip when up to date) each named adapter (default: every adapter)."""
+    """Train (or skip when up to date) each named adapter (default: every adapter); their
+    metrics are added to `adapters/summary.json` beside the rows of adapters trained before."""
     layout = RunLayout(cfg.run_dir)
     tokenizer = load_tokenizer(cfg.model)
     results = {}
@@ -415,6 +418,8 @@ def train_adapters(cfg: RunConfig, names: list[str] | None = None, force: bool =
             results[name] = read_manifest(layout.adapter(name))["metrics"]
             continue
         results[name] = train_one_adapter(cfg, name, tokenizer)
-    if init_world().is_main:
-        write_json(layout.root / "adapters" / "summary.json", results)
+    if init_world().is_main:  # every adapter trained so far keeps its row
+        summary = layout.root / "adapters" / "summary.json"
+        earlier = json.loads(summary.read_text()) if summary.exists() else {}
+        write_json(summary, {**earlier, **results})
     return results
