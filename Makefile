@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo real test bench clean
+.PHONY: install demo real test bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ real: install
 
 test: install
 	$(PY) -m pytest -q
+
+# every scripts/bench_*.py mode the README shows, at its smallest size (minutes; .ci/run runs it)
+bench-smoke: install
+	$(PY) -m pytest -q -m bench tests/test_benches.py
 
 clean:
 	rm -rf runs/demo runs/smollm2 runs/smollm2-hub
