@@ -49,12 +49,13 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
     # the budget is what the loss trains on: half the concatenation's supervised tokens each
     from fashionfuse.base_model import load_tokenizer
     from fashionfuse.examples import load_records, tokenize_records
+    from fashionfuse.rundir import RunLayout
     from fashionfuse.train.mixing import supervised_tokens
 
     cfg = load_config(pipeline_run["config"])
     tok = load_tokenizer(cfg.model)
     budget = sum(supervised_tokens(e) for d in ("chat", "orca") for e in tokenize_records(
-        load_records(run / "curated" / d / "train.jsonl"), tok, cfg.model.system_message,
+        load_records(RunLayout(run).curated(d) / "train.jsonl"), tok, cfg.model.system_message,
         cfg.model.max_input_len, cfg.model.chat_template))
     for r in balanced.values():
         assert abs(r["target_supervised_tokens"] - budget / 2) <= 1
