@@ -12,6 +12,15 @@
    recall = share of the brute-force matches the index also reports.
 
 Ends with `records_per_s`, `index_speedup`, `index_recall` lines (`label: value`).
+
+    python scripts/bench_curate.py --rows 1000000 [--benchmarks ../shared/benchmarks]
+
+3. Curation at scale, in memory flat in the row count: an OpenOrca-format file of N generated
+   rows (distinct texts of 30-230 words) curated with decontamination (against the benchmark
+   files, or generated questions where they are absent) and near-duplicate removal on, every
+   core filtering; the same at N/10 rows first. Each size runs in a fresh process, whose peak
+   RSS (itself and, separately, its largest filter worker) is measured by the kernel. Prints
+   `peak_rss_mb`, `rows_per_s` and `rss_ratio_<N>_vs_<N/10>` (`rss_ratio_1m_vs_100k` for 1M).
 """
 
 from __future__ import annotations
@@ -109,13 +118,121 @@ def bench_decontamination(bench_dir: Path, n_queries: int, n_planted: int, seed:
     return brute_s / index_s, recall
 
 
+WORDS = [f"{a}{b}{c}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ri", "vo", "de", "pa")
+         for b in ("ra", "mo", "li", "ke", "zu", "na", "te", "bo") for c in ("n", "s", "", "l", "th")]
+
+
+def openorca_dump(path: Path, n: int, seed: int = 0) -> None:
+    """`n` OpenOrca-format rows of generated text, all distinct (the row number is in each)."""
+    rng = np.random.default_rng(seed)
+    words = np.array(WORDS)
+    with open(path, "w") as fh:
+        for start in range(0, n, 10000):
+            k = min(10000, n - start)
+            q_len = rng.integers(10, 40, size=k)
+            r_len = rng.integers(20, 190, size=k)
+            picks = rng.integers(0, len(words), size=(k, 230))
+            for j in range(k):
+                i = start + j
+                q = " ".join(words[picks[j, :q_len[j]]])
+                r = " ".join(words[picks[j, q_len[j]:q_len[j] + r_len[j]]])
+                fh.write(json.dumps({"id": f"orca-{i}", "system_prompt": "",
+                                     "question": f"Question {i}: {q}?",
+                                     "response": f"{r.capitalize()}. ({i})"}) + "\n")
+
+
+def _rss_mb(who) -> float:
+    import resource
+
+    return resource.getrusage(who).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def scale_child(rows: int, bench_dir: Path, tmp: Path) -> None:
+    """One curation at `rows` rows (in its own process); prints a JSON line of its figures."""
+    import resource
+
+    src = tmp / f"orca-{rows}.jsonl"
+    openorca_dump(src, rows)
+    if bench_dir.is_dir():
+        benchmarks = str(bench_dir)
+    else:  # generated questions in the benchmark schema, so decontamination still runs
+        benchmarks = str(tmp / "questions.jsonl")
+        rng = random.Random(1)
+        with open(benchmarks, "w") as fh:
+            for k in range(20000):
+                fh.write(json.dumps({"question": " ".join(rng.choices(WORDS, k=15)) + f" {k}?"}) + "\n")
+    cfg = RunConfig.model_validate({
+        "run_dir": str(tmp / f"run-{rows}"),
+        "model": {"base": str(ROOT / "data" / "tiny-llama"), "max_input_len": 1024},
+        "datasets": [{"name": "orca", "kind": "qa", "source": {"format": "openorca", "path": str(src)},
+                      "filters": {"near_dedup": {"enabled": True}}}],
+        "curate": {"decontaminate": {"benchmarks": [benchmarks]}},
+    })
+    from fashionfuse.curate.pipeline import build_benchmark_index
+
+    tokenizer = load_tokenizer(cfg.model)
+    out = tmp / f"out-{rows}"
+    out.mkdir()
+    before = _rss_mb(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    index = build_benchmark_index(cfg)
+    stats = curate_dataset(cfg, cfg.datasets[0], tokenizer, out, index, work=tmp / f"work-{rows}")
+    elapsed = time.perf_counter() - t0
+    print(json.dumps({"rows": rows, "seconds": elapsed, "kept": stats["instances"],
+                      "funnel": stats["funnel"], "rss_before_mb": before,
+                      "peak_rss_mb": _rss_mb(resource.RUSAGE_SELF),
+                      "worker_peak_rss_mb": _rss_mb(resource.RUSAGE_CHILDREN)}))
+
+
+def _short(n: int) -> str:
+    for unit, size in (("m", 1_000_000), ("k", 1000)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def bench_scale(rows: int, bench_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (rows // 10, rows):
+            proc = subprocess.run([sys.executable, __file__, "--scale-child", str(n),
+                                   "--benchmarks", str(bench_dir), "--tmp", tmp],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"curation of {n} rows failed:\n{proc.stderr[-3000:]}")
+            figures[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+            f = figures[n]
+            print(f"scale: {n} rows in {f['seconds']:.1f} s ({n / f['seconds']:.0f} rows/s), kept "
+                  f"{f['kept']}, peak RSS {f['peak_rss_mb']:.0f} MB (largest worker "
+                  f"{f['worker_peak_rss_mb']:.0f} MB); funnel {f['funnel']}")
+    big, small = figures[rows], figures[rows // 10]
+    print(f"peak_rss_mb: {big['peak_rss_mb']:.0f}")
+    print(f"worker_peak_rss_mb: {big['worker_peak_rss_mb']:.0f}")
+    print(f"rows_per_s: {rows / big['seconds']:.0f}")
+    print(f"rss_ratio_{_short(rows)}_vs_{_short(rows // 10)}: "
+          f"{big['peak_rss_mb'] / small['peak_rss_mb']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=None,
+                        help="curation at scale: N generated OpenOrca rows (and N/10 first)")
+    parser.add_argument("--scale-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--records", type=int, default=20000)
     parser.add_argument("--benchmarks", type=Path, default=ROOT.parent / "shared" / "benchmarks")
     parser.add_argument("--queries", type=int, default=400)
     parser.add_argument("--planted", type=int, default=100)
     args = parser.parse_args()
+    if args.scale_child is not None:
+        scale_child(args.scale_child, args.benchmarks, args.tmp)
+        return
+    if args.rows is not None:
+        bench_scale(args.rows, args.benchmarks)
+        return
     rps = bench_chain(args.records)  # Table 4 context: 4096 tokens
     short = bench_chain(args.records, max_input_len=128)  # most chats need tokenising and splitting
     print(f"records_per_s_max_input_len_128: {short:.1f}")

@@ -40,7 +40,6 @@ MALFORMED = {
     "bom": (b"\xef\xbb\xbf" + _line(_good(0)) + _line(_good(1)), 2, 0),
     "crlf": (_line(_good(0)).replace(b"\n", b"\r\n") + _line(_good(1)).replace(b"\n", b"\r\n"),
              2, 0),
-    "empty_file": (b"", 0, 0),
     "blank_lines": (b"\n\n" + _line(_good(0)) + b"   \n" + _line(_good(1)), 2, 0),
     "huge_record": (_line({"id": "h", "model": "gpt-4", "conversations": [
         {"from": "human", "value": "q"}, {"from": "gpt", "value": "x " * 25_000_000}]})
@@ -91,16 +90,26 @@ def test_strict_mode_fails_fast_naming_file_and_line(case, tmp_path, tiny_model)
     assert not (tmp_path / "run" / "curate" / "chat").exists()
 
 
-def test_broken_json_array_file_is_one_malformed_entry(tmp_path, tiny_model):
-    data = tmp_path / "alpaca.json"
-    data.write_text('[{"instruction": "a", "output": "b"}, {"instruction": ')
-    cfg = yaml.safe_load(open(_config(tmp_path, data)))
-    cfg["datasets"][0].update(kind="qa", source={"format": "alpaca", "path": str(data)})
+@pytest.mark.parametrize("command", ["validate", "curate"])
+def test_a_source_with_no_readable_row_is_refused_before_any_work(command, tmp_path, tiny_model):
+    """An empty file, or a JSON array that cannot be parsed, has no row to curate: one line
+    naming the file (and line), exit 2, nothing written."""
+    empty = tmp_path / "chat.jsonl"
+    empty.write_bytes(b"")
+    broken = tmp_path / "alpaca.json"
+    broken.write_text('[{"instruction": "a", "output": "b"}, {"instruction": ')
+    cfg = yaml.safe_load(open(_config(tmp_path, empty)))
+    cfg["datasets"].append({"name": "qa", "kind": "qa",
+                            "source": {"format": "alpaca", "path": str(broken)}})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    result = runner.invoke(app, ["curate", str(tmp_path / "c.yaml"), "--set", f"model.base={tiny_model}"])
-    assert result.exit_code == 0, result.output
-    rejects = (tmp_path / "run" / "curate" / "chat" / "rejects.jsonl").read_text()
-    assert f"{data}:1" in rejects and "invalid JSON" in rejects
+    result = runner.invoke(app, [command, str(tmp_path / "c.yaml"), "--set",
+                                 f"model.base={tiny_model}"])
+    assert result.exit_code == 2, result.output
+    errors = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert len(errors) == (3 if command == "validate" else 2), result.output  # + no eval task
+    assert f"datasets.0.source: {empty}: no rows" in errors[0]
+    assert f"datasets.1.source: {broken}:1: invalid JSON" in errors[1]
+    assert not (tmp_path / "run").exists()
 
 
 # (case, change to the valid config or raw YAML text, text the error line must contain)

@@ -188,9 +188,37 @@ def test_curate_cli_end_to_end_is_deterministic(make_config, tmp_path):
     table = (tmp_path / "a/curate/table1.md").read_text()
     assert "| chat | chat | 60 |" in table
     train = [json.loads(x) for x in (tmp_path / "a/curate/chat/train.jsonl").read_text().splitlines()]
-    assert not any("ChatGPT" in m["content"] or "OpenAI" in m["content"] for r in train for m in r["messages"])
+    # no recipe: the user's data is left as it is (no identity rewrite, no system line added)
+    assert any("ChatGPT" in m["content"] or "OpenAI" in m["content"] for r in train for m in r["messages"])
+    assert "identity_rewritten" not in stats["funnel"]
+    assert all(r["system"] is None for r in train)
     manifest = json.loads((tmp_path / "a/curate/chat/manifest.json").read_text())
     assert manifest["stage"] == "curate" and manifest["seed"] == 7 and "torch" in manifest["versions"]
+
+
+def test_fashiongpt_recipe_rewrites_identity_and_says_how_many(make_config, tmp_path):
+    """`recipe: fashiongpt` is the paper's recipe: identity mentions replaced (and counted),
+    the paper's system message and Table 9 template; an explicit field still wins."""
+    from fashionfuse.config import load_config
+
+    path = make_config(recipe="fashiongpt")
+    result = runner.invoke(app, ["curate", str(path)])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "run/curate/chat/stats.json").read_text())
+    assert stats["funnel"]["identity_rewritten"] > 0
+    assert f"identity mentions rewritten in {stats['funnel']['identity_rewritten']}" in result.output
+    train = [json.loads(x) for x in (tmp_path / "run/curate/chat/train.jsonl").read_text().splitlines()]
+    assert not any("ChatGPT" in m["content"] or "OpenAI" in m["content"] for r in train for m in r["messages"])
+    assert any("FashionGPT" in m["content"] for r in train for m in r["messages"])
+    cfg = load_config(path)
+    assert cfg.model.system_message == "You are an AI assistant named FashionGPT."
+    assert cfg.model.chat_template == "table9" and cfg.dataset("chat").filters.identity.action == "replace"
+    neutral = load_config(make_config())
+    assert neutral.model.system_message is None and neutral.model.chat_template == "auto"
+    assert neutral.dataset("chat").filters.identity.action == "off"
+    kept = load_config(path, ["datasets.0.filters.identity.action=drop", "model.chat_template=model"])
+    assert kept.dataset("chat").filters.identity.action == "drop" and kept.model.chat_template == "model"
+    assert kept.dataset("orca").filters.identity.action == "replace"
 
 
 def test_strict_mode_fails_on_malformed_row(make_config):

@@ -39,12 +39,20 @@ _JINJA = (
 )
 
 
-def jinja_template(default_system: str) -> str:
+def jinja_template(default_system: str | None) -> str:
     """The Table 9 template as a Jinja chat template with `default_system` built in."""
-    return _JINJA.replace("{default_system}", json.dumps(default_system))
+    return _JINJA.replace("{default_system}", json.dumps(default_system or ""))
 
 
-def install_chat_template(tokenizer, default_system: str) -> None:
+def resolve_template(tokenizer, template: str) -> str:
+    """`model.chat_template` as rendered: "auto" is the tokenizer's own template ("model")
+    when it has one, else the paper's ("table9")."""
+    if template == "auto":
+        return "model" if getattr(tokenizer, "chat_template", None) else "table9"
+    return template
+
+
+def install_chat_template(tokenizer, default_system: str | None) -> None:
     """Attach the Table 9 Jinja template to `tokenizer` (saved with it by save_pretrained)."""
     tokenizer.chat_template = jinja_template(default_system)
 
@@ -55,11 +63,13 @@ class RenderedChat:
     assistant_spans: list[tuple[int, int]]  # character [start, end) of each trained span
 
 
-def render(messages: list[dict], system: str, bos: str = "<s>", eos: str = "</s>") -> RenderedChat:
-    """Render user/assistant messages with the Table 9 template and locate assistant spans."""
+def render(messages: list[dict], system: str | None, bos: str = "<s>", eos: str = "</s>"
+           ) -> RenderedChat:
+    """Render user/assistant messages with the Table 9 template and locate assistant spans
+    (no system message: an empty system line)."""
     if messages and messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
-    parts = [bos + system + "\n"]
+    parts = [bos + (system or "") + "\n"]
     spans: list[tuple[int, int]] = []
     pos = len(parts[0])
     for m in messages:
@@ -81,7 +91,8 @@ class ChatTemplateError(UserError, ValueError):
     """The tokenizer's own chat template cannot be used for assistant-only training."""
 
 
-def render_with_tokenizer_template(tokenizer, messages: list[dict], system: str) -> RenderedChat:
+def render_with_tokenizer_template(tokenizer, messages: list[dict], system: str | None
+                                   ) -> RenderedChat:
     """Render with the tokenizer's own chat template (`model.chat_template: model`) and locate
     each assistant turn: the text that rendering the conversation through that turn adds to
     rendering it up to the turn with a generation prompt (the reply and the template's
@@ -113,17 +124,18 @@ def render_with_tokenizer_template(tokenizer, messages: list[dict], system: str)
     return RenderedChat(full, spans)
 
 
-def render_chat(tokenizer, messages: list[dict], system: str, template: str = "table9"
+def render_chat(tokenizer, messages: list[dict], system: str | None, template: str = "table9"
                 ) -> RenderedChat:
     """A conversation as training sees it: `template` "table9" (the paper's, with the
-    tokenizer's bos/eos) or "model" (the tokenizer's own chat template)."""
-    if template == "model":
+    tokenizer's bos/eos), "model" (the tokenizer's own chat template) or "auto" (the
+    tokenizer's own when it has one, else table9)."""
+    if resolve_template(tokenizer, template) == "model":
         return render_with_tokenizer_template(tokenizer, messages, system)
     return render(messages, system, tokenizer.bos_token or "", tokenizer.eos_token or "")
 
 
 def tokenize_with_labels(
-    tokenizer, messages: list[dict], system: str, max_len: int | None = None,
+    tokenizer, messages: list[dict], system: str | None, max_len: int | None = None,
     template: str = "table9",
 ) -> dict[str, list[int]]:
     """Token ids and labels for one conversation; labels are -100 outside assistant spans.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,14 +44,31 @@ def _fail(lines: list[str]) -> None:
 
 
 def _load(config: Path, overrides: Optional[list[str]], reads_sources: bool = True,
-          tasks: Optional[str] = None) -> RunConfig:
+          tasks: Optional[str] = None, validating: bool = False) -> RunConfig:
     """The validated config, with everything it points to checked to exist (nothing written).
-    `tasks`: also resolve its lm-eval task names ("names"), and require an eval task ("eval")."""
+    `reads_sources`: the local sources must exist and their first rows read in their format.
+    `tasks`: also resolve its lm-eval task names ("names"), and require an eval task ("eval").
+    A hub-id base that cannot be loaded offline stops a stage, and is a note for `validate`."""
+    from .config import hub_cache_problem
+
     try:
         cfg = load_config(config, overrides or [])
     except ConfigError as exc:
         _fail(exc.problems)
     problems = filesystem_problems(cfg, reads_sources)
+    if reads_sources:
+        from .curate.sources import first_rows_problem
+
+        for i, d in enumerate(cfg.datasets):
+            if d.source.path:
+                line = first_rows_problem(f"datasets.{i}.source", d.source.format,
+                                          d.source.path, d.source.fields)
+                problems += [line] if line else []
+    hub = hub_cache_problem(cfg.model)
+    if hub and validating:
+        typer.echo(f"note: {config}: {hub}", err=True)
+    elif hub:
+        problems.append(hub)
     if tasks is not None:
         from .lm_eval_run import task_name_problems
 
@@ -73,8 +91,6 @@ def _run_stage(command: str, config: Path, overrides: Optional[list[str]],
     """Validate, lock the run dir, save the resolved config, run. A `UserError` (or a full disk,
     a permission problem) is one line and exit 2; any other exception is a bug and propagates
     with its traceback (exit 1)."""
-    import os
-
     from .console import console
     from .errors import UserError, environment_problem
     from .rundir import run_lock
@@ -92,7 +108,8 @@ def _run_stage(command: str, config: Path, overrides: Optional[list[str]],
             typer.echo(json.dumps({"time": round(time.time(), 3), "command": command,
                                    "message": summary})
                        if _CONSOLE["log_format"] == "json" else summary)
-            return result
+        _leave_world()
+        return result
     except KeyboardInterrupt:
         typer.echo("interrupted: finished work is kept; run the same command to resume", err=True)
         raise typer.Exit(code=130)
@@ -105,11 +122,21 @@ def _run_stage(command: str, config: Path, overrides: Optional[list[str]],
         _fail([line])
 
 
+def _leave_world() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .train.distributed import leave_world
+
+        leave_world()
+
+
 @app.command()
 def validate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
     """Check a config and print every problem at once (lm-eval task names included)."""
-    cfg = _load(config, set_, tasks="eval")
-    typer.echo(f"{config}: ok ({len(cfg.datasets)} datasets, run_dir {cfg.run_dir})")
+    from .config import base_kind
+
+    cfg = _load(config, set_, tasks="eval", validating=True)
+    typer.echo(f"{config}: ok ({len(cfg.datasets)} datasets, model.base taken as a "
+               f"{base_kind(cfg.model)}, run_dir {cfg.run_dir})")
 
 
 RoundOpt = typer.Option(None, "--round", help="With `rounds`: this round only")

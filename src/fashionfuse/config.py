@@ -7,6 +7,7 @@ validates strictly (unknown keys are errors). Every error names the file and the
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -61,10 +62,13 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     quantization: QuantizationConfig = QuantizationConfig()
     max_input_len: Annotated[int, Field(gt=8)] = 4096
-    system_message: str = "You are an AI assistant named FashionGPT."
-    chat_template: Literal["table9", "model"] = Field(
-        default="table9", description="table9: the paper's modified LLaMA-2 template; model: the "
-        "base tokenizer's own chat template (keep an instruct model's format)")
+    system_message: str | None = Field(
+        default=None, description="System message given to records that have none (unset: "
+        "they keep none); `recipe: fashiongpt` sets the paper's")
+    chat_template: Literal["auto", "table9", "model"] = Field(
+        default="auto", description="auto: the base tokenizer's own chat template when it has "
+        "one, else table9; table9: the paper's modified LLaMA-2 template (`recipe: fashiongpt` "
+        "sets it); model: the tokenizer's own template (refused when it has none)")
     merge_adapters: list[str] = Field(
         default=[], description="PEFT adapter dirs merged into the base at load, in order "
         "(iterative fusion rounds; continuing from a fused model)")
@@ -84,26 +88,48 @@ class ModelConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- curation
+# the standard field names of each source format (`fields` maps these to a source's own)
+FORMAT_FIELDS = {
+    "messages": ("id", "model", "lang", "messages", "system", "role", "content"),
+    "sharegpt": ("id", "model", "lang", "conversations", "from", "value"),
+    "openorca": ("id", "model", "system_prompt", "question", "response"),
+    "alpaca": ("id", "instruction", "input", "output", "response"),
+}
+for _alias, _fmt in (("puffin", "sharegpt"), ("samantha", "sharegpt"),
+                     ("open_platypus", "alpaca"), ("airoboros", "alpaca")):
+    FORMAT_FIELDS[_alias] = FORMAT_FIELDS[_fmt]
+
+
 class SourceConfig(_Strict):
-    format: Literal["sharegpt", "puffin", "samantha", "openorca", "alpaca", "open_platypus",
-                    "airoboros", "oasst1", "oasst1_messages"]
+    format: Literal["messages", "sharegpt", "puffin", "samantha", "openorca", "alpaca",
+                    "open_platypus", "airoboros", "oasst1", "oasst1_messages"]
     path: str | None = Field(default=None, description="Local .jsonl/.json/.csv/.parquet file")
     hub: str | None = Field(default=None, description="Hub dataset name, read with `datasets`")
     hub_config: str | None = None
     split: str = "train"
     revision: str | None = None
     fields: dict[str, str] = Field(
-        default={}, description="Field mapping {standard name: name in this source}")
+        default={}, description="Field mapping {standard name: name in this source}; a source "
+        "name may reach into nested objects (data.conversation); role/content (messages) and "
+        "from/value (sharegpt) rename the keys inside each turn")
 
     @model_validator(mode="after")
     def _one_origin(self) -> "SourceConfig":
         if (self.path is None) == (self.hub is None):
             raise ValueError("set exactly one of path (local file) or hub (dataset name)")
+        known = FORMAT_FIELDS.get(self.format)
+        unknown = sorted(set(self.fields) - set(known)) if known else []
+        if unknown:
+            raise ValueError(f"fields: {unknown} are not fields of format {self.format} "
+                             f"(its fields: {', '.join(known)})")
         return self
 
 
 class IdentityFilterConfig(_Strict):
-    action: Literal["replace", "drop", "off"] = "replace"
+    action: Literal["replace", "drop", "off"] = Field(
+        default="off", description="What to do with identity mentions (ChatGPT, OpenAI, ...) in "
+        "prose: replace them, drop the record, or leave the data as it is (off); "
+        "`recipe: fashiongpt` sets replace")
     patterns: list[str] = ["ChatGPT", "OpenAI", "GPT-4", "GPT-3.5"]
     replacement: str = "FashionGPT"
 
@@ -570,8 +596,64 @@ class AblateConfig(_Strict):
         default=None, description="Dataset order of the sequential variant (default: datasets)")
 
 
+def dataset_name_problems(names: list) -> list[str]:
+    """No dataset, or a name used twice."""
+    if not names:
+        return ["datasets: at least one dataset is required"]
+    dupes = sorted({n for n in names if names.count(n) > 1}, key=str)
+    return [f"datasets: duplicate names {dupes}"] if dupes else []
+
+
+def _raw_problems(data: dict) -> list[str]:
+    """The checks that need the whole config, on the raw data, for when a field error stops
+    validation before them (so one pass reports both)."""
+    datasets = data.get("datasets")
+    if not isinstance(datasets, list):
+        return []
+    names = [d.get("name") for d in datasets if isinstance(d, dict) and d.get("name")]
+    return [p for p in dataset_name_problems(names) if names]
+
+
+# what `recipe: fashiongpt` sets, where the config leaves the field out: (section path, value)
+FASHIONGPT_RECIPE = {
+    ("model", "system_message"): "You are an AI assistant named FashionGPT.",
+    ("model", "chat_template"): "table9",
+    ("filters", "identity", "action"): "replace",  # in every dataset
+}
+
+
+def _apply_recipe(data: dict) -> dict:
+    """The raw config with the recipe's values filled in where a field is not set."""
+    if not isinstance(data, dict) or data.get("recipe") != "fashiongpt":
+        return data
+    data = dict(data)
+
+    def put(node: dict, path: tuple, value) -> dict:
+        node = dict(node)
+        head, *rest = path
+        if not rest:
+            node.setdefault(head, value)
+        elif isinstance(node.get(head, {}), dict):
+            node[head] = put(node.get(head, {}), tuple(rest), value)
+        return node
+
+    for path, value in FASHIONGPT_RECIPE.items():
+        if path[0] == "model" and isinstance(data.get("model"), dict):
+            data["model"] = put(data["model"], path[1:], value)
+        elif path[0] == "filters" and isinstance(data.get("datasets"), list):
+            data["datasets"] = [put(d, path, value) if isinstance(d, dict) else d
+                                for d in data["datasets"]]
+    return data
+
+
 class RunConfig(_Strict):
     run_dir: str
+    recipe: Literal["fashiongpt"] | None = Field(
+        default=None, description="fashiongpt: the paper's recipe where the config does not say "
+        "otherwise: identity mentions replaced by FashionGPT (filters.identity.action: replace), "
+        "its system message for records without one, and its Table 9 template. Unset: the data "
+        "is left as it is, records without a system message get none, and the model's own chat "
+        "template is used when it has one")
     seed: int = 1234
     model: ModelConfig
     datasets: list[DatasetConfig]
@@ -589,24 +671,26 @@ class RunConfig(_Strict):
         default=["tensorboard"], description="Experiment trackers for training and search "
         "metrics: tensorboard (offline event files in the run dir), wandb, mlflow (if installed)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data):
+        return _apply_recipe(data)
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
+        problems = dataset_name_problems([d.name for d in self.datasets])
         names = [d.name for d in self.datasets]
-        if not names:
-            raise ValueError("datasets: at least one dataset is required")
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"datasets: duplicate names {dupes}")
         adapter_names = list(names)
         for i, spec in enumerate(self.adapters):
             if spec.name in adapter_names:
-                raise ValueError(f"adapters.{i}.name: {spec.name!r} is already an adapter name")
+                problems.append(f"adapters.{i}.name: {spec.name!r} is already an adapter name")
             unknown = sorted(set(spec.datasets) - set(names))
             if unknown or not spec.datasets:
-                raise ValueError(f"adapters.{i}.datasets: unknown or empty {unknown} (known: {names})")
+                problems.append(f"adapters.{i}.datasets: unknown or empty {unknown} "
+                                f"(known: {names})")
             below = sorted(set(spec.on_top_of) - set(adapter_names))
             if below:
-                raise ValueError(f"adapters.{i}.on_top_of: unknown or later adapters {below}")
+                problems.append(f"adapters.{i}.on_top_of: unknown or later adapters {below}")
             adapter_names.append(spec.name)
         for field, listed, known in (
             ("search.adapters", self.search.adapters, adapter_names),
@@ -617,15 +701,17 @@ class RunConfig(_Strict):
         ):
             unknown = sorted(set(listed or []) - set(known))
             if unknown:
-                raise ValueError(f"{field}: unknown names {unknown} (known: {known})")
+                problems.append(f"{field}: unknown names {unknown} (known: {known})")
         order = self.ablate.sequential_order
         if order is not None and sorted(order) != sorted(names):
-            raise ValueError(f"ablate.sequential_order: must list every dataset once ({names})")
+            problems.append(f"ablate.sequential_order: must list every dataset once ({names})")
         if self.rounds and self.search.adapters:
-            raise ValueError("search.adapters: not used with rounds (each round lists its adapters)")
+            problems.append("search.adapters: not used with rounds (each round lists its adapters)")
         if self.eval.skill_tasks and not any(d.test_fraction for d in self.datasets):
-            raise ValueError("eval.skill_tasks: no dataset has a test split (set datasets[]."
-                             "test_fraction)")
+            problems.append("eval.skill_tasks: no dataset has a test split (set datasets[]."
+                            "test_fraction)")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def adapter_spec(self, name: str) -> AdapterSpec:
@@ -707,6 +793,8 @@ def filesystem_problems(cfg: RunConfig, reads_sources: bool = True) -> list[str]
     gguf = gguf_path(cfg.model)
     if gguf is not None:
         files.append(("model.gguf_file" if cfg.model.gguf_file else "model.base", str(gguf)))
+    else:
+        problems += base_problems(cfg.model)
     if reads_sources:
         files += [(f"datasets.{i}.source.path", d.source.path)
                   for i, d in enumerate(cfg.datasets) if d.source.path]
@@ -718,6 +806,10 @@ def filesystem_problems(cfg: RunConfig, reads_sources: bool = True) -> list[str]
     folders = [(f"eval.include_paths.{i}", p) for i, p in enumerate(cfg.eval.include_paths)]
     folders += [(f"search.objective.include_paths.{i}", p)
                 for i, p in enumerate(cfg.search.objective.include_paths)]
+    for i, p in enumerate(cfg.model.merge_adapters):
+        if Path(p).is_dir() and not (Path(p) / "adapter_config.json").is_file():
+            problems.append(f"model.merge_adapters.{i}: {p}: no adapter_config.json (not a "
+                            "PEFT adapter folder)")
     folders += [(f"model.merge_adapters.{i}", p) for i, p in enumerate(cfg.model.merge_adapters)]
     if cfg.eval.benchmark_data:
         folders.append(("eval.benchmark_data", cfg.eval.benchmark_data))
@@ -725,6 +817,49 @@ def filesystem_problems(cfg: RunConfig, reads_sources: bool = True) -> list[str]
         if not Path(path).is_dir():
             problems.append(f"{field}: {path}: folder not found")
     return problems
+
+
+# a hub id: `name` or `owner/name` (letters, digits, - _ .), not starting with . or /
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def base_kind(model: ModelConfig) -> str:
+    """What `model.base` was taken for: "GGUF file", "local folder" or "hub id"."""
+    if gguf_path(model) is not None:
+        return "GGUF file"
+    return "local folder" if Path(model.base).exists() else "hub id"
+
+
+def base_problems(model: ModelConfig) -> list[str]:
+    """`model.base` (not a GGUF file) must be a checkpoint folder with a config and a tokenizer,
+    or look like a hub id."""
+    base = Path(model.base)
+    if base.exists():
+        if not base.is_dir():
+            return [f"model.base: {model.base}: not a folder or a .gguf file"]
+        missing = [what for what, names in (("config.json", ("config.json",)),
+                                            ("a tokenizer", TOKENIZER_FILES))
+                   if not any((base / n).is_file() for n in names)]
+        return [f"model.base: {model.base}: local folder without {' or '.join(missing)}"] \
+            if missing else []
+    if not _HUB_ID.match(model.base) or model.base.startswith(("./", "../", "~")):
+        return [f"model.base: {model.base}: no such folder or file (and not a hub id such as "
+                "meta-llama/Llama-2-7b-hf)"]
+    return []
+
+
+def hub_cache_problem(model: ModelConfig) -> str | None:
+    """Offline (HF_HUB_OFFLINE), a hub id base must already be in the local hub cache."""
+    if base_kind(model) != "hub id" or base_problems(model) or \
+            os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model.base, "config.json", revision=model.revision), str):
+        return None
+    return (f"model.base: {model.base}: no such local folder, and as a hub id it is not in the "
+            "local hub cache (HF_HUB_OFFLINE is set)")
 
 
 # --------------------------------------------------------------------------- loading
@@ -760,13 +895,52 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The config section class at a validation error's location (None if not a section)."""
+    import typing
+
+    node: Any = RunConfig
+    for part in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            if part not in node.model_fields:
+                return None
+            node = node.model_fields[part].annotation
+        elif isinstance(part, int):
+            args = [a for a in typing.get_args(node) if a is not type(None)]
+            node = args[0] if args else None
+        else:
+            return None
+        # unwrap Optional[...] / Annotated[...]
+        while typing.get_origin(node) in (typing.Union, Annotated) or \
+                type(node).__name__ == "UnionType":
+            args = [a for a in typing.get_args(node) if a is not type(None)]
+            node = args[0] if args else None
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def unknown_key_hint(loc: tuple) -> str:
+    """" (did you mean X?)" for an unknown key close to a known one at the same place."""
+    import difflib
+
+    section = _model_at(loc[:-1])
+    if section is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else \
+        f" (known here: {', '.join(section.model_fields)})"
+
+
 def _format_errors(source: str, err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + unknown_key_hint(tuple(e["loc"]))
+        elif e["type"] == "value_error" and "\n" in msg:
+            lines += [f"{source}: {loc}: {line}" if loc != "<root>" else f"{source}: {line}"
+                      for line in msg.removeprefix("Value error, ").splitlines()]
+            continue
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"{source}: {loc}: {msg}")
@@ -790,7 +964,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(str(path), exc)) from None
+        lines = _format_errors(str(path), exc)
+        lines += [f"{path}: {p}" for p in _raw_problems(data)
+                  if not any(p in line for line in lines)]
+        if "base_model" in data and "model" not in data:
+            lines.append(f"{path}: this looks like an axolotl config; fashionfuse's own layout "
+                         "is in configs/demo.yaml and examples/ (model.base, datasets[].source, "
+                         "training, search, eval)")
+        raise ConfigError(lines) from None
 
 
 def config_hash(*sections: Any) -> str:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import MissingFileError, UserError
+from .model_card import same_base
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -89,7 +90,8 @@ def check_fusable(adapters: list[SavedAdapter]) -> None:
             raise FusionError(f"{a.path}: trained biases or modules_to_save cannot be fused")
         if bool(c.get("use_rslora")) != bool(first.config.get("use_rslora")):
             raise FusionError(f"{a.path}: mixes rsLoRA and plain LoRA scaling with {first.path}")
-        if c.get("base_model_name_or_path") != first.config.get("base_model_name_or_path"):
+        if not same_base(c.get("base_model_name_or_path"),
+                         first.config.get("base_model_name_or_path")):
             raise FusionError(f"{a.path}: trained on base {c.get('base_model_name_or_path')!r}, "
                               f"but {first.path} on {first.config.get('base_model_name_or_path')!r}")
         if a.modules != first.modules:

@@ -3,9 +3,10 @@
 Similarity is the Jaccard index of character n-gram shingles of normalised text (lowercase,
 punctuation removed, whitespace collapsed); Appendix B drops queries with similarity > 0.85.
 Comparing every query with every benchmark question is O(N x M); `BenchmarkIndex` instead
-indexes the questions' MinHash signatures in an LSH table (datasketch) tuned to a lower
-candidate threshold, then verifies each candidate with the exact Jaccard index, so every match
-it reports is a true match and recall against brute force is measured by `scripts/bench_curate.py`.
+indexes the questions' MinHash signatures (rensa) by LSH band keys (`minhash.py`) tuned to a
+lower candidate threshold, then verifies each candidate with the exact Jaccard index, so every
+match it reports is a true match; recall against brute force is measured by
+`scripts/bench_curate.py`.
 """
 
 from __future__ import annotations
@@ -87,27 +88,27 @@ class Match:
 
 
 class ShingleIndex:
-    """MinHash-LSH over shingle sets, with exact Jaccard verification of every candidate.
+    """MinHash-LSH candidates (`minhash.KeyIndex` over band keys) with exact Jaccard
+    verification of every candidate; the shingle sets are kept for that verification.
 
     Items can be added at any time (`add`), so the same index serves a fixed benchmark set and
-    a growing set of already-kept records (near-duplicate removal).
+    a growing set of records.
     """
 
     def __init__(self, threshold: float = 0.85, ngram: int = 5, num_perm: int = 128,
                  candidate_threshold: float = 0.5, seed: int = 1):
-        from datasketch import MinHashLSH
+        from .minhash import KeyIndex, lsh_params
 
         self.threshold, self.ngram, self.num_perm, self.seed = threshold, ngram, num_perm, seed
+        self.bands, self.rows = lsh_params(candidate_threshold, num_perm)
         self.keys: list = []
         self._shingles: list[set[str]] = []
-        self._lsh = MinHashLSH(threshold=candidate_threshold, num_perm=num_perm)
+        self._index = KeyIndex()
 
-    def _minhash(self, sh: set[str]):
-        from datasketch import MinHash
+    def band_keys(self, sh: set[str]):
+        from .minhash import band_keys
 
-        m = MinHash(num_perm=self.num_perm, seed=self.seed)
-        m.update_batch([s.encode("utf-8") for s in sh])
-        return m
+        return band_keys(sh, self.bands, self.rows, self.num_perm, self.seed)
 
     def add(self, key, text: str) -> None:
         """Index `text` under `key`."""
@@ -116,15 +117,16 @@ class ShingleIndex:
         self.keys.append(key)
         self._shingles.append(sh)
         if sh:
-            self._lsh.insert(i, self._minhash(sh), check_duplication=False)
+            self._index.add(self.band_keys(sh), i)
 
     def best_match(self, text: str) -> Match | None:
-        """The most similar indexed item above `threshold` (its position in `keys`), or None."""
+        """The most similar indexed item above `threshold` (its position in `keys`; the
+        earliest among equals), or None."""
         sh = shingles(text, self.ngram)
         if not sh:
             return None
         best = None
-        for i in self._lsh.query(self._minhash(sh)):
+        for i in self._index.candidates(self.band_keys(sh)):
             sim = jaccard(sh, self._shingles[i])
             if sim > self.threshold and (best is None or sim > best.similarity):
                 best = Match(i, sim)

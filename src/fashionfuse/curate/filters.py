@@ -7,7 +7,6 @@ filter's removals for the funnel.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Callable
@@ -223,34 +222,29 @@ def topics(keep: list[str], keywords: dict[str, list[str]]) -> Filter:
 
 
 def near_duplicates(threshold: float, ngram: int) -> Filter:
-    """Drop records whose conversation is more similar than `threshold` to an earlier kept one."""
-    from .decontaminate import ShingleIndex
+    """Drop records whose conversation is more similar than `threshold` to an earlier kept one
+    (`dedup.DedupState`; the curation pipeline runs the same state over its stream)."""
+    from .dedup import DedupState, NearParams, conversation_text, record_keys
 
-    index = ShingleIndex(threshold=threshold, ngram=ngram, candidate_threshold=max(0.5, threshold - 0.3))
+    near = NearParams(threshold, ngram)
+    state = DedupState(exact=False, near=near)
 
     def apply(rec: Record) -> Record | Rejection:
-        text = "\n".join(m["content"] for m in rec.messages)
-        match = index.best_match(text)
-        if match is not None:
-            return Rejection(rec.id, "near_duplicate",
-                             f"{match.similarity:.2f} similar to {index.keys[match.question_index]}")
-        index.add(rec.id, text)
-        return rec
+        rejection = state.check(rec.id, record_keys(rec, False, near), conversation_text(rec))
+        return rec if rejection is None else rejection
 
     return apply
 
 
 def exact_duplicates() -> Filter:
     """Drop records whose normalised conversation was already seen (first one kept)."""
-    seen: dict[str, str] = {}
+    from .dedup import DedupState, record_keys
+
+    state = DedupState(exact=True, near=None)
 
     def apply(rec: Record) -> Record | Rejection:
-        norm = "\x1f".join(" ".join(m["content"].lower().split()) for m in rec.messages)
-        key = hashlib.sha1(norm.encode()).hexdigest()
-        if key in seen:
-            return Rejection(rec.id, "duplicate", f"same conversation as {seen[key]}")
-        seen[key] = rec.id
-        return rec
+        rejection = state.check(rec.id, record_keys(rec, True, None), None)
+        return rec if rejection is None else rejection
 
     return apply
 

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from ..architectures import check_tokenizer_fits
+from ..adapters.model_card import portable_base, record_base, write_model_card
 from ..adapters.runtime import attach_adapters, lora_layers
 from ..adapters.saved import check_fusable, load_saved_adapter
 from ..adapters.weight_keys import granularity_of, weight_names
@@ -198,6 +199,8 @@ def _write_result(cfg: RunConfig, fp: str, ctx: SearchContext, adapter_dirs: dic
         for f in TOKENIZER_FILES:
             if (adapter_dirs[names[0]] / f).exists():
                 shutil.copy(adapter_dirs[names[0]] / f, tmp / "fused" / f)
+        record_base(tmp / "fused", cfg.model)
+        _fused_card(cfg, tmp / "fused", result, report)
         _plots(trials, names, tmp / "search.png")
         if s.export_merged:
             _export_merged(cfg, fp, tmp, adapter_dirs, names, deltas, metrics)
@@ -208,6 +211,26 @@ def _write_result(cfg: RunConfig, fp: str, ctx: SearchContext, adapter_dirs: dic
     print(f"search: {len(trials)} trials ({pruned} pruned), best {_short(best['weights'])} -> "
           f"{best['score']:.4f}")
     return result
+
+
+def _fused_card(cfg: RunConfig, out: Path, result: dict, report: dict) -> None:
+    """The fused adapter's model card: its adapters, weights and searched score."""
+    weights = ", ".join(f"{k} {v:.4g}" for k, v in result["best_weights"].items())
+    how = ("the exact weighted sum of the adapters' deltas (their LoRA factors concatenated, "
+           f"rank {report.get('rank')})" if report.get("exact") else
+           f"the {report['operator']} merge of their deltas, as a rank-{report.get('rank')} "
+           f"SVD adapter (relative error {report.get('relative_error', 0):.1%})")
+    write_model_card(
+        out, RunLayout(cfg.run_dir).fused, title="fashionfuse fused adapter",
+        base=portable_base(cfg.model),
+        summary=[f"Fusion of the adapters {', '.join(result['adapters'])}: {how}, with the "
+                 f"weights found by {result['method']} search on the {result['objective']} "
+                 f"objective ({result['n_trials']} trials)."],
+        table={"base model": portable_base(cfg.model), "weights": weights,
+               "granularity": result["granularity"], "objective": result["objective"],
+               "best score (lower is better)": f"{result['best_score']:.6g}",
+               **{f"score on {d}": f"{v:.6g}" for d, v in (result["best_per_dataset"] or {}).items()
+                  if isinstance(v, (int, float))}})
 
 
 def _export_merged(cfg: RunConfig, fp: str, tmp: Path, adapter_dirs: dict, names: list[str],

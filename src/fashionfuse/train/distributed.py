@@ -38,6 +38,14 @@ def init_world() -> World:
                  device=f"cuda:{local}" if cuda else "cpu")
 
 
+def leave_world() -> None:
+    """Destroy the process group, if one was joined (by us or by accelerate under lm-eval):
+    left to interpreter shutdown, gloo's threads can abort a process that finished its work
+    ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_sum(world: World, values: list[float]) -> list[float]:
     """Sum a few numbers over every process."""
     if world.size == 1:

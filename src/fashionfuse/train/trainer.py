@@ -28,7 +28,8 @@ from ..base_model import (
     quantization_record,
     resolve_compute_dtype,
 )
-from ..chat_template import IGNORE_INDEX, install_chat_template
+from ..adapters.model_card import portable_base, record_base, write_model_card
+from ..chat_template import IGNORE_INDEX, install_chat_template, resolve_template
 from ..config import AdapterSpec, RunConfig, config_hash
 from ..console import progress_file
 from ..errors import UserError
@@ -180,7 +181,10 @@ def setup(job: TrainJob, tokenizer, world: World) -> Session:
 
 def _announce(job: TrainJob, s: Session, tokenizer) -> None:
     cfg = job.cfg
-    if cfg.model.chat_template == "table9" and tokenizer.bos_token is None:
+    template = resolve_template(tokenizer, cfg.model.chat_template)
+    print(f"train {job.name}: chat template: "
+          + ("the model's own" if template == "model" else "the paper's Table 9"))
+    if template == "table9" and tokenizer.bos_token is None:
         print(f"train {job.name}: note: the tokenizer has no BOS token, so Table 9 prompts start "
               "without <s> (as such models expect); set model.chat_template: model to train in "
               "the model's own chat format")
@@ -349,11 +353,16 @@ def _save_adapter(job: TrainJob, s: Session, tokenizer, metrics: dict) -> None:
             save_peft_adapter(tmp, config, tensors)
         else:
             s.model.save_pretrained(tmp)
-        if cfg.model.chat_template == "table9":  # else the tokenizer keeps its own template
+        own_template = tokenizer.chat_template
+        if resolve_template(tokenizer, cfg.model.chat_template) == "table9":
+            # saved with the adapter; else the tokenizer keeps its own template
             install_chat_template(tokenizer, cfg.model.system_message)
         tokenizer.save_pretrained(tmp)
+        tokenizer.chat_template = own_template  # the shared tokenizer renders as before
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in s.history))
         _plot_loss(s.history, tmp / "loss.png", job.name)
+        record_base(tmp, cfg.model)
+        _model_card(job, tmp, metrics)
         write_manifest(tmp, stage="train", fingerprint=job.fingerprint,
                        config_hash=config_hash(cfg.model, cfg.training, spec),
                        inputs={str(p): artifact_id(p.parent) for p in job.splits},
@@ -362,6 +371,21 @@ def _save_adapter(job: TrainJob, s: Session, tokenizer, metrics: dict) -> None:
                               "on_top_of": spec.on_top_of, "mix": job.mix,
                               "quantization": quantization_record(s.model)},
                        content=["adapter_model.safetensors", "adapter_config.json"])
+
+
+def _model_card(job: TrainJob, tmp: Path, metrics: dict) -> None:
+    cfg, spec = job.cfg, job.spec
+    shares = ", ".join(f"{d} {m['share']:.0%}" for d, m in (job.mix or {}).items())
+    how = f"a mix of {shares} of the supervised tokens" if job.mix else "their training splits"
+    summary = [f"A QLoRA adapter (LoRA r={cfg.training.lora.r}, alpha "
+               f"{cfg.training.lora.alpha}) trained on {', '.join(spec.datasets)} ({how})"
+               + (f", beside the frozen adapters {', '.join(spec.on_top_of)} and saved as their "
+                  "exact concatenation" if spec.on_top_of else "") + "."]
+    table = {"base model": portable_base(cfg.model), "datasets": ", ".join(spec.datasets),
+             **{k.replace("_", " "): v for k, v in metrics.items()
+                if isinstance(v, (int, float, str)) and not isinstance(v, bool)}}
+    write_model_card(tmp, job.out, title=f"fashionfuse adapter: {job.name}",
+                     base=portable_base(cfg.model), summary=summary, table=table)
 
 
 def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress | None = None

@@ -14,11 +14,12 @@ from typing import Callable, Iterator
 
 from ...errors import MissingFileError, UserError
 from ..records import MalformedRow, Record
-from . import alpaca, oasst1, openorca, sharegpt
+from . import alpaca, messages, oasst1, openorca, sharegpt
 
 RowToRecord = Callable[[dict, str, str], Record]
 
 READERS: dict[str, RowToRecord] = {
+    "messages": messages.to_record,    # HF conversational: [{"role", "content"}, ...]
     "sharegpt": sharegpt.to_record,
     "puffin": sharegpt.to_record,      # LDJnr/Puffin: ShareGPT-style conversations
     "samantha": sharegpt.to_record,    # samantha-data: ShareGPT-style conversations
@@ -32,14 +33,47 @@ READERS: dict[str, RowToRecord] = {
 ROW_GROUPERS = {"oasst1_messages": oasst1.trees_from_messages}
 
 
-def _rename(row: dict, fields: dict[str, str] | None) -> dict:
-    """Apply a field mapping {standard name: name in this source} to one row."""
+# the keys inside each turn of a conversation list, by format: (list field, turn keys)
+TURN_FIELDS = {"messages": ("messages", ("role", "content")),
+               "sharegpt": ("conversations", ("from", "value")),
+               "puffin": ("conversations", ("from", "value")),
+               "samantha": ("conversations", ("from", "value"))}
+
+_MISSING = object()
+
+
+def _lookup(row: dict, dotted: str):
+    """`row[a][b]` for "a.b" (a key that itself holds a dot wins); _MISSING when absent."""
+    if dotted in row:
+        return row[dotted]
+    node = row
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _rename(row: dict, fields: dict[str, str] | None, fmt: str = "") -> dict:
+    """Apply a field mapping {standard name: name in this source} to one row. A source name
+    may reach into nested objects ("data.conversation"); the turn keys of a conversation list
+    (`role`/`content` for messages, `from`/`value` for ShareGPT) are renamed in every turn."""
     if not fields:
         return row
+    list_field, turn_keys = TURN_FIELDS.get(fmt, (None, ()))
     out = dict(row)
     for standard, theirs in fields.items():
-        if theirs in row:
-            out[standard] = row[theirs]
+        if standard in turn_keys:
+            continue
+        value = _lookup(row, theirs)
+        if value is not _MISSING:
+            out[standard] = value
+    inner = {s: t for s, t in fields.items() if s in turn_keys and s != t}
+    turns = out.get(list_field) if list_field else None
+    if inner and isinstance(turns, list):
+        out[list_field] = [
+            {**turn, **{s: turn[t] for s, t in inner.items() if t in turn}}
+            if isinstance(turn, dict) else turn for turn in turns]
     return out
 
 
@@ -144,9 +178,33 @@ def read_source(fmt: str, path: Path | None, source_name: str, *, fields: dict[s
             yield where, row
             continue
         try:
-            rec = to_record(_rename(row, fields), f"{source_name}-{index:07d}", source_name)
+            rec = to_record(_rename(row, fields, fmt), f"{source_name}-{index:07d}", source_name)
         except MalformedRow as exc:
             yield where, exc
             continue
         rec.meta["where"] = where
         yield where, rec
+
+
+def first_rows_problem(field: str, fmt: str, path: str, fields: dict[str, str] | None = None,
+                       rows: int = 50) -> str | None:
+    """One line when none of the first `rows` rows of a local source reads as `fmt` (naming
+    the first bad row's place and problem); None when one does, or for a grouped format
+    (oasst1_messages, rebuilt from the whole file)."""
+    if fmt in ROW_GROUPERS or not Path(path).is_file():
+        return None
+    first_bad = None
+    try:
+        for k, (where, item) in enumerate(read_source(fmt, Path(path), "check", fields=fields)):
+            if isinstance(item, Record):
+                return None
+            first_bad = first_bad or (where, item)
+            if k + 1 >= rows:
+                break
+    except UserError as exc:
+        return f"{field}: {exc}"
+    if first_bad is None:
+        return f"{field}: {path}: no rows"
+    where, item = first_bad
+    return (f"{field}: {where}: {item} (none of the first rows reads as format {fmt}; "
+            "check source.format and source.fields)")
