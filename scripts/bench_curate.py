@@ -16,7 +16,7 @@ Ends with `records_per_s`, `index_speedup`, `index_recall` lines (`label: value`
     python scripts/bench_curate.py --rows 1000000 [--benchmarks ../shared/benchmarks]
 
 3. Curation at scale, in memory flat in the row count: an OpenOrca-format file of N generated
-   rows (distinct texts of 30-230 words) curated with decontamination (against the benchmark
+   rows (distinct texts of 30-230 words, Zipf-distributed) curated with decontamination (against the benchmark
    files, or generated questions where they are absent) and near-duplicate removal on, every
    core filtering; the same at N/10 rows first. Each size runs in a fresh process, whose peak
    RSS (itself and, separately, its largest filter worker) is measured by the kernel. Prints
@@ -118,20 +118,32 @@ def bench_decontamination(bench_dir: Path, n_queries: int, n_planted: int, seed:
     return brute_s / index_s, recall
 
 
-WORDS = [f"{a}{b}{c}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ri", "vo", "de", "pa")
-         for b in ("ra", "mo", "li", "ke", "zu", "na", "te", "bo") for c in ("n", "s", "", "l", "th")]
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def _vocabulary(size: int = 50000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    words: dict[str, None] = {}
+    while len(words) < size:
+        parts = rng.choice(SYLLABLES, size=int(rng.integers(1, 4)))
+        words["".join(parts)] = None
+    return np.array(list(words))
 
 
 def openorca_dump(path: Path, n: int, seed: int = 0) -> None:
-    """`n` OpenOrca-format rows of generated text, all distinct (the row number is in each)."""
+    """`n` OpenOrca-format rows of generated text, all distinct (the row number is in each):
+    words of a 50,000-word vocabulary drawn by a Zipf law, as in prose. Two unrelated rows
+    share a few more character 5-grams than two unrelated real rows (median Jaccard 0.07, 99th
+    percentile 0.10; GSM8K's questions and answers: 0.03 and 0.08), so duplicate removal meets
+    at least as many LSH candidates as on real text."""
     rng = np.random.default_rng(seed)
-    words = np.array(WORDS)
+    words = _vocabulary()
     with open(path, "w") as fh:
         for start in range(0, n, 10000):
             k = min(10000, n - start)
             q_len = rng.integers(10, 40, size=k)
             r_len = rng.integers(20, 190, size=k)
-            picks = rng.integers(0, len(words), size=(k, 230))
+            picks = (rng.zipf(1.15, size=(k, 230)) - 1) % len(words)
             for j in range(k):
                 i = start + j
                 q = " ".join(words[picks[j, :q_len[j]]])
@@ -160,7 +172,7 @@ def scale_child(rows: int, bench_dir: Path, tmp: Path) -> None:
         rng = random.Random(1)
         with open(benchmarks, "w") as fh:
             for k in range(20000):
-                fh.write(json.dumps({"question": " ".join(rng.choices(WORDS, k=15)) + f" {k}?"}) + "\n")
+                fh.write(json.dumps({"question": " ".join(rng.choices(SYLLABLES, k=25)) + f" {k}?"}) + "\n")
     cfg = RunConfig.model_validate({
         "run_dir": str(tmp / f"run-{rows}"),
         "model": {"base": str(ROOT / "data" / "tiny-llama"), "max_input_len": 1024},

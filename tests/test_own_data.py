@@ -261,3 +261,24 @@ def test_adapters_record_a_loadable_base_and_carry_a_model_card(pipeline_run, tm
     finally:
         os.chdir(cwd)
     assert type(loaded).__name__.startswith("Peft")
+
+
+def test_key_index_finds_every_position_of_every_key():
+    """The compact multimap behind duplicate removal, against a plain dict, across flushes
+    into sorted runs and their merges (a tiny buffer forces both)."""
+    import numpy as np
+
+    from fashionfuse.curate.minhash import KeyIndex
+
+    rng = random.Random(0)
+    index, ref = KeyIndex(buffer_keys=50), {}
+    for p in range(3000):
+        keys = [rng.randrange(700) for _ in range(3)]
+        index.add(np.array(keys, dtype=np.uint64), p)
+        for k in set(keys):
+            ref.setdefault(k, []).append(p)
+        if p % 53 == 0:
+            query = np.array([rng.randrange(800) for _ in range(4)], dtype=np.uint64)
+            assert index.candidates(query) == sorted({x for k in query.tolist()
+                                                      for x in ref.get(k, [])})
+    assert len(index) == sum(len(v) for v in ref.values())

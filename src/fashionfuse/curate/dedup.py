@@ -3,15 +3,18 @@
 Per record only fixed-size state stays in memory: a 64-bit key of the conversation's SHA-1
 (exact duplicates) and one 64-bit key per LSH band of its MinHash signature (near duplicates),
 both in `minhash.KeyIndex` (12 bytes a key), plus the record's 8-byte offset in a spill file on
-disk. Candidates are verified from that file: an exact duplicate by the full SHA-1, a near
-duplicate by the exact Jaccard index of the two texts' shingles (read back and shingled
-again), so no decision rests on a hash or an estimate, as with the in-memory shingle sets this
-replaces. The work that needs no earlier record (hashing, shingling, MinHash) is done by
+disk. Candidates are verified from disk: an exact duplicate by the full SHA-1; a near duplicate
+first by its stored signature (a candidate whose estimated similarity is more than 0.2 below
+the threshold is dismissed: for a pair truly above the threshold that estimate, from 128
+values, is 7 standard deviations off), then by the exact Jaccard index of the two texts'
+shingles (read back and shingled again), so a record is only ever rejected on the exact
+measure. The work that needs no earlier record (hashing, shingling, MinHash) is done by
 `record_keys`, in the filter workers; `DedupState.check` only looks up and verifies, in order.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .decontaminate import jaccard, shingles
-from .minhash import KeyIndex, band_keys, lsh_params
+from .minhash import KeyIndex, keys_of, lsh_params, signature
 from .records import Record, Rejection
 
 NUM_PERM = 128
@@ -60,9 +63,8 @@ def record_keys(rec: Record, exact: bool, near: NearParams | None) -> dict:
     if exact:
         out["sha1"] = exact_key(rec)
     if near is not None:
-        bands, rows = near.bands_rows
-        keys = band_keys(shingles(conversation_text(rec), near.ngram), bands, rows, NUM_PERM, SEED)
-        out["bands"] = None if keys is None else keys.tobytes().hex()
+        sig = signature(shingles(conversation_text(rec), near.ngram), NUM_PERM, SEED)
+        out["sig"] = None if sig is None else base64.b64encode(sig.tobytes()).decode()
     return out
 
 
@@ -106,6 +108,14 @@ class DedupState:
         self._spill = Spill(spill) if (exact or near) else None
         self._exact = KeyIndex()
         self._near = KeyIndex()
+        self._sigs = None  # every spilled record's signature, fixed width, by number
+        if near is not None:
+            self._sigs = tempfile.TemporaryFile() if spill is None else \
+                open(Path(spill).with_suffix(".sigs"), "w+b")
+
+    def _signature(self, i: int) -> np.ndarray:
+        width = NUM_PERM * 4
+        return np.frombuffer(os.pread(self._sigs.fileno(), width, i * width), dtype=np.uint32)
 
     def check(self, rec_id: str, keys: dict, text: str | None) -> Rejection | None:
         """A Rejection when the record (its `record_keys` and, for near duplicates, its
@@ -119,27 +129,40 @@ class DedupState:
             for i in self._exact.candidates(key):
                 if self._spill[i][1] == sha1:
                     return Rejection(rec_id, "duplicate", f"same conversation as {self._spill[i][0]}")
-        bands = None
-        if self.near is not None and keys.get("bands"):
-            bands = np.frombuffer(bytes.fromhex(keys["bands"]), dtype=np.uint64)
-            mine = shingles(text, self.near.ngram)
+        bands = sig = None
+        if self.near is not None and keys.get("sig"):
+            sig = np.frombuffer(base64.b64decode(keys["sig"]), dtype=np.uint32)
+            bands = keys_of(sig, *self.near.bands_rows)
+            mine = None
             best, best_sim = None, 0.0
             for i in self._near.candidates(bands):
+                if np.mean(self._signature(i) == sig) < self.near.threshold - 0.2:
+                    continue  # far below the threshold (see the module's docstring)
+                mine = mine if mine is not None else shingles(text, self.near.ngram)
                 other_id, _, other_text = self._spill[i]
                 sim = jaccard(mine, shingles(other_text, self.near.ngram))
                 if sim > self.near.threshold and (best is None or sim > best_sim):
                     best, best_sim = other_id, sim
             if best is not None:
                 if self.exact:  # seen, though not kept: a later exact copy names this one
-                    self._exact.add(key.tolist(), self._spill.append([rec_id, sha1, None]))
+                    self._exact.add(key.tolist(), self._append([rec_id, sha1, None], None))
                 return Rejection(rec_id, "near_duplicate", f"{best_sim:.2f} similar to {best}")
-        i = self._spill.append([rec_id, sha1, text if bands is not None else None])
+        i = self._append([rec_id, sha1, text if bands is not None else None], sig)
         if key is not None:
             self._exact.add(key.tolist(), i)
         if bands is not None:
             self._near.add(bands.tolist(), i)
         return None
 
+    def _append(self, entry: list, sig: np.ndarray | None) -> int:
+        i = self._spill.append(entry)
+        if self._sigs is not None:
+            data = (sig if sig is not None else np.zeros(NUM_PERM, dtype=np.uint32)).tobytes()
+            os.pwrite(self._sigs.fileno(), data, i * len(data))
+        return i
+
     def close(self) -> None:
         if self._spill is not None:
             self._spill.close()
+        if self._sigs is not None:
+            self._sigs.close()

@@ -49,21 +49,33 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def band_keys(shingle_set: set[str], bands: int, rows: int, num_perm: int = 128,
-              seed: int = 1) -> np.ndarray | None:
-    """One uint64 key per band of the text's MinHash signature (None for an empty set).
-    Equal bands always give equal keys; the band's number is part of its key."""
+def signature(shingle_set: set[str], num_perm: int = 128, seed: int = 1) -> np.ndarray | None:
+    """The set's MinHash signature (rensa), `num_perm` uint32 values (None for an empty set);
+    the share of equal values of two signatures estimates the sets' Jaccard index."""
     if not shingle_set:
         return None
     import rensa
 
     m = rensa.RMinHash(num_perm=num_perm, seed=seed)
     m.update(list(shingle_set))
-    sig = np.asarray(m.digest()[: bands * rows], dtype=np.uint64)
+    return np.asarray(m.digest(), dtype=np.uint32)
+
+
+def keys_of(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One uint64 key per band of a signature: equal bands always give equal keys; the
+    band's number is part of its key."""
+    sig = sig[: bands * rows].astype(np.uint64)
     with np.errstate(over="ignore"):
         h = (sig * _multipliers(bands * rows)).reshape(bands, rows).sum(axis=1, dtype=np.uint64)
         h ^= np.arange(1, bands + 1, dtype=np.uint64) * _GOLDEN
         return _mix(h)
+
+
+def band_keys(shingle_set: set[str], bands: int, rows: int, num_perm: int = 128,
+              seed: int = 1) -> np.ndarray | None:
+    """One uint64 key per band of the text's MinHash signature (None for an empty set)."""
+    sig = signature(shingle_set, num_perm, seed)
+    return None if sig is None else keys_of(sig, bands, rows)
 
 
 def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]):
@@ -87,7 +99,8 @@ class KeyIndex:
 
     def __init__(self, buffer_keys: int = 1 << 16, max_run: int = 1 << 23):
         self.buffer_keys, self.max_run = buffer_keys, max_run
-        self._buffer: dict[int, list[int]] = {}
+        self._buffer: dict[int, int] = {}  # newest keys: key -> its first position
+        self._extra: dict[int, list[int]] = {}  # further positions of a buffered key
         self._buffered = 0
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -96,9 +109,14 @@ class KeyIndex:
 
     def add(self, keys: Iterable[int], position: int) -> None:
         """Index `position` under each of `keys`."""
-        for k in keys:
-            self._buffer.setdefault(int(k), []).append(position)
-            self._buffered += 1
+        keys = list(dict.fromkeys(keys.tolist() if isinstance(keys, np.ndarray) else map(int, keys)))
+        clash = self._buffer.keys() & keys
+        if clash:  # rare: a key already buffered (a duplicate's band)
+            for k in clash:
+                self._extra.setdefault(k, []).append(position)
+            keys = [k for k in keys if k not in clash]
+        self._buffer.update(zip(keys, [position] * len(keys)))
+        self._buffered += len(keys) + len(clash)
         if self._buffered >= self.buffer_keys:
             self._flush()
 
@@ -107,8 +125,9 @@ class KeyIndex:
         out: set[int] = set()
         for k in keys.tolist():
             hit = self._buffer.get(k)
-            if hit:
-                out.update(hit)
+            if hit is not None:
+                out.add(hit)
+                out.update(self._extra.get(k, ()))
         for run_keys, run_pos in self._runs:
             lo = np.searchsorted(run_keys, keys, side="left")
             hi = np.searchsorted(run_keys, keys, side="right")
@@ -119,13 +138,17 @@ class KeyIndex:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        keys = np.fromiter((k for k, ps in self._buffer.items() for _ in ps), dtype=np.uint64,
-                           count=self._buffered)
-        pos = np.fromiter((p for ps in self._buffer.values() for p in ps), dtype=np.uint32,
-                          count=self._buffered)
+        n = len(self._buffer)
+        keys = np.fromiter(self._buffer.keys(), dtype=np.uint64, count=n)
+        pos = np.fromiter(self._buffer.values(), dtype=np.uint32, count=n)
+        if self._extra:
+            keys = np.concatenate([keys, np.fromiter(
+                (k for k, ps in self._extra.items() for _ in ps), dtype=np.uint64)])
+            pos = np.concatenate([pos, np.fromiter(
+                (p for ps in self._extra.values() for p in ps), dtype=np.uint32)])
         order = np.argsort(keys, kind="stable")
         self._runs.append((keys[order], pos[order]))
-        self._buffer, self._buffered = {}, 0
+        self._buffer, self._extra, self._buffered = {}, {}, 0
         while (len(self._runs) >= 2 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0])
                and len(self._runs[-2][0]) + len(self._runs[-1][0]) <= self.max_run):
             last = self._runs.pop()
