@@ -167,3 +167,19 @@ def test_operators_are_read_from_their_declarations():
         SearchConfig(operator="della", operator_params={"gamma": 0.1})
     with pytest.raises(ValidationError, match=r"density 0.9 \+- epsilon 0.2"):
         SearchConfig(operator="della", density=[0.5, 0.9], operator_params={"epsilon": 0.2})
+
+
+def test_overrides_reach_list_items_by_name(make_config):
+    from fashionfuse.config import ConfigError, load_config
+
+    cfg = load_config(make_config(), ["datasets.orca.max_records=5", "datasets.0.max_records=7"])
+    assert cfg.dataset("orca").max_records == 5 and cfg.dataset("chat").max_records == 7
+    with pytest.raises(ConfigError, match=r"no list item 'nope' at datasets \(names: \['chat', 'orca'\]\)"):
+        load_config(make_config(), ["datasets.nope.max_records=5"])
+
+
+def test_version_flag():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"fashionfuse {version('fashionfuse')}"

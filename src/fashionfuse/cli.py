@@ -20,8 +20,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 _CONSOLE = {"verbose": False, "quiet": False, "log_format": "text"}
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"fashionfuse {version('fashionfuse')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit"),
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Show third-party logs and progress bars too"),
     quiet: bool = typer.Option(False, "--quiet", "-q",

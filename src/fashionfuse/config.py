@@ -871,16 +871,24 @@ def _parse_override(raw: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `dotted.key=value` overrides (value parsed as YAML; list items by index)."""
+    """Apply `dotted.key=value` overrides (value parsed as YAML; list items by index, or by
+    name for lists of named items: `datasets.chat.max_records=100`)."""
     for raw in overrides:
         path, value = _parse_override(raw)
         node: Any = data
         for i, part in enumerate(path):
             last = i == len(path) - 1
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError([f"--set {raw}: no list item {part!r} at {'.'.join(path[:i])}"])
-                idx = int(part)
+                named = [k for k, item in enumerate(node)
+                         if isinstance(item, dict) and item.get("name") == part]
+                if named:  # datasets.chat.max_records: the item called "chat"
+                    idx = named[0]
+                elif not part.isdigit() or int(part) >= len(node):
+                    known = [item["name"] for item in node if isinstance(item, dict) and "name" in item]
+                    raise ConfigError([f"--set {raw}: no list item {part!r} at "
+                                       f"{'.'.join(path[:i])}" + (f" (names: {known})" if known else "")])
+                else:
+                    idx = int(part)
                 if last:
                     node[idx] = value
                 else:
