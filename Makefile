@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo real test bench-smoke clean
+.PHONY: install demo real test bench-smoke docs clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,6 +38,11 @@ test: install
 # every scripts/bench_*.py mode the README shows, at its smallest size (minutes; .ci/run runs it)
 bench-smoke: install
 	$(PY) -m pytest -q -m bench tests/test_benches.py
+
+# the docs site (MkDocs Material) into site/; --strict: a broken link or nav entry fails
+docs: install
+	$(PY) -m pip install -q -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf runs/demo runs/smollm2 runs/smollm2-hub

@@ -177,8 +177,8 @@ def test_a_killed_curate_takes_its_workers_with_it(make_config, tmp_path):
 
 
 # --------------------------------------------------------------------------- 10
-def test_the_readme_says_how_the_demo_figures_move_with_the_cpu():
-    text = (ROOT / "README.md").read_text()
+def test_the_docs_say_how_the_demo_figures_move_with_the_cpu():
+    text = (ROOT / "docs" / "results.md").read_text()
     assert "vary with the CPU" in text and "AVX2" in text
 
 

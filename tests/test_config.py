@@ -183,3 +183,22 @@ def test_version_flag():
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"fashionfuse {version('fashionfuse')}"
+
+
+def test_console_options_may_follow_the_command():
+    from fashionfuse.cli import console_options_first
+
+    assert console_options_first(["validate", "x.yaml", "-v", "--log-format", "json"]) == \
+        ["-v", "--log-format", "json", "validate", "x.yaml"]
+    assert console_options_first(["run", "x.yaml", "--set", "a=-q", "-q"]) == \
+        ["-q", "run", "x.yaml", "--set", "a=-q"]
+
+
+def test_help_names_every_ablate_variant_and_leaks_no_types():
+    from fashionfuse.config import ABLATION_VARIANTS
+
+    text = runner.invoke(app, ["ablate", "--help"], terminal_width=200).output
+    assert all(v in text for v in ABLATION_VARIANTS)
+    for command in ("eval", "run", "train-adapter", "search-weights", "report"):
+        text = runner.invoke(app, [command, "--help"], terminal_width=200).output
+        assert "<bool>" not in text and "<list" not in text and "<float>" not in text, text

@@ -219,7 +219,7 @@ def test_transformers_public_path_saves_the_same_plain_checkpoint(tiny_model, tm
 
 
 def test_each_private_name_lives_in_one_module_per_library():
-    """The internals named in the README's table appear in exactly one module of each library."""
+    """The internals named in the architecture page's table appear in exactly one module of each library."""
     src = Path(__file__).resolve().parents[1] / "src" / "fashionfuse"
     homes = {"lm_eval_model.py": ("_loglikelihood_tokens", "_model_call", "_encode_pair",
                                   "_detect_batch_size", "build_all_requests", "_instances",

@@ -1,5 +1,5 @@
 """`python -m fashionfuse ...` (what `torchrun -m fashionfuse` runs)."""
 
-from .cli import app
+from .cli import main
 
-app()
+main()

@@ -12,10 +12,10 @@ from typing import Callable, Optional
 import typer
 import yaml
 
-from .config import ConfigError, RunConfig, filesystem_problems, load_config
+from .config import ABLATION_VARIANTS, ConfigError, RunConfig, filesystem_problems, load_config
 from .pipeline import run_stage
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Multiple LoRA-adapter fusion fine-tuning (FashionGPT).")
 _CONSOLE = {"verbose": False, "quiet": False, "log_format": "text"}
 
@@ -30,22 +30,26 @@ def _version(show: bool) -> None:
 
 @app.callback()
 def _options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="",
                                  help="Print the version and exit"),
-    verbose: bool = typer.Option(False, "--verbose", "-v",
+    verbose: bool = typer.Option(False, "--verbose", "-v", metavar="",
                                  help="Show third-party logs and progress bars too"),
-    quiet: bool = typer.Option(False, "--quiet", "-q",
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar="",
                                help="Only errors and the summary; the rest goes to the log"),
-    log_format: str = typer.Option("text", "--log-format", help="text or json (one object a line)"),
+    log_format: str = typer.Option("text", "--log-format", metavar="text|json",
+                                   help="text or json (one object a line)"),
 ) -> None:
     """Console options, before the command: `fashionfuse -q run CONFIG`."""
     if log_format not in ("text", "json"):
         _fail([f"--log-format: {log_format!r}: use text or json"])
     _CONSOLE.update(verbose=verbose, quiet=quiet, log_format=log_format)
 
-ConfigArg = typer.Argument(..., help="Run config YAML", show_default=False)
-SetOpt = typer.Option(None, "--set", help="Override a field: dotted.key=value (repeatable)")
-ForceOpt = typer.Option(False, "--force", help="Rebuild even if the artifacts are up to date")
+ConfigArg = typer.Argument(..., metavar="CONFIG", help="Run config YAML", show_default=False)
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE",
+                      help="Override a field: dotted.key=value (repeatable; list items by index "
+                      "or name: datasets.chat.max_records=100)")
+ForceOpt = typer.Option(False, "--force", metavar="",
+                        help="Rebuild even if the artifacts are up to date")
 
 def _fail(lines: list[str]) -> None:
     for line in lines:
@@ -149,7 +153,7 @@ def validate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> No
                f"{base_kind(cfg.model)}, run_dir {cfg.run_dir})")
 
 
-RoundOpt = typer.Option(None, "--round", help="With `rounds`: this round only")
+RoundOpt = typer.Option(None, "--round", metavar="N", help="With `rounds`: this round only")
 
 
 @app.command()
@@ -162,7 +166,7 @@ def curate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: 
 def train_adapter(
     config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
     adapter: Optional[list[str]] = typer.Option(
-        None, "--adapter", "--dataset", help="Only these adapters (default: all)"),
+        None, "--adapter", "--dataset", metavar="NAME", help="Only these adapters (default: all)"),
     round_: Optional[int] = RoundOpt,
 ) -> None:
     """Train one QLoRA adapter per curated dataset, plus the configured baselines.
@@ -186,7 +190,9 @@ def search_weights(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
 @app.command("eval")
 def eval_(
     config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
-    limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (or fraction)"),
+    limit: Optional[float] = typer.Option(
+        None, "--limit", metavar="N",
+        help="Examples per task: a whole number, or a fraction below 1 of each task's examples"),
 ) -> None:
     """Score base, adapters and fused model with lm-evaluation-harness, side by side (with
     `rounds`: the last round's)."""
@@ -195,12 +201,15 @@ def eval_(
                reads_sources=False, tasks="eval")
 
 
-@app.command()
+@app.command(help=(
+    "The paper's comparison (Tables 7-8): per-dataset adapters, one adapter on all datasets, "
+    "data mixes, sequential fine-tuning, fusions with fixed, searched and learned weights and "
+    "the dense merge operators, scored with the same eval; writes "
+    "ablate/table.{md,csv,json,png}.\n\nVariants (ablate.variants; default: all but "
+    "mixed_searched): " + ", ".join(ABLATION_VARIANTS) + "."))
 def ablate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
            force: bool = ForceOpt) -> None:
-    """The paper's comparison (Tables 7-8): per-dataset adapters, one adapter on all datasets,
-    sequential fine-tuning, fusion with weights 1, uniform, searched and learned weights, scored
-    with the same eval; writes ablate/table.{md,csv,json,png}."""
+    """`fashionfuse ablate` (help text above)."""
     from .ablate import ablate as run_ablation
 
     _run_stage("ablate", config, set_,
@@ -217,7 +226,8 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: boo
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run dir", show_default=False)) -> None:
+def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run dir",
+                                          show_default=False)) -> None:
     """Write RUN_DIR/report.html (self-contained) and report.md from the run's artifacts."""
     from .report import write_report
 
@@ -234,8 +244,34 @@ def _with_report(cfg: RunConfig, result):
     return result
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app(prog_name="fashionfuse")
+CONSOLE_FLAGS = ("-v", "--verbose", "-q", "--quiet")
+
+
+def console_options_first(argv: list[str]) -> list[str]:
+    """`fashionfuse validate x.yaml -v` as `fashionfuse -v validate x.yaml`: the console options
+    (-v, -q, --log-format F) may follow the command; they are moved before it."""
+    front, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg in CONSOLE_FLAGS:
+            front.append(arg)
+        elif arg == "--log-format" and i + 1 < len(argv):
+            front += argv[i:i + 2]
+            i += 1
+        elif arg.startswith("--log-format="):
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
+def main() -> None:
+    """The `fashionfuse` console entry point."""
+    app(args=console_options_first(sys.argv[1:]), prog_name="fashionfuse")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,7 +35,8 @@ class ConfigError(UserError, ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a field's description is its Field(description=...) or the docstring below it
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 # --------------------------------------------------------------------------- model
@@ -43,8 +44,11 @@ class QuantizationConfig(_Strict):
     """How the frozen base model is stored during training and search (QLoRA: 4-bit NF4)."""
 
     bits: Literal[4, 16] = 4
+    """4 = QLoRA (bitsandbytes); 16 = unquantised base"""
     quant_type: Literal["nf4", "fp4"] = "nf4"
+    """`nf4` or `fp4`"""
     double_quant: bool = True
+    """quantise the quantisation constants too"""
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="dtype of the matmuls (4-bit) or of the loaded weights "
         "(16-bit). auto: bfloat16 where the device computes in it natively (CUDA with bf16, "
@@ -59,9 +63,13 @@ class ModelConfig(_Strict):
         default=None, description="A GGUF file inside the local folder `base` (instead of naming "
         "the file in `base`)")
     revision: str | None = None
+    """hub revision"""
     trust_remote_code: bool = False
+    """passed to transformers"""
     quantization: QuantizationConfig = QuantizationConfig()
+    """How the frozen base is stored while training and searching (QLoRA: 4-bit NF4)"""
     max_input_len: Annotated[int, Field(gt=8)] = 4096
+    """context length: curation splits chats to fit it, training truncates to it"""
     system_message: str | None = Field(
         default=None, description="System message given to records that have none (unset: "
         "they keep none); `recipe: fashiongpt` sets the paper's")
@@ -103,11 +111,20 @@ for _alias, _fmt in (("puffin", "sharegpt"), ("samantha", "sharegpt"),
 class SourceConfig(_Strict):
     format: Literal["messages", "sharegpt", "puffin", "samantha", "openorca", "alpaca",
                     "open_platypus", "airoboros", "oasst1", "oasst1_messages"]
+    """`messages` (Hugging Face's conversational format: `{"messages": [{"role":
+    "system"/"user"/"assistant", "content": ...}]}`, an optional `system` field; text parts
+    of a list content joined), `sharegpt` (also `puffin`, `samantha`), `openorca`, `alpaca`
+    (also `open_platypus`, `airoboros`: `instruction`/`input`/`output` or `response`),
+    `oasst1` (tree export: best-ranked thread per tree), `oasst1_messages` (flat message
+    table with `message_id`/`parent_id`, rebuilt into trees)"""
     path: str | None = Field(default=None, description="Local .jsonl/.json/.csv/.parquet file")
     hub: str | None = Field(default=None, description="Hub dataset name, read with `datasets`")
     hub_config: str | None = None
+    """passed to `load_dataset`"""
     split: str = "train"
+    """passed to `load_dataset`"""
     revision: str | None = None
+    """passed to `load_dataset`"""
     fields: dict[str, str] = Field(
         default={}, description="Field mapping {standard name: name in this source}; a source "
         "name may reach into nested objects (data.conversation); role/content (messages) and "
@@ -131,17 +148,27 @@ class IdentityFilterConfig(_Strict):
         "prose: replace them, drop the record, or leave the data as it is (off); "
         "`recipe: fashiongpt` sets replace")
     patterns: list[str] = ["ChatGPT", "OpenAI", "GPT-4", "GPT-3.5"]
+    """proper names as written in prose: case-sensitive, with their usual spellings (`Chat GPT`,
+    `chatGPT`, `GPT4`, `Open AI`), never inside fenced or inline code and never part of a
+    longer identifier (`import openai`, `model='gpt-4'`, `GPT-4o` stay)"""
     replacement: str = "FashionGPT"
+    """replacement text"""
 
 
 class ToxicityConfig(_Strict):
     enabled: bool = True
+    """drop records containing a listed violent, hateful or illegal phrase
+    (`src/fashionfuse/curate/wordlists/unsafe_en.txt`, or your files)"""
     wordlists: list[str] | None = Field(
         default=None, description="Phrase files (one a line); default: the shipped unsafe_en.txt")
     classifier: str | None = Field(
         default=None, description="Optional text-classification model (path or hub id)")
     classifier_labels: list[str] = ["toxic"]
+    """optional text-classification model (path or hub id, via transformers' pipeline): drop a
+    record when any turn scores above the threshold for one of the labels"""
     classifier_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """optional text-classification model (path or hub id, via transformers' pipeline): drop a
+    record when any turn scores above the threshold for one of the labels"""
 
 
 class TopicConfig(_Strict):
@@ -158,8 +185,14 @@ class TopicConfig(_Strict):
 
 class NearDedupConfig(_Strict):
     enabled: bool = False
+    """drop records more than `threshold` similar (MinHash-verified Jaccard of character
+    shingles) to an earlier kept record"""
     threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """drop records more than `threshold` similar (MinHash-verified Jaccard of character
+    shingles) to an earlier kept record"""
     ngram: Annotated[int, Field(gt=0)] = 5
+    """drop records more than `threshold` similar (MinHash-verified Jaccard of character
+    shingles) to an earlier kept record"""
 
 
 class FilterConfig(_Strict):
@@ -167,7 +200,9 @@ class FilterConfig(_Strict):
         default=None, description="Keep only records answered by one of these models (Appendix B)"
     )
     drop_blank: bool = True
+    """drop records with a blank assistant turn"""
     drop_refusals: bool = True
+    """drop records whose assistant turn matches `refusal_patterns`"""
     refusal_patterns: list[str] = [
         "as an ai language model",
         "i'm sorry, but i cannot",
@@ -179,15 +214,25 @@ class FilterConfig(_Strict):
         "i can't assist with",
         "i cannot assist with",
     ]
+    """case-insensitive substrings; typographic apostrophes and line breaks in responses match
+    too"""
     identity: IdentityFilterConfig = IdentityFilterConfig()
+    """Identity mentions (ChatGPT, OpenAI, ...) in prose"""
     min_response_chars: Annotated[int, Field(ge=0)] = 1
+    """length-abnormal bounds per response"""
     max_response_chars: Annotated[int, Field(gt=0)] = 20000
+    """length-abnormal bounds per response"""
     dedup: bool = True
+    """drop exact duplicates (case and whitespace normalised)"""
     languages: list[str] | None = Field(
         default=None, description="Keep only records detected (langid) as one of these, e.g. [en]")
     toxicity: ToxicityConfig = ToxicityConfig()
+    """Violent, hateful or illegal content (a phrase list, optionally a classifier)"""
     topics: TopicConfig | None = None
+    """`{keep: [names], keywords: {name: [words]}}`: keep records matching a kept topic (the
+    Samantha subset)"""
     near_dedup: NearDedupConfig = NearDedupConfig()
+    """Near-duplicate removal (MinHash-verified Jaccard of character shingles)"""
 
 
 # Labels `fashionfuse eval` gives its rows; an adapter with one of these names would collide.
@@ -210,14 +255,22 @@ AdapterName = Annotated[str, Field(pattern=NAME_PATTERN), AfterValidator(_not_re
 
 class DatasetConfig(_Strict):
     name: AdapterName
+    """unique name; also the adapter's name. A plain file name (letters, digits, `_.-`, no
+    leading `.`); `base`, `fused`, `merged` are reserved (eval's row labels)"""
     kind: Literal["qa", "chat"]
+    """`qa` (system + query -> response) or `chat` (every assistant turn trained)"""
     source: SourceConfig
+    """Where the raw rows come from (a local file or a hub dataset) and in which format"""
     filters: FilterConfig = FilterConfig()
+    """The Appendix B filters applied to this dataset's records, in order"""
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """held-out share, chosen by conversation (seeded hash of the original record id): the
+    segments of a chat split to fit the context never straddle train and validation"""
     test_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
         default=0.0, description="Share of the records held out as a test split (curate/<name>/"
         "test.jsonl) that neither training nor the search sees; eval.skill_tasks scores it")
     max_records: Annotated[int, Field(gt=0)] | None = None
+    """stop after this many kept records"""
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> "DatasetConfig":
@@ -230,24 +283,37 @@ class DecontaminationConfig(_Strict):
     benchmarks: list[str] = Field(
         default=[], description="Benchmark files or folders (ARC/HellaSwag/MMLU/TruthfulQA schemas)")
     threshold: Annotated[float, Field(gt=0, le=1)] = 0.85
+    """Jaccard similarity of character n-gram shingles above which a query counts as
+    contaminated (Appendix B)"""
     ngram: Annotated[int, Field(gt=0)] = 5
+    """shingle size in characters (text lowercased, punctuation removed)"""
     num_perm: Annotated[int, Field(ge=16)] = 128
+    """MinHash permutations and the LSH threshold for candidates (each candidate is then
+    verified exactly)"""
     candidate_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    """MinHash permutations and the LSH threshold for candidates (each candidate is then
+    verified exactly)"""
 
 
 class CurateConfig(_Strict):
     strict: bool = Field(default=False, description="Fail on the first malformed row")
     shard_size: Annotated[int, Field(gt=0)] = 10000
+    """rows per shard; finished shards are kept in `curate/.<dataset>.work/` and reused when an
+    interrupted run is repeated"""
     num_proc: Annotated[int, Field(gt=0)] | None = Field(
         default=None, description="Filter processes (default: every core)")
     decontaminate: DecontaminationConfig = DecontaminationConfig()
+    """Drop records whose user query is too similar to a benchmark question (Appendix B)"""
 
 
 # --------------------------------------------------------------------------- training
 class LoraConfig(_Strict):
     r: Annotated[int, Field(gt=0)] = 64
+    """Table 4"""
     alpha: Annotated[float, Field(gt=0)] = 16
+    """Table 4"""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    """Table 4"""
     target_modules: Literal["all-linear"] | list[str] = Field(
         default="all-linear", description="all-linear: every linear layer of the transformer "
         "blocks, resolved per architecture (Table 4's list on Llama); or explicit module names")
@@ -256,30 +322,46 @@ class LoraConfig(_Strict):
 class TrainingConfig(_Strict):
     batch_size: Annotated[int, Field(gt=0)] = Field(128, description="Effective batch (sequences)")
     micro_batch_size: Annotated[int, Field(gt=0)] = 4
+    """sequences per forward pass; with packing, one flattened row of up to `micro_batch_size x
+    pack_length` tokens (the same memory)"""
     epochs: Annotated[float, Field(gt=0)] = 3
+    """passes over the training split"""
     max_steps: Annotated[int, Field(gt=0)] | None = None
+    """optimiser steps; overrides `epochs`"""
     learning_rate: Annotated[float, Field(gt=0)] = 1e-4
+    """peak learning rate"""
     lr_scheduler: Literal["constant_with_warmup", "cosine", "linear", "constant"] = (
         "constant_with_warmup"
     )
+    """or `cosine`, `linear`, `constant`"""
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    """share of steps spent warming up"""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """AdamW weight decay"""
     max_grad_norm: Annotated[float, Field(gt=0)] = 0.3
+    """gradient clipping (QLoRA's value)"""
     optimizer: Literal["paged_adamw_32bit", "adamw"] = "paged_adamw_32bit"
+    """bitsandbytes paged AdamW on CUDA; plain AdamW where paging is unsupported (CPU); the one
+    used is in the adapter's manifest"""
     gradient_checkpointing: bool = False
+    """trade compute for memory"""
     packing: bool = Field(
         default=True, description="Pack several samples per row (no attention across them)")
     pack_length: Annotated[int, Field(gt=8)] | None = Field(
         default=None, description="Tokens per packed row (default: model.max_input_len)")
     lora: LoraConfig = LoraConfig()
+    """LoRA hyper-parameters"""
     logging_steps: Annotated[int, Field(gt=0)] = 1
+    """how often `metrics.jsonl` is flushed"""
     checkpoint_steps: Annotated[int, Field(gt=0)] = 50
+    """how often a resumable checkpoint is written"""
 
 
 class AdapterSpec(_Strict):
     """An adapter beyond the default one-per-dataset: the baselines of the paper's Table 8."""
 
     name: AdapterName
+    """The adapter's name (a plain file name, unique among datasets and adapters)"""
     datasets: list[str] = Field(
         description="Curated datasets trained together (>1: the fused-dataset baseline)")
     on_top_of: list[str] = Field(
@@ -367,9 +449,13 @@ class ObjectiveConfig(_Strict):
         default="val_loss", description="val_loss, lm_eval, mix, or a registered plugin")
     tasks: list[str] = Field(default=[], description="lm-eval tasks scored per candidate (lm_eval, mix)")
     include_paths: list[str] = []
+    """lm-eval tasks for `lm_eval` and `mix`"""
     num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    """lm-eval tasks for `lm_eval` and `mix`"""
     limit: Annotated[float, Field(gt=0)] | None = None
+    """lm-eval tasks for `lm_eval` and `mix`"""
     mix_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """weight of the task accuracy in `mix`"""
     allow_test_split: bool = Field(
         default=False, description="Allow tuning on a task's test split (refused by default)")
     datasets: list[str] | None = Field(
@@ -378,6 +464,7 @@ class ObjectiveConfig(_Strict):
     dataset_weights: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
         default=None, description="Weight of each dataset's loss in the mean (default: equal)")
     max_samples_per_dataset: Annotated[int, Field(gt=0)] | None = None
+    """cap on validation records per dataset"""
     retention: ObjectiveRetention | None = Field(
         default=None, description="lm_eval, mix: {tasks, weight, num_fewshot, limit}: "
         "general-ability tasks whose mean headline metric, times weight, is subtracted from "
@@ -398,17 +485,32 @@ class SearchConfig(_Strict):
         default="grid", description="grid, random, tpe, gp, cmaes, gradient, or a registered plugin")
     adapters: list[str] | None = Field(default=None, description="Default: every dataset")
     grid_values: list[float] = [0.0, 0.5, 1.0]
+    """per-adapter values for `grid`"""
     n_trials: Annotated[int, Field(gt=0)] = 20
+    """trial budget for `random`, `tpe`, `gp` and `cmaes` (and for `ablate`'s `mixed_searched`
+    under them)"""
     gp_startup_trials: Annotated[int, Field(gt=0)] = Field(
         default=5, description="gp: candidates drawn at random (after the uniform start point) "
         "before the Gaussian process proposes")
     low: float = 0.0
+    """weight range and lattice for `random` (rounded draws), `tpe`, `gp` and `cmaes` (optuna
+    draws on the step lattice); `step` must divide `high - low`"""
     high: float = 1.0
+    """weight range and lattice for `random` (rounded draws), `tpe`, `gp` and `cmaes` (optuna
+    draws on the step lattice); `step` must divide `high - low`"""
     step: Annotated[float, Field(gt=0)] | None = 0.05
+    """weight range and lattice for `random` (rounded draws), `tpe`, `gp` and `cmaes` (optuna
+    draws on the step lattice); `step` must divide `high - low`"""
     objective: ObjectiveConfig = ObjectiveConfig()
+    """What a candidate fusion is scored on (lower is better)"""
     batch_size: Annotated[int, Field(gt=0)] = 8
+    """sequences per forward pass while scoring"""
     gradient_steps: Annotated[int, Field(gt=0)] = 30
+    """`gradient` method: Adam steps (one pass over the validation batches each), learning rate,
+    start weight; weights are clamped to [low, high]"""
     gradient_lr: Annotated[float, Field(gt=0)] = 0.05
+    """`gradient` method: Adam steps (one pass over the validation batches each), learning rate,
+    start weight; weights are clamped to [low, high]"""
     gradient_init: float | None = Field(default=None, description="Start weight (default: midpoint)")
     storage: str | None = Field(
         default=None, description="Optuna storage URL shared by every worker (e.g. "
@@ -538,6 +640,7 @@ class EvalConfig(_Strict):
     benchmark_data: str | None = Field(
         default=None, description="Folder of local ARC/HellaSwag/MMLU/TruthfulQA files for the preset")
     tasks: list[str] = []
+    """more lm-eval task names (built-in or from `include_paths`), run with `num_fewshot`"""
     include_paths: list[str] = Field(default=[], description="Folders of local lm-eval task YAMLs")
     skill_tasks: bool = Field(
         default=False, description="Also score each dataset's held-out test split (datasets[]."
@@ -546,13 +649,29 @@ class EvalConfig(_Strict):
         default=None, description="General-ability tasks in the table's retention group, with "
         "their own shots and limit; the table adds `retention vs base`")
     num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    """few-shot count (null: the task's default)"""
     limit: Annotated[float, Field(gt=0)] | None = None
+    """examples per task (int) or fraction (< 1) for quick runs; also `fashionfuse eval --limit
+    N`"""
     batch_size: str | int = "auto"
+    """lm-eval batch size. `auto` is bounded by memory: the size is the number of the group's
+    longest rows whose estimated peak (logits of every position plus two float32 copies, the
+    widest layer transient, eager attention scores) fits in half the memory available (RAM
+    and the cgroup limit on a CPU, shared among data-parallel processes; free device memory
+    on a GPU). On a CPU that estimate is the answer (no trial forward: a CPU never raises
+    out-of-memory, the kernel kills the process); on a GPU lm-eval's out-of-memory search
+    starts from it. Found once per row length and printed (`eval: batch_size auto -> N for
+    rows of L tokens`)"""
     models: list[Literal["base", "adapters", "fused", "merged"]] = ["base", "adapters", "fused"]
+    """which models to score; `merged` adds `search/merged/` (needs `search.export_merged`),
+    loaded as its own full model in the dtype it was exported in. The eval manifest's
+    `scored_weights` says, per row, which weights were scored (for example `nf4 4-bit from
+    bfloat16, bfloat16 compute` or `float32`)"""
     load_in_4bit: bool | None = Field(
         default=None, description="Default: same as model.quantization.bits == 4"
     )
     log_samples: bool = False
+    """keep per-sample outputs in the results JSON"""
     max_length: Annotated[int, Field(gt=1)] | None = Field(
         default=None, description="Longest row lm-eval scores, in tokens (longer rows are cut "
         "from the left); default: the model's own window")
@@ -648,6 +767,7 @@ def _apply_recipe(data: dict) -> dict:
 
 class RunConfig(_Strict):
     run_dir: str
+    """where every artifact goes"""
     recipe: Literal["fashiongpt"] | None = Field(
         default=None, description="fashiongpt: the paper's recipe where the config does not say "
         "otherwise: identity mentions replaced by FashionGPT (filters.identity.action: replace), "
@@ -655,18 +775,27 @@ class RunConfig(_Strict):
         "is left as it is, records without a system message get none, and the model's own chat "
         "template is used when it has one")
     seed: int = 1234
+    """seeds splits, batching, LoRA init, search samplers, lm-eval"""
     model: ModelConfig
+    """The base model: where it comes from, how it is quantised, its context and chat template"""
     datasets: list[DatasetConfig]
+    """One entry per dataset: its raw source, filters and splits; each trains one adapter of the
+    same name"""
     curate: CurateConfig = CurateConfig()
+    """Curation settings shared by every dataset"""
     training: TrainingConfig = TrainingConfig()
+    """The QLoRA recipe (paper Table 4 defaults) shared by every adapter"""
     adapters: list[AdapterSpec] = Field(
         default=[], description="Extra adapters (baselines); one adapter per dataset always exists")
     rounds: list[RoundConfig] = Field(
         default=[], description="Iterative fusion: round k's fused adapter is merged into the "
         "base that round k+1's adapters are trained, searched and evaluated on")
     search: SearchConfig = SearchConfig()
+    """The fusion-weight search: method, candidates, objective and export"""
     eval: EvalConfig = EvalConfig()
+    """lm-evaluation-harness scoring of base, adapters and fused model"""
     ablate: AblateConfig = AblateConfig()
+    """`fashionfuse ablate`: which Table 7/8 variants to build and score"""
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default=["tensorboard"], description="Experiment trackers for training and search "
         "metrics: tensorboard (offline event files in the run dir), wandb, mlflow (if installed)")

@@ -1,0 +1,107 @@
+"""The README and the docs site say what the code does: every config field has a description
+(the configuration page is generated from them), the flags of every command they show exist,
+the README stays short, and neither carries development history."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+from typer.testing import CliRunner
+
+from fashionfuse.cli import app
+from fashionfuse.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PAGES = {p.name: p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
+ALL_TEXT = "\n".join([README, *PAGES.values()])
+
+
+def _sections(annotation) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in typing.get_args(annotation) for m in _sections(a)]
+
+
+def _config_fields(model: type[BaseModel], prefix: str = "") -> dict[str, bool]:
+    """Every config path -> whether it is a section (a model of further fields)."""
+    out = {}
+    for name, field in model.model_fields.items():
+        subs = _sections(field.annotation)
+        out[prefix + name] = bool(subs)
+        for sub in subs:
+            out |= _config_fields(sub, f"{prefix}{name}.")
+    return out
+
+
+def _reference_rows():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "config_reference", ROOT / "docs" / "hooks" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.rows(RunConfig), module.reference_markdown()
+
+
+def test_every_config_field_has_a_description_and_a_row_in_the_reference():
+    fields = _config_fields(RunConfig)
+    rows, markdown = _reference_rows()
+    assert {p.replace("[]", "") for p, *_ in rows} == set(fields)
+    undescribed = [p for p, _, _, meaning in rows if not meaning.strip()]
+    assert not undescribed, "config fields without a description (Field(description=...) or " \
+        "an attribute docstring)"
+    assert all(f"| `{p}` |" in markdown for p, *_ in rows)
+
+
+def test_the_readme_is_short_and_links_the_docs():
+    assert len(README.splitlines()) <= 200
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)\)", README))
+    assert linked and linked <= set(PAGES), linked - set(PAGES)
+
+
+def test_no_development_history_in_the_readme_or_docs():
+    for name, text in {"README.md": README, **PAGES}.items():
+        for pattern in (r"session of 20\d\d", r"\bissues? \d+", r"\baudit\b",
+                        r"\b20\d\d-\d\d-\d\d\b", r"the issue asks"):
+            hits = re.findall(f".{{0,40}}{pattern}.{{0,20}}", text)
+            assert not hits, (name, hits)
+
+
+def _commands(pattern: str) -> dict[str, set[str]]:
+    """Flags of the README's and the docs' commands matching `pattern` (its group 1 names the
+    command)."""
+    out: dict[str, set[str]] = {}
+    fenced = re.findall(r"^```[^\n]*\n(.*?)^```", ALL_TEXT, flags=re.M | re.S)
+    prose = re.sub(r"^```[^\n]*\n.*?^```", "", ALL_TEXT, flags=re.M | re.S)
+    spans = [line for block in fenced for line in block.splitlines()]
+    for span in spans + re.findall(r"`([^`]+)`", prose):
+        for m in re.finditer(pattern, span):
+            flags = re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", span[m.end():])
+            out.setdefault(m.group(1), set()).update(flags)
+    return out
+
+
+@pytest.mark.parametrize("script, flags", sorted(
+    _commands(r"python scripts/(\w+)\.py").items()))
+def test_script_flags_in_the_docs_exist(script, flags):
+    usage = subprocess.run([sys.executable, f"scripts/{script}.py", "--help"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout
+    assert not sorted(f for f in flags if f not in usage), f"{script}.py lacks them"
+
+
+def test_cli_flags_in_the_docs_exist():
+    commands = _commands(r"fashionfuse ([a-z][a-z-]+)")
+    assert commands
+    runner = CliRunner()
+    for command, flags in commands.items():
+        result = runner.invoke(app, [command, "--help"], terminal_width=200)
+        assert result.exit_code == 0, f"the docs name `fashionfuse {command}`: {result.output}"
+        missing = sorted(f for f in flags if f not in result.output)
+        assert not missing, f"fashionfuse {command} lacks {missing}"
