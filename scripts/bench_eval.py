@@ -217,7 +217,7 @@ def batch_noise(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fashionfuse.evaluate.benchmarks import write_local_leaderboard_tasks
-    from fashionfuse.lm_eval_run import task_manager, wrap_model
+    from fashionfuse.evaluate.lm_eval_run import task_manager, wrap_model
 
     model_dir = _plain_checkpoint(args.model)
     limit = args.limit or (4 if args.model == "smollm2" else 10)
@@ -275,7 +275,7 @@ def generate(args) -> None:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fashionfuse.lm_eval_run import task_manager, wrap_model
+    from fashionfuse.evaluate.lm_eval_run import task_manager, wrap_model
 
     model_dir = _plain_checkpoint(args.model)
     limit = args.limit or 16
@@ -379,7 +379,7 @@ def task_objective(args, limit: int) -> None:
     from fashionfuse.base_model import load_base_model, load_tokenizer
     from fashionfuse.config import load_config
     from fashionfuse.evaluate.benchmarks import write_local_leaderboard_tasks
-    from fashionfuse.lm_eval_run import TaskSet, task_manager, wrap_model
+    from fashionfuse.evaluate.lm_eval_run import TaskSet, task_manager, wrap_model
     from fashionfuse.adapters.runtime import attach_adapters, set_fusion_weights
 
     cfg = load_config(CONFIG, [f"run_dir={RUN}",
@@ -421,7 +421,7 @@ def logits_where_scored(args) -> None:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from fashionfuse.lm_eval_run import wrap_model
+    from fashionfuse.evaluate.lm_eval_run import wrap_model
 
     hidden, layers, inter, heads, kv = SIZES["30m"]
     torch.manual_seed(0)

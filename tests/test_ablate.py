@@ -225,7 +225,7 @@ def test_mix_search_interrupted_while_training_runs_that_mix_again(pipeline_run,
     import pytest
 
     from fashionfuse.config import load_config
-    from fashionfuse.mix_search import _sampled
+    from fashionfuse.experiments.mix_search import _sampled
 
     cfg = load_config(pipeline_run["config"], [f"run_dir={tmp_path / 'run'}", "search.method=tpe",
                                                "search.n_trials=4", "search.step=0.25"])

@@ -99,8 +99,8 @@ def test_the_checker_sees_a_circle():
 
 
 def test_eval_path_does_not_load_the_trainer():
-    code = ("import sys, fashionfuse.evaluate, fashionfuse.evaluate.harness, fashionfuse.lm_eval_run, "
-            "fashionfuse.shared_context, fashionfuse.adapters.peft_layers; "
+    code = ("import sys, fashionfuse.evaluate, fashionfuse.evaluate.harness, fashionfuse.evaluate.lm_eval_run, "
+            "fashionfuse.evaluate.shared_context, fashionfuse.adapters.peft_layers; "
             "print(sorted(m for m in sys.modules if m.startswith('fashionfuse.train')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -115,3 +115,48 @@ def test_no_function_over_60_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines})")
     assert not long, long
+
+
+# the package's layers, bottom to top: what every stage shares, the stages, the search (it
+# scores with the evaluate stage's lm-eval wrapper), what runs the stages together, the CLI
+STAGES = ("curate", "train", "evaluate")
+LAYERS = {"shared": 0, **{s: 1 for s in STAGES}, "search": 2, "experiments": 3, "cli": 4}
+# config validates search.method / search.operator against the registries users plug into
+ALLOWED = {("fashionfuse.config", "fashionfuse.search.registry"),
+           ("fashionfuse.config", "fashionfuse.search")}
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in LAYERS:
+        return parts[1]
+    return "cli" if module in ("fashionfuse.cli", "fashionfuse.__main__") else "shared"
+
+
+def test_no_stage_imports_one_above_it():
+    """Top-level modules and the adapters/fusion packages are what every stage shares; a stage
+    imports none of the others at its level, nothing imports a layer above its own."""
+    wrong = []
+    for a, targets in import_graph().items():
+        for b in targets:
+            la, lb = layer_of(a), layer_of(b)
+            if (a, b) in ALLOWED:
+                continue
+            if LAYERS[lb] > LAYERS[la] or (la != lb and la in STAGES and lb in STAGES):
+                wrong.append(f"{a} ({la}) -> {b} ({lb})")
+    assert not wrong, wrong
+
+
+def test_no_top_level_module_belongs_to_one_stage():
+    """A module at the top of the package is imported by more than one stage folder (or by
+    none: the CLI's own helpers), never by exactly one."""
+    graph = import_graph()
+    single = []
+    for module in graph:
+        if module.count(".") != 1 or layer_of(module) != "shared" or module == "fashionfuse.cli":
+            continue
+        users = {layer_of(a) for a, targets in graph.items() if module in targets}
+        stage_users = users & set(STAGES + ("search", "experiments"))
+        if len(stage_users) == 1 and users <= stage_users | {"cli"}:
+            single.append(f"{module}: only {sorted(users)}")
+    assert not single, single

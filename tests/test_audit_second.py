@@ -160,7 +160,7 @@ def test_ablate_refuses_a_variant_that_cannot_run_before_any_work(pipeline_run, 
 def test_every_default_variant_is_valid_for_a_layer_wise_gradient_search(pipeline_run):
     """The fixed-weight variants search one grid point per adapter: with the run's own search
     learning layer-wise weights they must not inherit its granularity."""
-    from fashionfuse.ablate import check_fusion_variants, fusion_variants
+    from fashionfuse.experiments.ablate import check_fusion_variants, fusion_variants
 
     data = load_config(pipeline_run["config"]).model_dump(mode="json")
     data["search"].update(method="gradient", granularity="layer")
@@ -184,8 +184,8 @@ def _forward_batches(model) -> list[int]:
 def test_auto_batch_size_is_found_per_row_length(tiny_model, monkeypatch):
     """Two groups with as many requests but rows of different lengths get their own batch
     size (a size found for short rows would not fit long ones)."""
-    from fashionfuse import forward_memory
-    from fashionfuse.lm_eval_run import wrap_model
+    from fashionfuse.evaluate import forward_memory
+    from fashionfuse.evaluate.lm_eval_run import wrap_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -209,8 +209,8 @@ def test_auto_batch_size_fits_a_large_vocabulary_without_allocating(tiny_model, 
     and the requests are then scored in batches of that size."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fashionfuse import forward_memory
-    from fashionfuse.lm_eval_run import wrap_model
+    from fashionfuse.evaluate import forward_memory
+    from fashionfuse.evaluate.lm_eval_run import wrap_model
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
@@ -238,7 +238,7 @@ def test_trailing_logits_match_when_a_row_ends_in_token_zero(tiny_model):
     a real 0, indistinguishable from padding; both are scored as plain HFLM scores them."""
     from lm_eval.models.huggingface import HFLM
 
-    from fashionfuse.lm_eval_run import wrap_model
+    from fashionfuse.evaluate.lm_eval_run import wrap_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

@@ -67,7 +67,7 @@ def test_run_without_any_eval_task_is_refused_before_training(make_config, tmp_p
 
 # --------------------------------------------------------------------------- 5
 def test_ablate_fallback_to_validation_loss_drops_the_retention_term(pipeline_run):
-    from fashionfuse.ablate import check_fusion_variants, fusion_variants
+    from fashionfuse.experiments.ablate import check_fusion_variants, fusion_variants
 
     tasks = load_config(pipeline_run["config"]).eval.include_paths[0]
     cfg = load_config(pipeline_run["config"], [
@@ -110,7 +110,7 @@ def test_greedy_path_honours_the_models_max_new_tokens(tiny_model):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fashionfuse.lm_eval_run import wrap_model
+    from fashionfuse.evaluate.lm_eval_run import wrap_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -184,7 +184,7 @@ def test_the_docs_say_how_the_demo_figures_move_with_the_cpu():
 
 # --------------------------------------------------------------------------- 11 and 12
 def _lm_eval(model: str, checkpoint: Path, tasks_dir: Path, out: Path) -> tuple[dict, str]:
-    cmd = [sys.executable, "-m", "fashionfuse.lm_eval_cli", "--model", model,
+    cmd = [sys.executable, "-m", "fashionfuse.evaluate.lm_eval_cli", "--model", model,
            "--model_args", f"pretrained={checkpoint},dtype=float32",
            "--tasks", "demo_colours,demo_opposites", "--include_path", str(tasks_dir),
            "--limit", "8", "--num_fewshot", "0", "--batch_size", "4", "--output_path", str(out)]
@@ -208,7 +208,7 @@ def test_lm_eval_cli_fashionfuse_loads_what_hf_loads(pipeline_run, tmp_path):
 
 def test_lm_eval_cli_refuses_loading_arguments_it_would_ignore(tiny_model):
     from fashionfuse.errors import UserError
-    from fashionfuse.lm_eval_model import FashionfuseLM
+    from fashionfuse.evaluate.lm_eval_model import FashionfuseLM
 
     with pytest.raises(UserError, match="parallelize: not supported by --model fashionfuse"):
         FashionfuseLM(pretrained=str(tiny_model), parallelize="True")

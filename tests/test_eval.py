@@ -163,7 +163,7 @@ def test_tasks_loaded_once_score_like_a_fresh_simple_evaluate(pipeline_run, tmp_
     """`TaskSet` (tasks and few-shot samplers built once, reused for every model) gives every
     model exactly the results of its own `simple_evaluate` call, few-shot prompts included."""
     from fashionfuse.base_model import load_base_model, load_tokenizer
-    from fashionfuse.lm_eval_run import (
+    from fashionfuse.evaluate.lm_eval_run import (
         TaskSet,
         prepare_include_paths,
         run_tasks,
@@ -204,7 +204,7 @@ def test_logits_only_where_scored_match_full_logits(tiny_model):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fashionfuse.lm_eval_run import wrap_model
+    from fashionfuse.evaluate.lm_eval_run import wrap_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

@@ -372,7 +372,7 @@ def test_della_with_a_searched_epsilon_through_the_cli(pipeline_run, tmp_path):
 
     # scored exactly as searched: fusion=best.json puts the merged deltas on the base (what
     # lm-eval's CLI gets with --model fashionfuse --model_args ...,fusion=best.json)
-    from fashionfuse.lm_eval_model import attach_searched_fusion
+    from fashionfuse.evaluate.lm_eval_model import attach_searched_fusion
 
     names = best["adapters"]
     deltas = merged_deltas([load_saved_adapter(run / "adapters" / n) for n in names], names,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from fashionfuse.greedy_generation import greedy_generate, plain_greedy
+from fashionfuse.evaluate.greedy_generation import greedy_generate, plain_greedy
 
 PROMPTS = ["The weather today is", "Alice likes", "What colour does Bruno like? Which",
            "The train leaves the station every", "A good question deserves a", "Many birds fly",
@@ -33,8 +33,8 @@ def tiny(tiny_model):
 def test_same_texts_as_lm_evals_default_with_rows_dropped(tiny, monkeypatch):
     from lm_eval.models.huggingface import HFLM
 
-    from fashionfuse import lm_eval_model
-    from fashionfuse.lm_eval_run import wrap_model
+    from fashionfuse.evaluate import lm_eval_model
+    from fashionfuse.evaluate.lm_eval_run import wrap_model
 
     model, tok = tiny
     lengths = []
@@ -56,8 +56,8 @@ def test_same_texts_as_lm_evals_default_with_rows_dropped(tiny, monkeypatch):
 
 
 def test_sampling_goes_to_generate(tiny, monkeypatch):
-    from fashionfuse import lm_eval_model
-    from fashionfuse.lm_eval_run import wrap_model
+    from fashionfuse.evaluate import lm_eval_model
+    from fashionfuse.evaluate.lm_eval_run import wrap_model
 
     model, tok = tiny
     monkeypatch.setattr(lm_eval_model, "greedy_generate",
@@ -128,7 +128,7 @@ def test_a_peft_model_generates_like_lm_evals_default(tiny):
     from lm_eval.models.huggingface import HFLM
     from peft import LoraConfig, get_peft_model
 
-    from fashionfuse.lm_eval_run import wrap_model
+    from fashionfuse.evaluate.lm_eval_run import wrap_model
 
     model, tok = tiny
     torch.manual_seed(1)

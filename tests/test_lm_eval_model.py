@@ -15,7 +15,7 @@ import pytest
 def test_registered_in_lm_evals_registry():
     from lm_eval.api.registry import get_model
 
-    from fashionfuse.lm_eval_model import FashionfuseLM
+    from fashionfuse.evaluate.lm_eval_model import FashionfuseLM
 
     assert get_model("fashionfuse") is FashionfuseLM
     assert get_model("hf").__name__ == "HFLM"  # lm-eval's own models still there
@@ -26,7 +26,7 @@ def run_cli(pipeline_run, tmp_path, model_args: str, **env) -> tuple[dict, str]:
     4-bit as the run trained and scored it: (results, stderr)."""
     run = pipeline_run["run_dir"]
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "fashionfuse.lm_eval_cli", "--model", "fashionfuse",
+    cmd = [sys.executable, "-m", "fashionfuse.evaluate.lm_eval_cli", "--model", "fashionfuse",
            "--model_args", f"pretrained={pipeline_run['model']},load_in_4bit=true{model_args}",
            "--tasks", "demo_colours,demo_opposites", "--include_path", str(run / "eval_tasks"),
            "--limit", "6", "--num_fewshot", "0", "--device", "cpu", "--batch_size", "8",

@@ -78,7 +78,7 @@ def test_mix_must_name_the_adapters_datasets():
 
 
 def test_mixed_ratio_reads_layer_wise_weights_as_their_block_mean():
-    from fashionfuse.ablate import adapter_mean_weights
+    from fashionfuse.experiments.ablate import adapter_mean_weights
 
     weights = {"a@0": 1.0, "a@1": 3.0, "a": 0.5, "b@0": 2.0, "b@1": 2.0}
     assert adapter_mean_weights(weights, ["a", "b"]) == {"a": 1.0, "b": 2.0}

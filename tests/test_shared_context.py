@@ -36,7 +36,7 @@ def _requests(model, max_length: int):
 def test_shared_context_scores_equal_lm_evals_own(tiny_model, batch_size):
     from lm_eval.models.huggingface import HFLM
 
-    from fashionfuse.lm_eval_run import wrap_model
+    from fashionfuse.evaluate.lm_eval_run import wrap_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -60,7 +60,7 @@ def test_shared_context_scores_equal_lm_evals_own(tiny_model, batch_size):
 
 
 def test_requests_are_grouped_by_a_shared_prefix():
-    from fashionfuse.shared_context import group_by_prefix
+    from fashionfuse.evaluate.shared_context import group_by_prefix
 
     shots = list(range(100, 140))  # 40 tokens of few-shot exemplars every question starts with
     a, b = [5, 6, 7], [5, 6]
@@ -78,7 +78,7 @@ def test_requests_are_grouped_by_a_shared_prefix():
 def test_questions_after_the_same_exemplars_are_not_merged_across_subjects():
     """Two MMLU-like subjects whose prompts share their first words (a short prefix) but each
     its own exemplars (a long one): a group per subject, not one group on the short prefix."""
-    from fashionfuse.shared_context import group_by_prefix
+    from fashionfuse.evaluate.shared_context import group_by_prefix
 
     head = list(range(200, 240))  # "The following are multiple choice questions about"
     requests = []
@@ -98,7 +98,7 @@ def test_shared_prefixes_keep_each_architectures_attention(tiny_model, arch):
     or leaves the requests to it."""
     from lm_eval.models.huggingface import HFLM
 
-    from fashionfuse.lm_eval_run import wrap_model
+    from fashionfuse.evaluate.lm_eval_run import wrap_model
 
     from .tiny_archs import tiny_model as build
 

@@ -122,8 +122,8 @@ def test_peft_public_path_tensor_scales(make_config, public_paths):
 def test_lm_eval_public_path_is_plain_hflm_with_the_same_scores(tiny_model, public_paths):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fashionfuse.lm_eval_model import encode_pairs_once, render_prompts_once
-    from fashionfuse.lm_eval_run import wrap_model
+    from fashionfuse.evaluate.lm_eval_model import encode_pairs_once, render_prompts_once
+    from fashionfuse.evaluate.lm_eval_run import wrap_model
     from .test_shared_context import _requests
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
@@ -221,7 +221,7 @@ def test_transformers_public_path_saves_the_same_plain_checkpoint(tiny_model, tm
 def test_each_private_name_lives_in_one_module_per_library():
     """The internals named in the architecture page's table appear in exactly one module of each library."""
     src = Path(__file__).resolve().parents[1] / "src" / "fashionfuse"
-    homes = {"lm_eval_model.py": ("_loglikelihood_tokens", "_model_call", "_encode_pair",
+    homes = {"evaluate/lm_eval_model.py": ("_loglikelihood_tokens", "_model_call", "_encode_pair",
                                   "_detect_batch_size", "build_all_requests", "_instances",
                                   "self._rank", "self._world_size"),
              "adapters/peft_layers.py": ("_cast_input_dtype", ".scaling[", ".lora_dropout["),

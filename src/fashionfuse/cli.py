@@ -13,7 +13,7 @@ import typer
 import yaml
 
 from .config import ABLATION_VARIANTS, ConfigError, RunConfig, filesystem_problems, load_config
-from .pipeline import run_stage
+from .experiments.pipeline import run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Multiple LoRA-adapter fusion fine-tuning (FashionGPT).")
@@ -84,7 +84,7 @@ def _load(config: Path, overrides: Optional[list[str]], reads_sources: bool = Tr
     elif hub:
         problems.append(hub)
     if tasks is not None:
-        from .lm_eval_run import task_name_problems
+        from .evaluate.lm_eval_run import task_name_problems
 
         problems += task_name_problems(cfg, needs_eval=tasks == "eval")
     if problems:
@@ -210,7 +210,7 @@ def eval_(
 def ablate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
            force: bool = ForceOpt) -> None:
     """`fashionfuse ablate` (help text above)."""
-    from .ablate import ablate as run_ablation
+    from .experiments.ablate import ablate as run_ablation
 
     _run_stage("ablate", config, set_,
                lambda cfg: _with_report(cfg, run_ablation(cfg, force=force)), tasks="eval")
@@ -219,7 +219,7 @@ def ablate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
 @app.command()
 def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
     """All stages in order, skipping those whose artifacts are up to date; then the report."""
-    from .pipeline import run_all
+    from .experiments.pipeline import run_all
 
     _run_stage("run", config, set_, lambda cfg: _with_report(cfg, run_all(cfg, force=force)),
                tasks="eval")
@@ -229,7 +229,7 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: boo
 def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run dir",
                                           show_default=False)) -> None:
     """Write RUN_DIR/report.html (self-contained) and report.md from the run's artifacts."""
-    from .report import write_report
+    from .experiments.report import write_report
 
     if not run_dir.is_dir():
         _fail([f"{run_dir}: not a run dir"])
@@ -238,7 +238,7 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
 
 def _with_report(cfg: RunConfig, result):
     """Write the run's report after `run`/`ablate` and say where it is."""
-    from .report import write_report
+    from .experiments.report import write_report
 
     typer.echo(f"report: {write_report(cfg.run_dir)}")
     return result

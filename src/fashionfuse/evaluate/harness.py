@@ -27,7 +27,7 @@ from ..base_model import (
 )
 from ..config import RunConfig, config_hash
 from ..errors import UserError
-from ..lm_eval_run import TaskSet, prepare_include_paths, task_manager, wrap_model
+from .lm_eval_run import TaskSet, prepare_include_paths, task_manager, wrap_model
 from ..adapters.runtime import attach_adapters, set_fusion_weights
 from ..rundir import (
     RunLayout,
@@ -246,7 +246,7 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
         ev.scored_as[label] = str(target.dtype).removeprefix("torch.")
         lm = _wrap(cfg, ev, target)
     elif is_searched_fusion(path):  # a second resident base with the exact fusion applied
-        from ..lm_eval_model import attach_searched_fusion
+        from .lm_eval_model import attach_searched_fusion
 
         base = load_base_model(cfg.model, quantized=_quantized(cfg), device=ev.device)
         ev.scored_as[label] = f"{ev.resident_as}, exact merge"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
-from ..lm_eval_run import headline_metric
+from .lm_eval_run import headline_metric
 
 
 def _mean(values: list) -> float | None:

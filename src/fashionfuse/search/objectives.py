@@ -92,7 +92,7 @@ class TaskScores:
     refused unless `allow_test_split` is set."""
 
     def __init__(self, cfg: RunConfig, tokenizer, retention: bool = False):
-        from ..lm_eval_run import prepare_include_paths, task_manager
+        from ..evaluate.lm_eval_run import prepare_include_paths, task_manager
 
         obj = cfg.search.objective
         term = obj.retention if retention else None
@@ -117,7 +117,7 @@ class TaskScores:
     def score(self, model) -> dict[str, float]:
         """Headline metric per task of `model` as it is set now; the tasks are loaded on the
         first call and reused for every candidate (`lm_eval_run.TaskSet`)."""
-        from ..lm_eval_run import TaskSet, headline_metric, wrap_model
+        from ..evaluate.lm_eval_run import TaskSet, headline_metric, wrap_model
 
         if self.task_set is None:
             self.task_set = TaskSet(self.task_manager, self.tasks, num_fewshot=self.num_fewshot,

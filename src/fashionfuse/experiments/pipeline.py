@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .config import RunConfig
-from .errors import UserError
+from ..config import RunConfig
+from ..errors import UserError
 
 Stage = Literal["curate", "train", "search", "eval"]
 
@@ -40,19 +40,19 @@ def run_stage(cfg: RunConfig, stage: Stage, round: int | None = None, force: boo
     """Run one stage (train: only `adapters` when given; a round trains its own adapters)."""
     scfg = stage_config(cfg, stage, round)
     if stage == "curate":
-        from .curate import curate
+        from ..curate import curate
 
         return curate(scfg, force=force)
     if stage == "train":
-        from .train import train_adapters
+        from ..train import train_adapters
 
         names = adapters or (scfg.search_adapters if cfg.rounds else None)
         return train_adapters(scfg, names, force=force)
     if stage == "search":
-        from .search import search_weights
+        from ..search import search_weights
 
         return search_weights(scfg, force=force)
-    from .evaluate import evaluate
+    from ..evaluate import evaluate
 
     return evaluate(scfg, force=force)
 

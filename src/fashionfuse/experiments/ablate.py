@@ -34,13 +34,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import UserError
-from .evaluate.table import plot_table, to_csv, to_markdown
-from .fusion import OPERATORS, is_dense, searched_operator_params
+from ..config import RunConfig
+from ..errors import UserError
+from ..evaluate.table import plot_table, to_csv, to_markdown
+from ..fusion import OPERATORS, is_dense, searched_operator_params
 from .mix_search import (candidate_specs, normalised, search_mix, shares_label,
                          unsupported_method)
-from .rundir import RunLayout, link_shared, write_json, write_text
+from ..rundir import RunLayout, link_shared, write_json, write_text
 
 ALL_DATA = "ablate-all-datasets"
 MIX_BALANCED, MIX_RATIO = "ablate-mix-balanced", "ablate-mix-ratio"
@@ -149,7 +149,7 @@ def fusion_variants(cfg: RunConfig) -> list[FusionVariant]:
     """The configured fusion variants, in table order. Variants that learn weights by gradient
     need a differentiable objective: when `search.objective` is not one (lm_eval, mix), they
     learn on the validation loss of the same datasets, and their label says so."""
-    from .search import registry
+    from ..search import registry
 
     variants, n = cfg.ablate.variants, len(cfg.search_adapters)
     plain = {"halving_fractions": None, "export_merged": False}
@@ -197,7 +197,7 @@ def check_fusion_variants(cfg: RunConfig, planned: list[FusionVariant]) -> None:
     variants to drop from `ablate.variants`."""
     from pydantic import ValidationError
 
-    from .search import registry
+    from ..search import registry
 
     bad = []
     for v in planned:
@@ -223,7 +223,7 @@ def check_fusion_variants(cfg: RunConfig, planned: list[FusionVariant]) -> None:
 
 def _fusions(cfg: RunConfig, planned: list[FusionVariant], force: bool) -> dict[str, Path]:
     """Run the fusion variants' searches; label -> fused adapter directory."""
-    from .search import search_weights
+    from ..search import search_weights
 
     out = {}
     for v in planned:
@@ -248,8 +248,8 @@ def _fusions(cfg: RunConfig, planned: list[FusionVariant], force: bool) -> dict[
 def build_variants(cfg: RunConfig, force: bool = False) -> dict[str, Path | None]:
     """Curate, train and fuse whatever the configured variants need (skipping what is up to
     date); returns label -> adapter directory (None: the base model), in table order."""
-    from .curate import curate
-    from .train import train_adapters
+    from ..curate import curate
+    from ..train import train_adapters
 
     if cfg.rounds:
         raise UserError("ablate: compares the variants of one fusion; remove `rounds` from the "
@@ -296,8 +296,8 @@ _MIX_RATIO_SLOT = "<mixed ratio>"
 def _mixed_ratio(cfg: RunConfig, force: bool) -> tuple[str, Path]:
     """Train the adapter whose data mix follows the run's searched weights (running the
     search first if the searched variant did not); its table label and directory."""
-    from .search import search_weights
-    from .train import train_adapters
+    from ..search import search_weights
+    from ..train import train_adapters
 
     searched = "searched" in cfg.ablate.variants  # then _fusions ran (or forced) it already
     if not (RunLayout(cfg.run_dir).search / "best.json").is_file() or (force and not searched):
@@ -334,7 +334,7 @@ def _markdown(table: dict) -> str:
 
 def ablate(cfg: RunConfig, force: bool = False) -> dict:
     """Build and score every configured variant with the same eval; write the comparison."""
-    from .evaluate import evaluate
+    from ..evaluate import evaluate
 
     models = build_variants(cfg, force)
     out = RunLayout(cfg.run_dir).ablation("eval")

@@ -17,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from .fusion import OPERATOR_PARAMS
-from .rundir import RunLayout, read_manifest, write_text
+from ..fusion import OPERATOR_PARAMS
+from ..rundir import RunLayout, read_manifest, write_text
 
 
 def _json(path: Path):

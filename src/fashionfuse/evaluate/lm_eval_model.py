@@ -4,9 +4,9 @@ registered in lm-eval's own model registry (`lm_eval.api.registry.register_model
 `fashionfuse eval` and the search's task objectives score through it, and so can lm-eval's own
 command line, with this model registered first (lm-eval does not discover plugin models):
 
-    python -m fashionfuse.lm_eval_cli --model fashionfuse \\
+    python -m fashionfuse.evaluate.lm_eval_cli --model fashionfuse \\
         --model_args pretrained=BASE,peft=RUN/search/fused --tasks ...
-    python -m fashionfuse.lm_eval_cli --model fashionfuse \\
+    python -m fashionfuse.evaluate.lm_eval_cli --model fashionfuse \\
         --model_args pretrained=BASE,fusion=RUN/search/best.json --tasks ...   # no export
 
 What it adds to HFLM, each with the same scores as HFLM's own path (the tests compare):
@@ -41,11 +41,11 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .adapters.peft_layers import use_lean_lora_forward
-from .adapters.runtime import attach_adapters, set_fusion_weights
-from .errors import UserError
-from .version_gates import internals_allowed
-from .fusion import is_dense, searched_operator_params
+from ..adapters.peft_layers import use_lean_lora_forward
+from ..adapters.runtime import attach_adapters, set_fusion_weights
+from ..errors import UserError
+from ..version_gates import internals_allowed
+from ..fusion import is_dense, searched_operator_params
 from .forward_memory import rows_that_fit
 from .greedy_generation import cache_keyword, greedy_generate, plain_greedy
 from .shared_context import cache_argument, with_shared_prefixes
@@ -62,7 +62,7 @@ def attach_searched_fusion(model, best_json: str | Path):
     search folder): for the sum operator the adapters' LoRA scales; for a dense operator (TIES,
     DARE, ...) forward hooks adding each module's merged delta, with the density, operator
     parameters and seed the search used (as the search scored it, not the SVD export)."""
-    from .fusion.resident import ResidentFusion
+    from ..fusion.resident import ResidentFusion
 
     best_json = Path(best_json)
     best = json.loads(best_json.read_text())
@@ -96,7 +96,7 @@ _LOADING_ARGS_REFUSED = ("parallelize", "tp_plan", "delta", "autogptq", "gptqmod
 def scoring_device(device: str | None) -> str:
     """The device to load on, as HFLM picks it: the one asked for when this machine has it,
     else CUDA where available, else the CPU (HFLM's default `cuda` on a CPU-only machine)."""
-    from .base_model import default_device
+    from ..base_model import default_device
 
     if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
         return default_device()
@@ -112,9 +112,9 @@ def load_for_scoring(base: str, *, peft: str | None = None, fusion: str | None =
     the checkpoint's own), or with `load_in_4bit` quantised to NF4 with double quant like
     training (`dtype` the compute dtype; "auto" as `fashionfuse eval` resolves it); then a PEFT
     adapter at weight 1 (`peft`) or a search's fused weights (`fusion`)."""
-    from .base_model import DTYPES, load_base_model, load_full_precision, load_tokenizer
-    from .base_model import resolve_compute_dtype
-    from .config import ModelConfig
+    from ..base_model import DTYPES, load_base_model, load_full_precision, load_tokenizer
+    from ..base_model import resolve_compute_dtype
+    from ..config import ModelConfig
 
     if peft and fusion:
         raise UserError("model_args: give peft= or fusion=, not both")

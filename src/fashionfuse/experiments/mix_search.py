@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import itertools
 
-from .config import RunConfig
-from .errors import UserError
-from .rundir import RunLayout, artifact_id, fingerprint, write_json
+from ..config import RunConfig
+from ..errors import UserError
+from ..rundir import RunLayout, artifact_id, fingerprint, write_json
 
 PREFIX = "ablate-mix-search-"
 # the search methods whose candidates can be data mixes: fixed lists, then optuna samplers
@@ -58,7 +58,7 @@ def normalised(point: dict[str, float]) -> dict[str, float] | None:
 def mix_candidates(cfg: RunConfig) -> list[dict[str, float]]:
     """The distinct token-share vectors of a fixed-list method (`grid` or `random`) over the
     searched datasets, in the method's order."""
-    from .search.methods import random as random_method
+    from ..search.methods import random as random_method
 
     datasets = searched_datasets(cfg)
     if cfg.search.method == "random":
@@ -101,8 +101,8 @@ class _MixScorer:
     """Trains a mix's adapter (or finds it up to date) and scores it alone on the base."""
 
     def __init__(self, cfg: RunConfig, acfg: RunConfig, force: bool):
-        from .base_model import default_device, load_tokenizer
-        from .search.objectives import build_objective
+        from ..base_model import default_device, load_tokenizer
+        from ..search.objectives import build_objective
 
         self.cfg, self.acfg, self.force = cfg, acfg, force
         self.device = default_device()
@@ -113,9 +113,9 @@ class _MixScorer:
         """The trial record of `shares`: trained and scored once per distinct mix."""
         import torch
 
-        from .adapters.runtime import attach_adapters, set_fusion_weights
-        from .base_model import load_base_model
-        from .train import train_adapters
+        from ..adapters.runtime import attach_adapters, set_fusion_weights
+        from ..base_model import load_base_model
+        from ..train import train_adapters
 
         spec = adapter_spec(self.cfg, shares)
         for trial in self.trials:
@@ -141,8 +141,8 @@ def _mix_study(cfg: RunConfig, force: bool):
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    from .search.pipeline import search_settings
-    from .search.registry import search_method
+    from ..search.pipeline import search_settings
+    from ..search.registry import search_method
 
     layout = RunLayout(cfg.run_dir)
     folder = layout.ablation("mix-search")
@@ -166,8 +166,8 @@ def _sampled(cfg: RunConfig, scorer: _MixScorer, force: bool) -> int:
     trials (resuming its study); the number of trials."""
     from optuna.trial import TrialState
 
-    from .search.methods import gp
-    from .search.registry import search_method
+    from ..search.methods import gp
+    from ..search.registry import search_method
 
     study, datasets = _mix_study(cfg, force), searched_datasets(cfg)
 

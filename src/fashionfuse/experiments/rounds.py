@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import MissingFileError, UserError
-from .rundir import link_shared
+from ..config import RunConfig
+from ..errors import MissingFileError, UserError
+from ..rundir import link_shared
 
 
 def prepare_round(cfg: RunConfig, number: int) -> RunConfig:

@@ -1,7 +1,7 @@
 """lm-eval's own command line with the `fashionfuse` model registered (lm-eval's CLI does not
 discover plugin models, so this imports ours, then hands every argument to lm-eval):
 
-    python -m fashionfuse.lm_eval_cli --model fashionfuse \\
+    python -m fashionfuse.evaluate.lm_eval_cli --model fashionfuse \\
         --model_args pretrained=BASE,peft=RUN/search/fused --tasks arc_challenge ...
 
 (also installed as the `fashionfuse-lm-eval` command). Every other lm-eval model and option
@@ -19,7 +19,7 @@ def main() -> None:
     from lm_eval.__main__ import cli_evaluate
 
     from . import lm_eval_model  # noqa: F401  (registers the model)
-    from .errors import UserError
+    from ..errors import UserError
 
     try:
         cli_evaluate()

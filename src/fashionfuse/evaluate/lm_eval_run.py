@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import MissingFileError
+from ..errors import MissingFileError
 
 PREFERRED_METRICS = ("acc_norm,none", "acc,none", "mc2,none", "exact_match,none")
 
