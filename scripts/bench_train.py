@@ -400,6 +400,10 @@ def main() -> None:
             same_dtype_tps = again["real_tokens"] / again["train_seconds"]
             print(f"fashionfuse (packed, {args.baseline_dtype}): {again['train_seconds']:.1f} s, "
                   f"{same_dtype_tps:.0f} tokens/s")
+        elif args.same_dtype_too:  # `auto` resolved to the baseline's dtype on this CPU
+            same_dtype_tps = ours_tps
+            print(f"fashionfuse already ran in the baseline's {args.baseline_dtype}: the "
+                  "same-dtype ratio is the ratio above")
 
         loss_base = held_out_loss(cfg.model, tmp / "baseline_0" / "baseline_adapter", held_out,
                                   tok.pad_token_id)

@@ -4,9 +4,8 @@ Similar texts share at least one band key with high probability (LSH banding: `b
 `rows` MinHash values each, chosen for a candidate threshold as datasketch chooses them). The
 index keeps only the keys and the positions, 12 bytes a key: sorted numpy runs plus a small
 dict of the newest keys, so a near-duplicate index over millions of records stays in a few
-hundred MB (datasketch's MinHashLSH held about 6 KB a record and rensa's RMinHashLSH about
-1.4 KB, measured on 20,000-50,000 records; see the README's curation figures). Candidates are only candidates: callers verify each one
-with the exact Jaccard index, so no decision rests on the estimate.
+hundred MB (see `scripts/bench_curate.py --rows`). Candidates are only candidates: callers
+verify each one (`dedup.py`, `decontaminate.py`), so no rejection rests on a hash.
 """
 
 from __future__ import annotations
