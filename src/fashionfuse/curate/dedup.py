@@ -78,9 +78,6 @@ class Spill:
             self._fh = open(path, "w+b")
         self._offsets = array("Q", [0])
 
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
     def append(self, entry) -> int:
         """Store `entry`; return its number."""
         data = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")

@@ -266,7 +266,9 @@ def decontamination(index) -> Filter:
 
 
 def build_chain(cfg: FilterConfig, benchmark_index=None) -> list[tuple[str, Filter]]:
-    """The configured filters, in the order they run."""
+    """The configured per-record filters, in the order they run. Duplicate removal needs every
+    earlier record and runs after them, in order (`dedup.DedupState`, for `dedup` and
+    `near_dedup`)."""
     chain: list[tuple[str, Filter]] = [("structure", structure)]
     if cfg.keep_models:
         chain.append(("answering_model", answering_model(cfg.keep_models)))
@@ -289,10 +291,6 @@ def build_chain(cfg: FilterConfig, benchmark_index=None) -> list[tuple[str, Filt
     if cfg.topics is not None:
         chain.append(("topic", topics(cfg.topics.keep, cfg.topics.keywords)))
     chain.append(("response_length", response_length(cfg.min_response_chars, cfg.max_response_chars)))
-    if cfg.dedup:
-        chain.append(("duplicate", exact_duplicates()))
-    if cfg.near_dedup.enabled:
-        chain.append(("near_duplicate", near_duplicates(cfg.near_dedup.threshold, cfg.near_dedup.ngram)))
     if benchmark_index is not None:
         chain.append(("decontamination", decontamination(benchmark_index)))
     return chain

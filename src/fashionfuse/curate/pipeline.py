@@ -107,7 +107,6 @@ def build_benchmark_index(cfg: RunConfig):
                           candidate_threshold=dc.candidate_threshold)
 
 
-CROSS_RECORD_FILTERS = ("duplicate", "near_duplicate")  # need every earlier record: run in order
 _WORKER: dict = {}  # per-record filter chain and settings, inherited by forked workers
 
 
@@ -195,8 +194,7 @@ def _filter_shards(cfg: RunConfig, ds: DatasetConfig, benchmark_index, counter: 
     `curate.num_proc` forked processes); closing the generator stops the workers."""
     import multiprocessing as mp
 
-    chain = [(n, f) for n, f in build_chain(ds.filters, benchmark_index)
-             if n not in CROSS_RECORD_FILTERS]
+    chain = build_chain(ds.filters, benchmark_index)
     _WORKER.update(chain=chain, kind=ds.kind, strict=cfg.curate.strict, name=ds.name,
                    counter=counter, max_len=cfg.model.max_input_len, exact=ds.filters.dedup,
                    near=near_params(ds))
