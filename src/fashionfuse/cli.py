@@ -12,7 +12,15 @@ from typing import Callable, Optional
 import typer
 import yaml
 
-from .config import ABLATION_VARIANTS, ConfigError, RunConfig, filesystem_problems, load_config
+from .config import (
+    ABLATION_VARIANTS,
+    ConfigError,
+    RunConfig,
+    base_kind,
+    filesystem_problems,
+    hub_cache_problem,
+    load_config,
+)
 from .experiments.pipeline import run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -63,8 +71,6 @@ def _load(config: Path, overrides: Optional[list[str]], reads_sources: bool = Tr
     `reads_sources`: the local sources must exist and their first rows read in their format.
     `tasks`: also resolve its lm-eval task names ("names"), and require an eval task ("eval").
     A hub-id base that cannot be loaded offline stops a stage, and is a note for `validate`."""
-    from .config import hub_cache_problem
-
     try:
         cfg = load_config(config, overrides or [])
     except ConfigError as exc:
@@ -146,8 +152,6 @@ def _leave_world() -> None:
 @app.command()
 def validate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
     """Check a config and print every problem at once (lm-eval task names included)."""
-    from .config import base_kind
-
     cfg = _load(config, set_, tasks="eval", validating=True)
     typer.echo(f"{config}: ok ({len(cfg.datasets)} datasets, model.base taken as a "
                f"{base_kind(cfg.model)}, run_dir {cfg.run_dir})")
