@@ -168,7 +168,8 @@ def held_out_loss(model_cfg, adapter_dir: Path, examples: list[dict], pad_id: in
     from peft import PeftModel
 
     from fashionfuse.base_model import load_base_model
-    from fashionfuse.examples import collate, token_losses
+    from fashionfuse.examples import collate
+    from fashionfuse.head_loss import token_losses
 
     model = PeftModel.from_pretrained(load_base_model(model_cfg, device="cpu"), str(adapter_dir)).eval()
     total, n = 0.0, 0

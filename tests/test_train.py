@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from fashionfuse.cli import app
 from fashionfuse.config import load_config
-from fashionfuse.examples import collate, token_losses
+from fashionfuse.examples import collate
+from fashionfuse.head_loss import token_losses
 from fashionfuse.train.batching import (
     collate_packed,
     pack_rows,
@@ -37,7 +38,8 @@ def test_each_adapter_lowers_its_validation_loss(pipeline_run):
 
     from fashionfuse.base_model import load_base_model, load_tokenizer
     from fashionfuse.config import load_config
-    from fashionfuse.examples import collate, load_records, token_losses, tokenize_records
+    from fashionfuse.examples import collate, load_records, tokenize_records
+    from fashionfuse.head_loss import token_losses
 
     cfg = load_config(pipeline_run["config"])
     tok = load_tokenizer(cfg.model)

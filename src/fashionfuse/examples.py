@@ -1,5 +1,5 @@
 """Tokenised examples, shared by training, the search objective and benchmarks: curated records
-read and tokenised with assistant-only labels, padded batches, and the summed token loss."""
+read and tokenised with assistant-only labels, and padded batches (the loss on them: `head_loss`)."""
 
 from __future__ import annotations
 
@@ -48,25 +48,3 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over trained tokens, and how many tokens were trained.
-
-    `use_cache=False` matters for packed rows: transformers only derives the per-example
-    attention blocks from position ids when no KV cache is passed. For a single packed row the
-    vocabulary projection is computed only where a token is trained (`logits_to_keep`)."""
-    shift_labels = batch["labels"][:, 1:]
-    if batch["input_ids"].shape[0] == 1 and "position_ids" in batch:
-        keep = (shift_labels[0] != IGNORE_INDEX).nonzero().flatten()
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       use_cache=False, logits_to_keep=keep).logits[0].float()
-        loss_sum = torch.nn.functional.cross_entropy(logits, shift_labels[0, keep], reduction="sum")
-        return loss_sum, int(keep.numel())
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), use_cache=False).logits
-    shift_logits = logits[:, :-1, :].float()
-    loss_sum = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, int((shift_labels != IGNORE_INDEX).sum())

@@ -10,7 +10,8 @@ import torch
 
 from ..config import RunConfig
 from ..errors import MissingFileError, UserError
-from ..examples import collate, load_records, token_losses, tokenize_records
+from ..examples import collate, load_records, tokenize_records
+from ..head_loss import token_losses
 from ..rundir import RunLayout
 
 

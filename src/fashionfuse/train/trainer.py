@@ -33,7 +33,8 @@ from ..chat_template import IGNORE_INDEX, install_chat_template, resolve_templat
 from ..config import AdapterSpec, RunConfig, config_hash
 from ..console import progress_file
 from ..errors import UserError
-from ..examples import collate, load_records, token_losses, tokenize_records
+from ..examples import collate, load_records, tokenize_records
+from ..head_loss import token_losses
 from .mixing import mix_examples
 from ..adapters.saved import fuse_adapters, load_saved_adapter, save_peft_adapter
 from ..plots import pyplot, save_figure

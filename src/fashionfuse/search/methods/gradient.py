@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ...config import SearchConfig
 from ...console import progress_file
-from ...examples import token_losses
+from ...head_loss import token_losses
 from ...adapters.weight_keys import neighbours
 from ...adapters.peft_layers import tensor_fusion_weights
 from ...adapters.runtime import set_fusion_weights
