@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py [--records 600] [--epochs 1]
     python scripts/bench_train.py --model smollm2 [--records 96]   # a real model on real data
+    python scripts/bench_train.py --model smollm2 --memory-cap 6   # + 8 x 1,024 under 6 GB
 
 Both train the same QLoRA adapter (4-bit NF4 base = the demo tiny Llama or a random Llama of
 `--size`; same LoRA, lr, steps, samples per optimiser step) on the same mixed-length chat data
@@ -11,8 +12,14 @@ compute as in the QLoRA recipe. fashionfuse packs each step's samples into rows 
 attention across them and uses its default `compute_dtype: auto` (bfloat16 where the device
 computes in it natively, float32 on CPUs that only emulate it; `--compute-dtype bfloat16`
 measures packing alone). Printed: real (non-padding) tokens per second of each and their ratio,
-the share of computed positions that were padding, the peak RSS of each phase, and the final
+the share of computed positions that were padding, the peak RSS of each side (each trains in
+its own spawned process; the kernel's high-water mark, VmHWM) and their ratio, and the final
 per-token loss of each adapter on the same held-out chats (both evaluated the same way).
+`--memory-cap GB` then trains one `--cap-batch` micro-batch (default 8 x 1,024 tokens) on each
+side, gradient checkpointing on for both: uncapped (peak RSS of each, and their ratio) and
+under an address-space cap (RLIMIT_AS) of GB, printing whether each side fits. The baseline
+there is PEFT's own LoRA layers with the model's own loss (what HF's Trainer calls), against
+fashionfuse's loss through the chunked output head (`head_loss.py`).
 `--repeats N` trains both sides N times, alternating, and reports the median tokens/s of each
 (and each pair's ratio): the speed of this shared machine drifts by tens of percent from one
 minute to the next. `--profile N` then profiles N fashionfuse steps and prints where the time
@@ -30,7 +37,6 @@ multiplies bfloat16 several times faster than float32), both measured in the sam
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -97,6 +103,96 @@ def peak_rss(into: dict, key: str, every_s: float = 0.05):
         stop.set()
         thread.join()
         into[key] = peak[0] / 2 ** 20
+
+
+def _child_entry(fn, args, cap_bytes, queue) -> None:
+    """In the child: cap the address space (RLIMIT_AS) if asked, run fn, report its result
+    and the process's peak RSS (VmHWM, the kernel's own high-water mark)."""
+    import resource
+
+    if cap_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+    try:
+        result, error = fn(*args), None
+    except (MemoryError, RuntimeError) as exc:  # torch: "can't allocate memory" under the cap
+        result, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    queue.put((result, error, _vm_hwm_mib()))
+
+
+def _vm_hwm_mib() -> float:
+    """This process's peak resident set (MiB) from /proc/self/status (Linux), else getrusage."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_child(fn, *args, cap_gb: float | None = None) -> tuple[object, str | None, float]:
+    """Run fn(*args) in a fresh (spawned) process, so each side's peak RSS is its own:
+    (result, error or None, peak RSS MiB). Under `cap_gb` the child's address space is capped;
+    an allocation past it fails (error) or the child dies (error with its exit code)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_entry,
+                       args=(fn, args, int(cap_gb * 2 ** 30) if cap_gb else None, queue))
+    proc.start()
+    import queue as queues
+
+    while True:  # a child killed outright (out of memory) never reports: watch it
+        try:
+            result, error, peak = queue.get(timeout=1.0)
+            break
+        except queues.Empty:
+            if not proc.is_alive():
+                try:
+                    result, error, peak = queue.get_nowait()
+                except queues.Empty:
+                    result, error, peak = None, f"killed (exit code {proc.exitcode})", float("nan")
+                break
+    proc.join()
+    return result, error, peak
+
+
+def plain_peft_layers(model, lora) -> None:
+    """PEFT's own LoRA forward and `nn.Dropout` on every layer, as plain setups have them
+    (undoing fashionfuse's lean forward and cheap-mask dropout)."""
+    from fashionfuse.adapters.runtime import lora_layers
+
+    for module in lora_layers(model).values():
+        module.__dict__.pop("forward", None)
+        if lora.dropout > 0:
+            module.lora_dropout["default"] = torch.nn.Dropout(lora.dropout)
+
+
+def one_step(cfg, side: str, rows: int, width: int) -> dict:
+    """One forward and backward of a [rows x width] micro-batch of random token ids, every
+    position trained, gradient checkpointing on for both sides (the QLoRA recipe's setting at
+    long contexts): `baseline` is PEFT's own LoRA layers and the model's own loss (what HF's
+    Trainer calls), `fashionfuse` its training path (`token_losses`, the chunked head)."""
+    from fashionfuse.head_loss import token_losses
+    from fashionfuse.train.model import build_trainable_model
+
+    t = cfg.training.model_copy(update={"packing": False, "gradient_checkpointing": True})
+    model = build_trainable_model(cfg.model, t, device="cpu", log=lambda *_: None).model.train()
+    if side == "baseline":
+        plain_peft_layers(model, t.lora)
+    torch.manual_seed(0)
+    ids = torch.randint(10, model.get_input_embeddings().num_embeddings, (rows, width))
+    start = time.perf_counter()
+    if side == "baseline":
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    else:
+        total, n = token_losses(model, {"input_ids": ids, "labels": ids,
+                                        "attention_mask": torch.ones_like(ids)})
+        loss = total / n
+    loss.backward()
+    return {"seconds": time.perf_counter() - start, "loss": float(loss.detach())}
 
 
 def matmul_peak_flops(dtype=torch.float32, n: int = 2048, seconds: float = 3.0) -> float:
@@ -226,12 +322,7 @@ def run_baseline(cfg, examples: list[dict], out: Path, steps: int, dtype: str) -
     # the plain setup: the model's own attention on padded batches (no packing)
     model = build_trainable_model(baseline_model_cfg(cfg, dtype),
                                   t.model_copy(update={"packing": False}), device="cpu").model
-    from fashionfuse.adapters.runtime import lora_layers
-
-    for module in lora_layers(model).values():  # PEFT's own dropout and forward, as plain
-        module.__dict__.pop("forward", None)     # setups have them
-        if t.lora.dropout > 0:
-            module.lora_dropout["default"] = torch.nn.Dropout(t.lora.dropout)
+    plain_peft_layers(model, t.lora)
     seq2seq = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
     counts = {"real": 0, "padded": 0}
 
@@ -257,6 +348,36 @@ def run_baseline(cfg, examples: list[dict], out: Path, steps: int, dtype: str) -
     model.save_pretrained(out / "baseline_adapter")
     return {"seconds": seconds, "real_tokens": counts["real"],
             "padding_pct": 100 * (1 - counts["real"] / counts["padded"])}
+
+
+def seeded_training(cfg, tok) -> dict:
+    """fashionfuse's training of the bench's adapter (seed 0), as `fashionfuse train-adapter`."""
+    from fashionfuse.train.trainer import train_one_adapter
+
+    torch.manual_seed(0)
+    return train_one_adapter(cfg, "chat", tok)
+
+
+def print_memory_cap(cfg, cap_gb: float, batch: str, suffix: str) -> None:
+    """One micro-batch of `batch` (ROWSxTOKENS) on each side in its own process: uncapped (peak
+    RSS) and under an address-space cap of `cap_gb`; prints whether each trained."""
+    rows, width = (int(x) for x in batch.lower().split("x"))
+    tag = f"{suffix}_{rows}x{width}"
+    print(f"memory cap: {cap_gb:g} GB of address space (RLIMIT_AS), one micro-batch of {rows} x "
+          f"{width} tokens, gradient checkpointing on both sides")
+    peaks = {}
+    for side in ("baseline", "fashionfuse"):
+        result, error, peaks[side] = in_child(one_step, cfg, side, rows, width)
+        if error:
+            raise SystemExit(f"{side} uncapped step failed: {error}")
+        print(f"{side}: uncapped {result['seconds']:.1f} s, loss {result['loss']:.4f}, peak RSS "
+              f"{peaks[side]:.0f} MiB", flush=True)
+        result, error, _ = in_child(one_step, cfg, side, rows, width, cap_gb=cap_gb)
+        print(f"fits_under_cap_{side}{tag}: {'yes' if error is None else 'no'}"
+              + (f" ({error})" if error else ""), flush=True)
+    print(f"peak_rss_mib_baseline{tag}: {peaks['baseline']:.0f}")
+    print(f"peak_rss_mib_fashionfuse{tag}: {peaks['fashionfuse']:.0f}")
+    print(f"peak_rss_ratio{tag}: {peaks['fashionfuse'] / peaks['baseline']:.2f}")
 
 
 def main() -> None:
@@ -287,6 +408,11 @@ def main() -> None:
                         "(this machine's speed drifts by tens of percent between minutes)")
     parser.add_argument("--held-out", type=int, default=120, metavar="CHATS",
                         help="held-out chats for the final loss of each adapter")
+    parser.add_argument("--memory-cap", type=float, default=None, metavar="GB",
+                        help="Then train one --cap-batch micro-batch on each side uncapped and "
+                        "under this address-space cap (RLIMIT_AS), gradient checkpointing on")
+    parser.add_argument("--cap-batch", default="8x1024", metavar="ROWSxTOKENS",
+                        help="The micro-batch of --memory-cap (default 8x1024)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="After the measurement, profile this many fashionfuse steps")
     args = parser.parse_args()
@@ -367,22 +493,25 @@ def main() -> None:
               f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}, {steps} steps of "
               f"{args.batch_size} chats, micro-batch {args.micro_batch_size}")
 
-        memory: dict[str, float] = {}
+        memory: dict[str, list[float]] = {"baseline": [], "fashionfuse": []}
         base_runs, our_runs = [], []
-        for i in range(args.repeats):  # peak RSS from the first pair (later ones see its pages)
-            gc.collect()
-            with peak_rss(memory if i == 0 else {}, "baseline"):
-                base_runs.append(run_baseline(cfg, examples, tmp / f"baseline_{i}", steps,
-                                              args.baseline_dtype))
+        for i in range(args.repeats):  # each run in its own process: its own peak RSS
+            result, error, rss = in_child(run_baseline, cfg, examples, tmp / f"baseline_{i}",
+                                          steps, args.baseline_dtype)
+            if error:
+                raise SystemExit(f"baseline run failed: {error}")
+            base_runs.append(result)
+            memory["baseline"].append(rss)
             print(f"baseline (HF Trainer + PEFT, padded): {base_runs[-1]['seconds']:.1f} s, "
                   f"{base_runs[-1]['real_tokens'] / base_runs[-1]['seconds']:.0f} tokens/s, "
                   f"padding {base_runs[-1]['padding_pct']:.1f} %", flush=True)
-            gc.collect()
-            torch.manual_seed(0)
             run_i = run if i == 0 else sharing_data(run, tmp / f"run_{i}")
-            with peak_rss(memory if i == 0 else {}, "fashionfuse"):
-                our_runs.append(train_one_adapter(
-                    cfg.model_copy(update={"run_dir": str(run_i)}), "chat", tok))
+            result, error, rss = in_child(seeded_training, cfg.model_copy(
+                update={"run_dir": str(run_i)}), tok)
+            if error:
+                raise SystemExit(f"fashionfuse run failed: {error}")
+            our_runs.append(result)
+            memory["fashionfuse"].append(rss)
             print(f"fashionfuse (packed): {our_runs[-1]['train_seconds']:.1f} s, "
                   f"{our_runs[-1]['real_tokens'] / our_runs[-1]['train_seconds']:.0f} tokens/s, "
                   f"padding {our_runs[-1]['padding_pct']:.1f} %", flush=True)
@@ -429,8 +558,12 @@ def main() -> None:
     print(f"mfu_pct_of_bf16_peak_baseline{suffix}: {100 * 6 * n_params * base_tps / bf16_peak:.2f}")
     print(f"mfu_pct_of_bf16_peak_fashionfuse{suffix}: "
           f"{100 * 6 * n_params * ours_tps / bf16_peak:.2f}")
-    print(f"peak_rss_mib_baseline{suffix}: {memory['baseline']:.0f}")
-    print(f"peak_rss_mib_fashionfuse{suffix}: {memory['fashionfuse']:.0f}")
+    rss_base, rss_ours = (statistics.median(memory[k]) for k in ("baseline", "fashionfuse"))
+    print(f"peak_rss_mib_baseline{suffix}: {rss_base:.0f}")
+    print(f"peak_rss_mib_fashionfuse{suffix}: {rss_ours:.0f}")
+    print(f"peak_rss_ratio{suffix}: {rss_ours / rss_base:.2f}")
+    if args.memory_cap:
+        print_memory_cap(cfg, args.memory_cap, args.cap_batch, suffix)
 
 
 if __name__ == "__main__":

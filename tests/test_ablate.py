@@ -3,8 +3,10 @@ eval, with the comparison against the best single adapter."""
 
 from __future__ import annotations
 
+import html
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -117,12 +119,26 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
         assert r["vs_best_single"] == round(r["average"] - best["average"], 2)
     md = (run / "ablate" / "table.md").read_text()
     assert "vs best single" in md and (run / "ablate" / "table.png").read_bytes()[:4] == b"\x89PNG"
+    # the verdict: the paper's comparisons, each a paired bootstrap over the same items
+    verdict = {v["label"]: v for v in table["verdict"]}
+    assert {"fused - best single", "fused - all-data", "fused - balanced mix"} <= set(verdict)
+    rows = {r["model"]: r for r in table["rows"]}
+    for v in table["verdict"]:
+        assert v["low"] <= v["difference"] <= v["high"] and v["items"] > 0
+        if v["statistic"] == "average":  # the point estimate is the table's own difference
+            assert v["difference"] == pytest.approx(rows[v["a"]]["average"]
+                                                    - rows[v["b"]]["average"], abs=0.02)
+        assert v["line"] in md and ("cannot be told apart" in v["line"]) == (
+            v["low"] <= 0 <= v["high"])
+    assert md.startswith("**Verdict**")
     results = sorted((run / "ablate" / "eval").glob("*/results.json"))
     assert len(results) == len(labels) + 1  # every variant was really scored by lm-eval
     assert all(json.loads(p.read_text())["results"] for p in results)
 
     page = (run / "report.html").read_text()  # ablate ends with the run's report
     assert ">Ablation</h2>" in page and "vs best single" in page
+    assert page.index(">Verdict</h2>") < page.index(">Summary</h2>")
+    assert all(html.escape(v["line"]) in page for v in table["verdict"])
 
     again = runner.invoke(app, args)  # everything up to date: nothing rebuilt
     assert again.exit_code == 0 and "eval: up to date" in again.output

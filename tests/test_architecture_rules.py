@@ -119,7 +119,7 @@ def test_no_function_over_60_lines():
 
 # the package's layers, bottom to top: what every stage shares, the stages, the search (it
 # scores with the evaluate stage's lm-eval wrapper), what runs the stages together, the CLI
-STAGES = ("curate", "train", "evaluate")
+STAGES = ("curate", "train", "evaluate", "deploy")
 LAYERS = {"shared": 0, **{s: 1 for s in STAGES}, "search": 2, "experiments": 3, "cli": 4}
 # config validates search.method / search.operator against the registries users plug into
 ALLOWED = {("fashionfuse.config", "fashionfuse.search.registry"),

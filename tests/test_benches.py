@@ -37,6 +37,8 @@ MODES = [
     ("bench_eval.py --generate --limit 2", "generate_speedup_vs_lm_eval_default", True),
     ("bench_train.py --same-dtype-too --records 16 --held-out 4 --batch-size 8",
      "tokens_per_s_ratio_same_dtype:", False),
+    ("bench_train.py --records 16 --held-out 4 --batch-size 8 --memory-cap 8 --cap-batch 2x64",
+     "fits_under_cap_fashionfuse_2x64: yes", False),
     ("bench_train.py --size 30m --records 8 --held-out 4 --batch-size 8 "
      "--baseline-dtype float32 --compute-dtype float32", "tokens_per_s_ratio_30m", False),
     ("bench_train.py --mix padding30 --records 16 --held-out 4 --batch-size 8 "

@@ -221,6 +221,15 @@ def ablate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
 
 
 @app.command()
+def export(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
+    """The fused adapter (export.adapter) as a GGUF LoRA for llama.cpp/Ollama, a vLLM-ready
+    adapter, or a merged GGUF file (export.formats); export.check runs it in llama.cpp."""
+    from .deploy.pipeline import run_export
+
+    _run_stage("export", config, set_, run_export, reads_sources=False)
+
+
+@app.command()
 def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
     """All stages in order, skipping those whose artifacts are up to date; then the report."""
     from .experiments.pipeline import run_all

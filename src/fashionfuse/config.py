@@ -765,6 +765,35 @@ def _apply_recipe(data: dict) -> dict:
     return data
 
 
+class ExportConfig(_Strict):
+    """`fashionfuse export`: the fused (or one trained) adapter in the formats runtimes load"""
+
+    adapter: str = Field(
+        default="fused", description="What to export: fused (search/fused), a dataset's "
+        "trained adapter (its name), or a PEFT adapter folder")
+    formats: list[Literal["gguf_lora", "vllm", "merged_gguf"]] = Field(
+        default=["gguf_lora", "vllm"], description="gguf_lora: a GGUF LoRA for llama.cpp and "
+        "Ollama beside the base's GGUF (plus one per trained adapter with its searched weight, "
+        "for --lora-scaled, where the search weighted whole adapters with sum); vllm: a PEFT "
+        "folder vLLM serves (rank <= max_rank); merged_gguf: base + adapter as one GGUF file "
+        "(needs llama.cpp's converter)")
+    max_rank: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="vllm: compress the adapter to at most this rank by truncated "
+        "SVD (its relative error recorded); unset or large enough: copied exactly")
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"] = Field(
+        default="q8_0", description="merged_gguf: tensor type; f32/f16/bf16/q8_0 come from "
+        "llama.cpp's converter, the others from its quantiser (llama-cpp-python)")
+    llama_cpp_dir: str | None = Field(
+        default=None, description="merged_gguf: a llama.cpp checkout (its convert_hf_to_gguf.py); "
+        "default $LLAMA_CPP_DIR")
+    check: bool = Field(
+        default=False, description="gguf_lora: run the exported adapter in llama.cpp "
+        "(llama-cpp-python) on the base's GGUF file and compare its effect on next-token "
+        "log-probabilities with the PEFT adapter's in transformers; a mismatch fails the export")
+    check_tokens: Annotated[int, Field(ge=8)] = Field(
+        default=128, description="check: tokens of the run's first validation chats scored")
+
+
 class RunConfig(_Strict):
     run_dir: str
     """where every artifact goes"""
@@ -796,6 +825,8 @@ class RunConfig(_Strict):
     """lm-evaluation-harness scoring of base, adapters and fused model"""
     ablate: AblateConfig = AblateConfig()
     """`fashionfuse ablate`: which Table 7/8 variants to build and score"""
+    export: ExportConfig = ExportConfig()
+    """`fashionfuse export`: GGUF LoRA, vLLM-ready adapter, merged GGUF"""
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default=["tensorboard"], description="Experiment trackers for training and search "
         "metrics: tensorboard (offline event files in the run dir), wandb, mlflow (if installed)")

@@ -63,6 +63,10 @@ class RunLayout:
     def eval(self) -> Path:
         return self.root / "eval"
 
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
     def ablation(self, name: str | None = None) -> Path:
         """`ablate/` (the comparison) or one of its variant run dirs."""
         return self.root / "ablate" / name if name else self.root / "ablate"

@@ -28,6 +28,7 @@ from ..base_model import (
 from ..config import RunConfig, config_hash
 from ..errors import UserError
 from .lm_eval_run import TaskSet, prepare_include_paths, task_manager, wrap_model
+from .paired import item_values
 from ..adapters.runtime import attach_adapters, set_fusion_weights
 from ..rundir import (
     RunLayout,
@@ -149,7 +150,7 @@ def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
         "benchmark_data": path_fingerprint(cfg.eval.benchmark_data) if cfg.eval.benchmark_data else None,
         "task_code": path_fingerprint(benchmarks.__file__),
         "include_paths": {p: path_fingerprint(p) for p in cfg.eval.include_paths},
-        "stage": "eval", "eval": without_unset(cfg.eval.model_dump(mode="json"), ("retention",)),
+        "stage": "eval", "kept": "per-item values", "eval": without_unset(cfg.eval.model_dump(mode="json"), ("retention",)),
         "seed": cfg.seed,
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
         "adapters": {k: artifact_id(v.parent if is_searched_fusion(v) else v)
@@ -266,11 +267,14 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
                   f"weights {ev.scored_as[label]}")
         limit = own_limit if own_limit is not None else cfg.eval.limit
         parts.append(ev.tasks_for((shots, own_limit), cfg.seed).score(
-            lm, limit=limit, log_samples=cfg.eval.log_samples))
+            lm, limit=limit, log_samples=True))  # per-item values are always kept
     ev.tokens[label] = lm.tokens_through_model - tokens_before
     if ev.rank != 0:
         return None
     res = _merge_results([dict(p) for p in parts])
+    res["items"] = item_values(res, ev.specs)  # for paired comparisons (evaluate/paired.py)
+    if not cfg.eval.log_samples:
+        res.pop("samples", None)
     return json.loads(json.dumps(res, default=handle_non_serializable))
 
 
@@ -282,7 +286,7 @@ def _write_eval(cfg: RunConfig, fp: str, models: dict, results_by_model: dict,
     table = build_table(results_by_model, ev.specs)
     with atomic_dir(out) as tmp:
         for label, res in results_by_model.items():
-            write_text(tmp / _folder(label) / "results.json", json.dumps(res, indent=2) + "\n")
+            write_text(tmp / results_folder(label) / "results.json", json.dumps(res, indent=2) + "\n")
         write_json(tmp / "table.json", table)
         write_json(tmp / "timings.json", timings)
         write_text(tmp / "table.md", to_markdown(table))
@@ -296,7 +300,7 @@ def _write_eval(cfg: RunConfig, fp: str, models: dict, results_by_model: dict,
     return table
 
 
-def _folder(label: str) -> str:
+def results_folder(label: str) -> str:
     """A results folder name for a model label (`adapter:chat` -> `adapter_chat`)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
 

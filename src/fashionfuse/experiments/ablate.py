@@ -336,15 +336,21 @@ def ablate(cfg: RunConfig, force: bool = False) -> dict:
     """Build and score every configured variant with the same eval; write the comparison."""
     from ..evaluate import evaluate
 
+    from ..evaluate.harness import task_specs
+    from .verdict import load_items, verdict_markdown, verdicts
+
     models = build_variants(cfg, force)
     out = RunLayout(cfg.run_dir).ablation("eval")
-    table = evaluate(ablation_config(cfg), force=force, models=models, out=out)
+    acfg = ablation_config(cfg)
+    table = evaluate(acfg, force=force, models=models, out=out)
     table = comparison(table, [m for m in models if m.startswith("V0.1 ")])
+    table["verdict"] = verdicts(table, load_items(out, list(models)), task_specs(acfg), cfg.seed)
     root = RunLayout(cfg.run_dir).ablation()
+    markdown = verdict_markdown(table["verdict"]) + _markdown(table)
     write_json(root / "table.json", table)
-    write_text(root / "table.md", _markdown(table))
+    write_text(root / "table.md", markdown)
     write_text(root / "table.csv", to_csv(table))
     plot_table(table, root / "table.png")
-    print(_markdown(table))
+    print(markdown)
     print(f"ablate: table in {root / 'table.md'}")
     return table

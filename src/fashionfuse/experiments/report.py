@@ -207,11 +207,22 @@ def _summary(page: _Page, layout: RunLayout) -> None:
     page.bullets(items or ["nothing built yet"])
 
 
+def _verdict(page: _Page, layout: RunLayout) -> None:
+    """The ablation's comparisons with their intervals, before anything else."""
+    lines = (_json(layout.ablation() / "table.json") or {}).get("verdict") or []
+    if lines:
+        page.heading("Verdict")
+        page.para("Differences in points, each with its 95 % paired-bootstrap interval over the "
+                  "same items; \"cannot be told apart\" where the interval holds 0.")
+        page.bullets([v["line"] for v in lines])
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write `report.html` and `report.md` into the run dir; return the HTML path."""
     layout = RunLayout(run_dir)
     page = _Page(layout.root)
     page.heading(f"fashionfuse run: {layout.root}", 1)
+    _verdict(page, layout)
     _summary(page, layout)
     _scores(page, "Evaluation", layout.eval)
     if (layout.ablation() / "table.json").is_file():

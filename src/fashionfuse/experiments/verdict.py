@@ -1,0 +1,73 @@
+"""The ablation's answer with its error bars: the comparisons the paper is about, each a paired
+bootstrap over the same items (`evaluate.paired`), as lines a reader can quote.
+
+    fused - best single: the searched fusion vs the best per-dataset adapter (by average)
+    fused - all-data:    vs one adapter trained on every dataset (V0.2)
+    fused - balanced mix: vs one adapter on equal token shares of each dataset
+    <row> - base, retention: what each model kept of the base's general ability
+
+A line says "cannot be told apart" when its 95 % interval holds 0; nothing else in the table
+is a finding about these models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..evaluate.paired import paired_difference, verdict_line
+
+FUSED, ALL_DATA, BALANCED, SINGLE = "V1 fusion, searched", "V0.2 ", "one adapter, balanced mix", \
+    "V0.1 "
+
+
+def _row(table: dict, prefix: str) -> str | None:
+    return next((r["model"] for r in table["rows"] if r["model"].startswith(prefix)), None)
+
+
+def load_items(eval_dir: Path, labels: list[str]) -> dict[str, dict]:
+    """label -> its per-item values, from each model's results.json in an eval folder."""
+    from ..evaluate.harness import results_folder
+
+    out = {}
+    for label in labels:
+        path = eval_dir / results_folder(label) / "results.json"
+        if path.is_file():
+            out[label] = json.loads(path.read_text()).get("items") or {}
+    return out
+
+
+def verdicts(table: dict, items: dict[str, dict], specs: list, seed: int) -> list[dict]:
+    """The paper's comparisons that the table has rows for: each {label, a, b, statistic,
+    difference, low, high, items, line}."""
+    fused = _row(table, FUSED)
+    pairs = []
+    if fused:
+        singles = [r for r in table["rows"] if r["model"].startswith(SINGLE)]
+        if singles:
+            best = max(singles, key=lambda r: r["average"] or 0.0)["model"]
+            pairs.append(("fused - best single", fused, best, "average"))
+        for name, prefix in (("fused - all-data", ALL_DATA), ("fused - balanced mix", BALANCED)):
+            other = _row(table, prefix)
+            if other:
+                pairs.append((name, fused, other, "average"))
+    if "retention" in table.get("summary", []) and any(r["model"] == "base" for r in table["rows"]):
+        pairs += [(f"{r['model']} - base, retention", r["model"], "base", "retention")
+                  for r in table["rows"] if r["model"] != "base"]
+    out = []
+    for label, a, b, statistic in pairs:
+        if a not in items or b not in items:
+            continue
+        result = paired_difference(items[a], items[b], specs, statistic, seed=seed)
+        out.append({"label": label, "a": a, "b": b, "statistic": statistic, **result,
+                    "line": verdict_line(label, result)})
+    return out
+
+
+def verdict_markdown(lines: list[dict]) -> str:
+    """The verdict as a Markdown list (paper comparisons first, then retention)."""
+    if not lines:
+        return ""
+    body = "\n".join(f"- {v['line']}" for v in lines)
+    return ("**Verdict** (difference in points, 95 % paired-bootstrap interval over the same "
+            f"items):\n\n{body}\n\n")

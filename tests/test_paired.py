@@ -1,0 +1,65 @@
+"""Paired bootstrap comparisons: known answers (identical rows, a planted difference), the
+table's own way of forming columns, groups and the average, and the verdict's wording."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fashionfuse.evaluate.paired import item_values, paired_difference, verdict_line
+from fashionfuse.evaluate.presets import TaskSpec
+
+SPECS = [TaskSpec("t1", 0, "acc,none", "c1"), TaskSpec("t2", 0, "acc,none", "c2"),
+         TaskSpec("t3", 0, "acc,none", "c2")]
+
+
+def _items(values: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    return {t: {str(i): float(x) for i, x in enumerate(v)} for t, v in values.items()}
+
+
+def test_identical_rows_differ_by_zero_with_a_zero_width_interval():
+    rng = np.random.default_rng(0)
+    items = _items({t: rng.integers(0, 2, 50) for t in ("t1", "t2", "t3")})
+    result = paired_difference(items, items, SPECS)
+    assert result == {"difference": 0.0, "low": 0.0, "high": 0.0, "items": 150, "draws": 4000}
+    assert verdict_line("a - b", result).endswith("cannot be told apart")
+
+
+def test_a_planted_difference_is_recovered():
+    """Model a = b + 0.1 (+ noise of mean 0) on t1 only: column c1 is 10 points up, the average
+    of the two columns 5; the interval holds 5 and not 0, and is as wide as the noise says."""
+    rng = np.random.default_rng(1)
+    b = {t: rng.random(400) for t in ("t1", "t2", "t3")}
+    a = dict(b, t1=b["t1"] + 0.1 + rng.normal(0, 0.05, 400))
+    result = paired_difference(_items(a), _items(b), SPECS, seed=3)
+    assert result["difference"] == pytest.approx(5 + 100 * (a["t1"] - b["t1"] - 0.1).mean() / 2)
+    assert result["low"] < 5 < result["high"] and result["low"] > 0
+    half_width = (result["high"] - result["low"]) / 2
+    assert half_width == pytest.approx(1.96 * 5 / 400 ** 0.5 / 2, rel=0.15)  # sd 5 points / 2
+    column = paired_difference(_items(a), _items(b), SPECS, "c1", seed=3)
+    assert column["difference"] == pytest.approx(2 * result["difference"])
+    assert paired_difference(_items(a), _items(b), SPECS, seed=3) == result  # seeded
+    assert "cannot" not in verdict_line("a - b", result)
+
+
+def test_groups_and_only_common_items():
+    """With groups the average is the mean of the group means; items one model lacks are left
+    out of both."""
+    specs = [TaskSpec("t1", 0, "acc,none", "c1", group="skill"),
+             TaskSpec("t2", 0, "acc,none", "c2", group="skill"),
+             TaskSpec("t3", 0, "acc,none", "c3", group="retention")]
+    a = _items({"t1": np.ones(10), "t2": np.zeros(10), "t3": np.ones(10)})
+    b = _items({"t1": np.zeros(10), "t2": np.zeros(10), "t3": np.zeros(8)})
+    result = paired_difference(a, b, specs)
+    assert result["difference"] == pytest.approx((50 + 100) / 2) and result["items"] == 28
+    assert paired_difference(a, b, specs, "retention")["difference"] == pytest.approx(100)
+    with pytest.raises(KeyError):
+        paired_difference(a, b, specs, "nowhere")
+
+
+def test_item_values_from_lm_eval_samples():
+    results = {"results": {"t1": {"acc,none": 0.5}},
+               "samples": {"t1": [{"doc_id": 0, "filter": "none", "acc": 1.0},
+                                  {"doc_id": 1, "filter": "none", "acc": 0.0},
+                                  {"doc_id": 1, "filter": "other", "acc": 1.0}]}}
+    assert item_values(results, SPECS[:1]) == {"t1": {"0": 1.0, "1": 0.0}}
