@@ -55,7 +55,9 @@ def main() -> None:
                                filter="data")
             shutil.rmtree(tree, ignore_errors=True)
             shutil.move(str(Path(tmp) / "tree"), tree)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", str(wheel)], check=True)
+    # llama-cpp-python, and the one package llama.cpp's converter needs beyond ours
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", str(wheel), "sentencepiece"],
+                   check=True)
     print(tree)
 
 

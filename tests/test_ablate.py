@@ -263,3 +263,39 @@ def test_mix_search_interrupted_while_training_runs_that_mix_again(pipeline_run,
     assert _sampled(cfg, second, force=False) == 4
     # the finished trial's record, then the interrupted mix again, then new proposals
     assert second.seen[:2] == first.seen[:2] and len(second.seen) >= 4
+
+
+def test_ablate_seeds_trains_each_seed_and_widens_the_verdict(pipeline_run, tmp_path):
+    """`ablate.seeds`: the run's own training seed reuses the run, another seed trains every
+    variant again on the same curated splits (different adapters), the table is the mean with
+    each summary column's spread beside it, and the verdict pools both seeds' items."""
+    import shutil
+
+    from safetensors.torch import load_file as load
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("eval*"))
+    args = ["ablate", str(pipeline_run["config"]), "--set", f"run_dir={run}",
+            "--set", "ablate.variants=[per_dataset,fused_dataset,searched]",
+            "--set", "ablate.seeds=[7,11]"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "train chat: up to date" in result.output  # seed 7 is the run's own
+    other = run / "ablate" / "seed-11"
+    assert (other / "curate").resolve() == (run / "curate").resolve()  # same splits and items
+    mine = load(str(run / "adapters" / "chat" / "adapter_model.safetensors"))
+    theirs = load(str(other / "adapters" / "chat" / "adapter_model.safetensors"))
+    assert any(not torch.equal(mine[k], theirs[k]) for k in mine)
+    assert json.loads((other / "adapters" / "chat" / "manifest.json").read_text())["seed"] == 11
+
+    table = json.loads((run / "ablate" / "table.json").read_text())
+    assert table["seeds"] == [7, 11] and len(table["per_seed"]) == 2
+    for k, row in enumerate(table["rows"]):
+        pair = [t["rows"][k]["average"] for t in table["per_seed"]]
+        assert row["average"] == pytest.approx(sum(pair) / 2, abs=0.01)
+        assert row["average sd"] == pytest.approx(abs(pair[0] - pair[1]) / 2 ** 0.5, abs=0.01)
+    verdict = {v["label"]: v for v in table["verdict"]}
+    assert verdict["fused - all-data"]["seeds"] == 2 and "2 seeds" in verdict["fused - all-data"][
+        "line"]
+    md = (run / "ablate" / "table.md").read_text()
+    assert "average sd" in md and md.startswith("**Verdict**")

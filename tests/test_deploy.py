@@ -212,3 +212,48 @@ def test_gguf_lora_in_llama_cpp_moves_log_probabilities_as_peft_does(tmp_path):
     wrong = check_gguf_lora(base_gguf, tmp_path / "unpermuted.gguf", checkpoint,
                             tmp_path / "adapter", tokens)
     assert not wrong["matches"], wrong
+
+
+@pytest.mark.slow
+def test_merged_gguf_is_made_by_llama_cpp_and_runs_there(tmp_path):
+    """base + adapter merged, converted by llama.cpp's own converter to q8_0 and loaded by
+    llama.cpp: its next-token log-probabilities follow transformers' merged model (the two
+    runtimes' usual disagreement aside) far closer than the unadapted base's do."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fashionfuse.deploy.runtime_check import (llama_cpp_token_logprobs,
+                                                  transformers_token_logprobs)
+    from fashionfuse.gguf_base import cache_root
+
+    _llama_cpp_or_skip()
+    tree = next((cache_root() / "llama-cpp").glob("llama.cpp-*"), None)
+    if tree is None:
+        pytest.skip("needs llama.cpp's converter: python scripts/build_llama_cpp.py")
+    base_gguf = _smollm2_or_skip()
+    from fashionfuse.config import ModelConfig
+    from fashionfuse.gguf_base import checkpoint_dir
+
+    checkpoint = checkpoint_dir(ModelConfig(base=str(base_gguf)))
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                      target_modules=["q_proj", "v_proj", "down_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    config = {"run_dir": str(tmp_path / "run"),
+              "model": {"base": str(base_gguf), "quantization": {"bits": 16}},
+              "datasets": [{"name": "chat", "kind": "chat",
+                            "source": {"format": "sharegpt", "path": str(tmp_path / "no.jsonl")}}],
+              "export": {"adapter": str(tmp_path / "adapter"), "formats": ["merged_gguf"],
+                         "gguf_type": "q8_0", "llama_cpp_dir": str(tree)}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["export", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 0, result.output
+    merged = tmp_path / "run" / "export" / "adapter-merged-q8_0.gguf"
+    tokens = AutoTokenizer.from_pretrained(checkpoint)(
+        "The capital of France is Paris. Two plus two equals four, and the sky is blue on a "
+        "clear day. Water boils at one hundred degrees Celsius at sea level.")["input_ids"]
+    cpp_merged = llama_cpp_token_logprobs(merged, tokens)
+    hf_base, hf_merged = transformers_token_logprobs(checkpoint, tmp_path / "adapter", tokens)
+    assert (hf_merged - hf_base).abs().max() > 1.0  # the adapter matters here
+    assert (cpp_merged - hf_merged).abs().mean() < 0.5 * (cpp_merged - hf_base).abs().mean()

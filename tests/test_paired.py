@@ -21,7 +21,8 @@ def test_identical_rows_differ_by_zero_with_a_zero_width_interval():
     rng = np.random.default_rng(0)
     items = _items({t: rng.integers(0, 2, 50) for t in ("t1", "t2", "t3")})
     result = paired_difference(items, items, SPECS)
-    assert result == {"difference": 0.0, "low": 0.0, "high": 0.0, "items": 150, "draws": 4000}
+    assert result == {"difference": 0.0, "low": 0.0, "high": 0.0, "items": 150, "seeds": 1,
+                      "draws": 4000}
     assert verdict_line("a - b", result).endswith("cannot be told apart")
 
 
@@ -63,3 +64,20 @@ def test_item_values_from_lm_eval_samples():
                                   {"doc_id": 1, "filter": "none", "acc": 0.0},
                                   {"doc_id": 1, "filter": "other", "acc": 1.0}]}}
     assert item_values(results, SPECS[:1]) == {"t1": {"0": 1.0, "1": 0.0}}
+
+
+def test_seeds_widen_the_interval_by_their_spread():
+    """Three training seeds: the difference is the mean of the seeds' differences, and the
+    interval holds the seed-to-seed spread that one seed's interval cannot show."""
+    rng = np.random.default_rng(2)
+    b = {t: rng.random(300) for t in ("t1", "t2", "t3")}
+    shifts = (0.02, 0.10, 0.18)  # the gain differs by seed: 1, 5 and 9 points on the average
+    runs_a = [_items(dict(b, t1=b["t1"] + s)) for s in shifts]
+    runs_b = [_items(b)] * 3
+    result = paired_difference(runs_a, runs_b, SPECS, seed=0)
+    assert result["seeds"] == 3 and result["difference"] == pytest.approx(5.0)
+    one = paired_difference(runs_a[1], runs_b[1], SPECS, seed=0)
+    assert one["high"] - one["low"] < 1e-9  # one seed, a constant shift: no item variation
+    assert result["low"] <= 1.0 + 1e-9 and result["high"] >= 9.0 - 1e-9  # the seeds' range
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_difference(runs_a, runs_b[:2], SPECS)

@@ -320,6 +320,10 @@ class LoraConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
+    seed: int | None = Field(
+        default=None, description="Seeds LoRA initialisation, dropout, batch order and the data "
+        "mix order (default: the run's seed); `ablate.seeds` varies it, keeping the curated "
+        "splits and the eval the same")
     batch_size: Annotated[int, Field(gt=0)] = Field(128, description="Effective batch (sequences)")
     micro_batch_size: Annotated[int, Field(gt=0)] = 4
     """sequences per forward pass; with packing, one flattened row of up to `micro_batch_size x
@@ -713,6 +717,18 @@ class AblateConfig(_Strict):
         "declares carry over)")
     sequential_order: list[str] | None = Field(
         default=None, description="Dataset order of the sequential variant (default: datasets)")
+    seeds: list[int] = Field(
+        default=[], description="Training seeds (`training.seed`) to build every variant with; "
+        "the base, the curated splits and the eval are shared. The table shows the mean over "
+        "seeds and their spread; the verdict's intervals hold item and seed variation. Empty: "
+        "the run's own training seed only")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds {seeds} repeat a seed")
+        return seeds
 
 
 def dataset_name_problems(names: list) -> list[str]:

@@ -68,9 +68,11 @@ def write_merged_gguf(merged_dir: Path, out_file: Path, gguf_type: str,
         proc = subprocess.run([sys.executable, str(script), str(merged_dir), "--outfile",
                                str(converted), "--outtype", outtype],
                               capture_output=True, text=True)
-        if proc.returncode != 0:
+        if proc.returncode != 0:  # llama.cpp's own tool: its last line says why
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"{script.name} failed on {merged_dir}: {tail[0]}")
+            hint = (f" (its requirements: pip install -r {script.parent}/requirements/"
+                    "requirements-convert_hf_to_gguf.txt)" if "ModuleNotFound" in tail[0] else "")
+            raise ExportError(f"{script.name} failed on the merged checkpoint: {tail[0]}{hint}")
         if gguf_type not in CONVERTER_TYPES:
             quantise(converted, tmp, gguf_type)
     tmp.replace(out_file)

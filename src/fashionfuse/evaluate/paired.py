@@ -67,31 +67,51 @@ def _score(task_means: dict[str, np.ndarray], specs: list, statistic: str) -> np
     return np.mean(parts, axis=0)
 
 
-def paired_difference(items_a: dict[str, dict[str, float]], items_b: dict[str, dict[str, float]],
-                      specs: list, statistic: str = "average", draws: int = BOOTSTRAP_DRAWS,
+def paired_difference(items_a: dict | list[dict], items_b: dict | list[dict], specs: list,
+                      statistic: str = "average", draws: int = BOOTSTRAP_DRAWS,
                       seed: int = 0) -> dict:
     """Model a's `statistic` minus model b's, in points, on the items both have, with its 95 %
-    paired-bootstrap interval: {difference, low, high, items, draws}."""
+    paired-bootstrap interval: {difference, low, high, items, seeds, draws}.
+
+    `items_a`/`items_b` are one model's per-item values, or a list of them, one per training
+    seed (the same seeds, in the same order, for both): the difference is then the mean over
+    seeds, and each draw resamples the seeds as well as the items (a two-level bootstrap), so
+    the interval holds both the item and the seed variation."""
+    runs_a = items_a if isinstance(items_a, list) else [items_a]
+    runs_b = items_b if isinstance(items_b, list) else [items_b]
+    if len(runs_a) != len(runs_b) or not runs_a:
+        raise ValueError("both models need the same seeds")
     rng = np.random.default_rng(seed)
-    point_a, point_b, draws_a, draws_b = {}, {}, {}, {}
+    tasks = set.intersection(*(set(r) for r in runs_a + runs_b))
+    point = np.zeros(len(runs_a))
+    per_seed = np.zeros((len(runs_a), draws))
     n_items = 0
-    for task in sorted(set(items_a) & set(items_b)):
-        docs = sorted(set(items_a[task]) & set(items_b[task]))
-        if not docs:
-            continue
-        a = np.array([items_a[task][d] for d in docs]) * 100
-        b = np.array([items_b[task][d] for d in docs]) * 100
-        idx = rng.integers(0, len(docs), size=(draws, len(docs)))
-        point_a[task], point_b[task] = a.mean(), b.mean()
-        draws_a[task], draws_b[task] = a[idx].mean(axis=1), b[idx].mean(axis=1)
-        n_items += len(docs)
+    indices: dict[str, tuple[list[str], np.ndarray]] = {}
+    for task in sorted(tasks):
+        docs = sorted(set.intersection(*(set(r[task]) for r in runs_a + runs_b)))
+        if docs:
+            indices[task] = docs, rng.integers(0, len(docs), size=(draws, len(docs)))
+            n_items += len(docs)
     if not n_items:
-        return {"difference": None, "low": None, "high": None, "items": 0, "draws": draws}
-    diff = _score(point_a, specs, statistic) - _score(point_b, specs, statistic)
-    spread = _score(draws_a, specs, statistic) - _score(draws_b, specs, statistic)
+        return {"difference": None, "low": None, "high": None, "items": 0,
+                "seeds": len(runs_a), "draws": draws}
+    for k, (run_a, run_b) in enumerate(zip(runs_a, runs_b)):
+        point_a, point_b, draws_a, draws_b = {}, {}, {}, {}
+        for task, (docs, idx) in indices.items():
+            a = np.array([run_a[task][d] for d in docs]) * 100
+            b = np.array([run_b[task][d] for d in docs]) * 100
+            point_a[task], point_b[task] = a.mean(), b.mean()
+            draws_a[task], draws_b[task] = a[idx].mean(axis=1), b[idx].mean(axis=1)
+        point[k] = _score(point_a, specs, statistic) - _score(point_b, specs, statistic)
+        per_seed[k] = _score(draws_a, specs, statistic) - _score(draws_b, specs, statistic)
+    if len(runs_a) > 1:
+        seeds = rng.integers(0, len(runs_a), size=(draws, len(runs_a)))
+        spread = per_seed[seeds, np.arange(draws)[:, None]].mean(axis=1)
+    else:
+        spread = per_seed[0]
     low, high = np.percentile(spread, [2.5, 97.5])
-    return {"difference": float(diff), "low": float(low), "high": float(high),
-            "items": n_items, "draws": draws}
+    return {"difference": float(point.mean()), "low": float(low), "high": float(high),
+            "items": n_items, "seeds": len(runs_a), "draws": draws}
 
 
 def verdict_line(label: str, result: dict) -> str:
@@ -99,6 +119,7 @@ def verdict_line(label: str, result: dict) -> str:
     apart" when the interval holds 0."""
     if result["difference"] is None:
         return f"{label}: no items in common"
+    seeds = f", {result['seeds']} seeds" if result.get("seeds", 1) > 1 else ""
     text = (f"{label}: {result['difference']:+.2f} points (95 % CI {result['low']:+.2f} to "
-            f"{result['high']:+.2f}, {result['items']} items)")
+            f"{result['high']:+.2f}, {result['items']} items{seeds})")
     return text + ("; cannot be told apart" if result["low"] <= 0 <= result["high"] else "")

@@ -332,25 +332,45 @@ def _markdown(table: dict) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def ablate(cfg: RunConfig, force: bool = False) -> dict:
-    """Build and score every configured variant with the same eval; write the comparison."""
+def _ablate_one(cfg: RunConfig, force: bool) -> tuple[dict, dict, list]:
+    """One seed's ablation: (its table with `vs_best_single`, per-item values by label, the
+    eval's task specs)."""
     from ..evaluate import evaluate
-
     from ..evaluate.harness import task_specs
-    from .verdict import load_items, verdict_markdown, verdicts
+    from .verdict import load_items
 
     models = build_variants(cfg, force)
     out = RunLayout(cfg.run_dir).ablation("eval")
     acfg = ablation_config(cfg)
     table = evaluate(acfg, force=force, models=models, out=out)
     table = comparison(table, [m for m in models if m.startswith("V0.1 ")])
-    table["verdict"] = verdicts(table, load_items(out, list(models)), task_specs(acfg), cfg.seed)
+    return table, load_items(out, list(models)), task_specs(acfg)
+
+
+def ablate(cfg: RunConfig, force: bool = False) -> dict:
+    """Build and score every configured variant with the same eval (once per `ablate.seeds`
+    entry); write the comparison with its verdict."""
+    from .seeds import combine_tables, seed_configs
+    from .verdict import verdict_markdown, verdicts
+
+    runs = [_ablate_one(c, force) for c in seed_configs(cfg)]
+    if len(runs) == 1:
+        table, items, specs = runs[0]
+    else:
+        tables = [t for t, _, _ in runs]
+        table = comparison(combine_tables(tables, list(cfg.ablate.seeds)),
+                           [r["model"] for r in tables[0]["rows"] if r["model"].startswith("V0.1 ")])
+        specs = runs[0][2]
+        items = {row["model"]: [its.get(t["rows"][k]["model"], {}) for t, its, _ in runs]
+                 for k, row in enumerate(tables[0]["rows"])}
+    table["verdict"] = verdicts(table, items, specs, cfg.seed)
     root = RunLayout(cfg.run_dir).ablation()
     markdown = verdict_markdown(table["verdict"]) + _markdown(table)
     write_json(root / "table.json", table)
     write_text(root / "table.md", markdown)
     write_text(root / "table.csv", to_csv(table))
-    plot_table(table, root / "table.png")
+    plot_table(dict(table, columns=[c for c in table["columns"] if not c.endswith(" sd")]),
+               root / "table.png")
     print(markdown)
     print(f"ablate: table in {root / 'table.md'}")
     return table

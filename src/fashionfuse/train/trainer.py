@@ -70,10 +70,24 @@ def train_fingerprint(cfg: RunConfig, name: str) -> str:
     return fingerprint({
         "stage": "train", "adapter": without_unset(spec.model_dump(mode="json"), ("mix",)),
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
-        "training": cfg.training.model_dump(mode="json"), "seed": cfg.seed,
+        "training": _training_settings(cfg), "seed": cfg.seed,
         "curated": {d: artifact_id(layout.curated(d)) for d in spec.datasets},
         "on_top_of": {n: artifact_id(layout.adapter(n)) for n in spec.on_top_of},
     })
+
+
+def _training_settings(cfg: RunConfig) -> dict:
+    """The training section as fingerprinted: an unset `seed` (added later) left out, so
+    adapters built before it keep their fingerprints."""
+    settings = cfg.training.model_dump(mode="json")
+    if settings.get("seed") is None:
+        settings.pop("seed", None)
+    return settings
+
+
+def training_seed(cfg: RunConfig) -> int:
+    """`training.seed`, else the run's seed."""
+    return cfg.seed if cfg.training.seed is None else cfg.training.seed
 
 
 # --------------------------------------------------------------------------- what to train
@@ -110,7 +124,7 @@ def resolve_job(cfg: RunConfig, name: str, tokenizer) -> TrainJob:
         splits.append(split)
     mix = None
     if spec.mix is not None:
-        examples, mix = mix_examples(per_dataset, spec.mix, cfg.seed)
+        examples, mix = mix_examples(per_dataset, spec.mix, training_seed(cfg))
     else:
         examples = [e for dataset in spec.datasets for e in per_dataset[dataset]]
     if not examples:
@@ -155,7 +169,7 @@ def setup(job: TrainJob, tokenizer, world: World) -> Session:
 
     cfg, t = job.cfg, job.cfg.training
     layout = RunLayout(cfg.run_dir)
-    _seed_everything(cfg.seed + world.rank)
+    _seed_everything(training_seed(cfg) + world.rank)
     built = build_trainable_model(cfg.model, t, device=world.device,
                                   frozen_adapters=[layout.adapter(n) for n in job.spec.on_top_of],
                                   log=print if world.is_main else (lambda *_: None))
@@ -294,7 +308,8 @@ def fit(job: TrainJob, s: Session, pad_id: int, progress: Progress | None = None
         while step < job.total_steps:
             epoch, within = divmod(step, job.steps_per_epoch)
             if not windows or within == 0:
-                windows = step_windows(len(job.examples), t.batch_size, job.cfg.seed + epoch)
+                windows = step_windows(len(job.examples), t.batch_size,
+                                       training_seed(job.cfg) + epoch)
             t0 = time.perf_counter()
             rec = train_step(job, s, windows[within], pad_id)
             if not math.isfinite(rec["loss"]):
@@ -367,7 +382,7 @@ def _save_adapter(job: TrainJob, s: Session, tokenizer, metrics: dict) -> None:
         write_manifest(tmp, stage="train", fingerprint=job.fingerprint,
                        config_hash=config_hash(cfg.model, cfg.training, spec),
                        inputs={str(p): artifact_id(p.parent) for p in job.splits},
-                       seed=cfg.seed, metrics=metrics,
+                       seed=training_seed(cfg), metrics=metrics,
                        extra={"adapter": job.name, "datasets": spec.datasets,
                               "on_top_of": spec.on_top_of, "mix": job.mix,
                               "quantization": quantization_record(s.model)},
