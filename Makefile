@@ -30,6 +30,8 @@ real: install
 	GGUF=$$($(PY) scripts/fetch_smollm2.py) && \
 	$(REAL_ENV) $(VENV)/bin/fashionfuse run $(REAL_CONFIG) --set model.base=$$GGUF && \
 	$(REAL_ENV) $(VENV)/bin/fashionfuse ablate $(REAL_CONFIG) --set model.base=$$GGUF && \
+	$(PY) scripts/build_llama_cpp.py && \
+	$(VENV)/bin/fashionfuse export $(REAL_CONFIG) --set model.base=$$GGUF --set export.check=true && \
 	$(VENV)/bin/fashionfuse report $$($(PY) -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['run_dir'])" $(REAL_CONFIG))
 
 test: install

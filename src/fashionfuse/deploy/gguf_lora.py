@@ -39,6 +39,17 @@ class ExportError(UserError, ValueError):
     """An adapter or base that an export format cannot carry; the message says why."""
 
 
+def gguf_package():
+    """The `gguf` package (llama.cpp's own Python writer and name maps), or one line saying how
+    to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("GGUF export needs the gguf package: pip install 'fashionfuse[gguf]'"
+                          ) from None
+    return gguf
+
+
 def gguf_architecture(model_type: str) -> tuple[str, bool]:
     """The GGUF architecture name for a transformers `model_type` and whether its q/k rows are
     permuted; refused with one line for an architecture this export does not map."""
@@ -60,7 +71,7 @@ def gguf_lora_tensors(adapter: SavedAdapter, model_config: dict,
                       weight: float = 1.0) -> tuple[str, int, dict[str, torch.Tensor]]:
     """(GGUF architecture, rank, {GGUF tensor name: float32 tensor}) for `adapter` times
     `weight`, its scale folded into B."""
-    import gguf
+    gguf = gguf_package()
 
     arch, permuted = gguf_architecture(model_config["model_type"])
     ranks = {a.shape[0] for a in adapter.lora_a.values()}
@@ -93,7 +104,7 @@ def write_gguf_lora(adapter_dir: Path, model_config: dict, out_file: Path,
     """Write the PEFT adapter in `adapter_dir` (times `weight`) as a GGUF LoRA file for a base of
     `model_config` (the checkpoint's config.json); atomic (temp then rename). Returns what was
     written: file, architecture, rank, tensors, bytes, seconds."""
-    import gguf
+    gguf = gguf_package()
 
     started = time.perf_counter()
     adapter = load_saved_adapter(adapter_dir)
