@@ -101,7 +101,8 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
         exact, svd = labels[12 + 2 * k:14 + 2 * k]
         assert exact == f"fusion, {op} (grid, {params}; exact merge)"
         assert svd.startswith(f"fusion, {op} (grid, {params}; SVD rank ")
-    assert len(labels) == 12 + 2 * len(dense)
+    assert labels[-1] == "routing, Arrow (top 2 of 2 adapters per token)"
+    assert len(labels) == 12 + 2 * len(dense) + 1
     layer = json.loads((run / "ablate" / "layerwise" / "search" / "best.json").read_text())
     assert layer["granularity"] == "layer" and set(layer["best_weights"]) == {
         f"{n}@{b}" for n in ("chat", "orca") for b in (0, 1)}
@@ -121,7 +122,10 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
     assert "vs best single" in md and (run / "ablate" / "table.png").read_bytes()[:4] == b"\x89PNG"
     # the verdict: the paper's comparisons, each a paired bootstrap over the same items
     verdict = {v["label"]: v for v in table["verdict"]}
-    assert {"fused - best single", "fused - all-data", "fused - balanced mix"} <= set(verdict)
+    assert {"fused - best single", "fused - all-data", "fused - balanced mix",
+            "fused - routing"} <= set(verdict)
+    router = json.loads((run / "ablate" / "arrow" / "router.json").read_text())
+    assert [p.rsplit("/", 1)[1] for p in router["adapters"]] == ["chat", "orca"]
     rows = {r["model"]: r for r in table["rows"]}
     for v in table["verdict"]:
         assert v["low"] <= v["difference"] <= v["high"] and v["items"] > 0
@@ -299,3 +303,33 @@ def test_ablate_seeds_trains_each_seed_and_widens_the_verdict(pipeline_run, tmp_
         "line"]
     md = (run / "ablate" / "table.md").read_text()
     assert "average sd" in md and md.startswith("**Verdict**")
+
+
+def test_arrow_router_scores_like_peft_built_by_hand(pipeline_run, tmp_path):
+    """The router the eval scores is PEFT's `create_arrow_model` over the trained adapters:
+    its logits equal a hand-built Arrow model's, and differ from the base's and from each
+    adapter alone."""
+    from peft import ArrowConfig, PeftModel, create_arrow_model
+
+    from fashionfuse.adapters.routing import build_router, is_router, write_router
+    from fashionfuse.base_model import load_base_model
+    from fashionfuse.config import load_config
+
+    cfg = load_config(pipeline_run["config"])
+    adapters = [pipeline_run["run_dir"] / "adapters" / n for n in ("chat", "orca")]
+    router = write_router(tmp_path / "arrow", adapters, top_k=5, temperature=1.0, seed=0)
+    assert is_router(router) and not is_router(adapters[0])
+    assert json.loads((router / "router.json").read_text())["top_k"] == 2  # capped
+    ids = torch.tensor([[1, 17, 40, 99, 7, 23, 5, 61]])
+    ours = build_router(load_base_model(cfg.model, device="cpu"), router)
+    theirs = create_arrow_model(load_base_model(cfg.model, device="cpu"),
+                                [str(p) for p in adapters],
+                                ArrowConfig(top_k=2, router_temperature=1.0, rng_seed=0)).eval()
+    single = PeftModel.from_pretrained(load_base_model(cfg.model, device="cpu"),
+                                       str(adapters[0])).eval()
+    with torch.no_grad():
+        routed = ours(input_ids=ids).logits
+        assert torch.equal(routed, theirs(input_ids=ids).logits)
+        with ours.disable_adapter():
+            assert not torch.equal(routed, ours(input_ids=ids).logits)
+        assert not torch.equal(routed, single(input_ids=ids).logits)

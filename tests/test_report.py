@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from fashionfuse.cli import app
 
 runner = CliRunner()
-SECTIONS = ["Summary", "Evaluation", "Search", "Training", "Curation", "Versions and timings",
-            "Config"]
+SECTIONS = ["Summary", "Use the fused adapter", "Evaluation", "Search", "Training", "Curation",
+            "Versions and timings", "Config"]
 
 
 @pytest.fixture
@@ -42,6 +42,10 @@ def test_report_renders_every_section_with_valid_images(report_run):
     assert "src='http" not in page and "src=\"http" not in page  # nothing fetched: mailable
     assert "adapter:chat" in page and "fused" in page  # the eval rows
     assert ".tmp-" not in page  # no temporary names leak into titles
+    assert f"from_pretrained(&#x27;{report_run / 'search' / 'fused'}&#x27;)" in page
+    header = re.search(r"<h2 id='evaluation'>Evaluation</h2><table><thead><tr>(.*?)</tr>", page)
+    cells = re.findall(r"<th>(.*?)</th>", header.group(1))
+    assert cells[1] == "average"  # the answer's column first, the tasks after it
 
 
 def test_report_says_what_is_missing(tmp_path):

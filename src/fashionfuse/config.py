@@ -695,7 +695,7 @@ class EvalConfig(_Strict):
 ABLATION_VARIANTS = ("per_dataset", "fused_dataset", "mixed_balanced", "mixed_ratio",
                      "mixed_searched", "sequential", "weights_one", "uniform", "searched", "gradient", "layerwise",
                      "layerwise_refined", "ties", "dare", "magnitude", "della", "breadcrumbs",
-                     "knots_ties", "knots_dare")
+                     "knots_ties", "knots_dare", "arrow")
 # mixed_searched trains an adapter per candidate mix: asked for by name only
 DEFAULT_ABLATION_VARIANTS = tuple(v for v in ABLATION_VARIANTS if v != "mixed_searched")
 
@@ -714,9 +714,15 @@ class AblateConfig(_Strict):
         "layerwise (learned per block), layerwise_refined (those times a grid multiplier per "
         "adapter), ties / dare / magnitude / della / breadcrumbs / knots_ties / knots_dare "
         "(search.method's search with that operator; search.operator_params that the operator "
-        "declares carry over)")
+        "declares carry over), arrow (PEFT's Arrow routing over the per-dataset adapters: "
+        "training-free, each token to its top-k adapters)")
     sequential_order: list[str] | None = Field(
         default=None, description="Dataset order of the sequential variant (default: datasets)")
+    arrow_top_k: Annotated[int, Field(gt=0)] = Field(
+        default=2, description="arrow: adapters each token is routed to (PEFT's ArrowConfig "
+        "top_k; at most the number of datasets)")
+    arrow_temperature: Annotated[float, Field(gt=0)] = Field(
+        default=1.0, description="arrow: softmax temperature of the routing coefficients")
     seeds: list[int] = Field(
         default=[], description="Training seeds (`training.seed`) to build every variant with; "
         "the base, the curated splits and the eval are shared. The table shows the mean over "

@@ -29,6 +29,7 @@ from ..config import RunConfig, config_hash
 from ..errors import UserError
 from .lm_eval_run import TaskSet, prepare_include_paths, task_manager, wrap_model
 from .paired import item_values
+from ..adapters.routing import build_router, is_router
 from ..adapters.runtime import attach_adapters, set_fusion_weights
 from ..rundir import (
     RunLayout,
@@ -92,7 +93,8 @@ def adapter_keys(models: dict[str, Path | None]) -> dict[str, str]:
     """PEFT adapter name of each evaluated adapter: m0, m1, ... (labels such as `adapter:chat`
     or `V0.4 sequential` are not valid module names)."""
     labels = [label for label, path in models.items()
-              if path is not None and label != "merged" and not is_searched_fusion(path)]
+              if path is not None and label != "merged" and not is_searched_fusion(path)
+              and not is_router(path)]
     return {label: f"m{i}" for i, label in enumerate(labels)}
 
 
@@ -246,6 +248,10 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
         target = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(ev.device).eval()
         ev.scored_as[label] = str(target.dtype).removeprefix("torch.")
         lm = _wrap(cfg, ev, target)
+    elif is_router(path):  # PEFT's Arrow routing over trained adapters, on its own base
+        base = load_base_model(cfg.model, quantized=_quantized(cfg), device=ev.device)
+        ev.scored_as[label] = f"{ev.resident_as}, Arrow routing"
+        lm = _wrap(cfg, ev, build_router(base, path))
     elif is_searched_fusion(path):  # a second resident base with the exact fusion applied
         from .lm_eval_model import attach_searched_fusion
 

@@ -110,14 +110,14 @@ def to_csv(table: dict) -> str:
 def plot_table(table: dict, path) -> None:
     """A models x columns heatmap: each cell's score written in it, coloured by its rank within
     its column (the column's best is brightest and bold, whatever the column's scale), models
-    sorted by their average (best first), the group means and average set apart by a line."""
+    in the table's order, the group means and average set apart by a line."""
     import math
 
     from ..plots import pyplot, save_figure
 
     plt = pyplot()
     cols = table["columns"]
-    rows = sorted(table["rows"], key=lambda r: -(r.get("average") or -math.inf))
+    rows = table["rows"]
     values = [[r[c] for c in cols] for r in rows]
     shade = [[math.nan] * len(cols) for _ in rows]
     for j in range(len(cols)):

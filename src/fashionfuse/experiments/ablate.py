@@ -283,6 +283,14 @@ def build_variants(cfg: RunConfig, force: bool = False) -> dict[str, Path | None
         order = cfg.ablate.sequential_order or datasets
         models[f"V0.4 sequential ({' -> '.join(order)})"] = layout.adapter(sequential_chain(cfg)[-1])
     models.update(_fusions(cfg, planned, force))
+    if "arrow" in variants:
+        from ..adapters.routing import write_router
+
+        a = cfg.ablate
+        router = write_router(layout.ablation("arrow"), [layout.adapter(d) for d in datasets],
+                              a.arrow_top_k, a.arrow_temperature, cfg.seed)
+        models[f"routing, Arrow (top {min(a.arrow_top_k, len(datasets))} of "
+               f"{len(datasets)} adapters per token)"] = router
     if "mixed_ratio" in variants:
         label, path = _mixed_ratio(cfg, force)
         models = {label if k == _MIX_RATIO_SLOT else k: path if k == _MIX_RATIO_SLOT else v

@@ -136,6 +136,8 @@ def _scores(page: _Page, title: str, folder: Path, extra: str | None = None) -> 
         page.para("not evaluated yet")
         return
     cols = table["columns"] + ([] if "average" in table["columns"] else ["average"])
+    key = [c for c in cols if c in table.get("summary", ["average"]) or c.endswith(" sd")]
+    cols = key + [c for c in cols if c not in key]  # the answer's columns first, then tasks
     headers = ["model", *cols] + ([extra] if extra else [])
     extra = extra and extra.replace(" ", "_")
     def signed(v):
@@ -217,6 +219,17 @@ def _verdict(page: _Page, layout: RunLayout) -> None:
         page.bullets([v["line"] for v in lines])
 
 
+def _usage(page: _Page, layout: RunLayout) -> None:
+    """How to load the fused adapter (PEFT, lm-eval) and where the exports are."""
+    if not (layout.fused / "adapter_config.json").is_file():
+        return
+    page.heading("Use the fused adapter")
+    page.pre("from peft import AutoPeftModelForCausalLM\n"
+             f"model = AutoPeftModelForCausalLM.from_pretrained({str(layout.fused)!r})\n\n"
+             f"# lm_eval --model hf --model_args pretrained=BASE,peft={layout.fused}\n"
+             "# fashionfuse export CONFIG   (GGUF LoRA for llama.cpp / Ollama, vLLM, merged GGUF)")
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write `report.html` and `report.md` into the run dir; return the HTML path."""
     layout = RunLayout(run_dir)
@@ -224,6 +237,7 @@ def write_report(run_dir: str | Path) -> Path:
     page.heading(f"fashionfuse run: {layout.root}", 1)
     _verdict(page, layout)
     _summary(page, layout)
+    _usage(page, layout)
     _scores(page, "Evaluation", layout.eval)
     if (layout.ablation() / "table.json").is_file():
         _scores(page, "Ablation", layout.ablation(), extra="vs best single")

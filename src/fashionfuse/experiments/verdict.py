@@ -4,6 +4,7 @@ bootstrap over the same items (`evaluate.paired`), as lines a reader can quote.
     fused - best single: the searched fusion vs the best per-dataset adapter (by average)
     fused - all-data:    vs one adapter trained on every dataset (V0.2)
     fused - balanced mix: vs one adapter on equal token shares of each dataset
+    fused - routing:     vs PEFT's Arrow routing over the same per-dataset adapters
     <row> - base, retention: what each model kept of the base's general ability
 
 A line says "cannot be told apart" when its 95 % interval holds 0; nothing else in the table
@@ -17,8 +18,8 @@ from pathlib import Path
 
 from ..evaluate.paired import paired_difference, verdict_line
 
-FUSED, ALL_DATA, BALANCED, SINGLE = "V1 fusion, searched", "V0.2 ", "one adapter, balanced mix", \
-    "V0.1 "
+FUSED, ALL_DATA, BALANCED, SINGLE, ROUTING = ("V1 fusion, searched", "V0.2 ",
+                                              "one adapter, balanced mix", "V0.1 ", "routing, ")
 
 
 def _row(table: dict, prefix: str) -> str | None:
@@ -47,7 +48,8 @@ def verdicts(table: dict, items: dict[str, dict], specs: list, seed: int) -> lis
         if singles:
             best = max(singles, key=lambda r: r["average"] or 0.0)["model"]
             pairs.append(("fused - best single", fused, best, "average"))
-        for name, prefix in (("fused - all-data", ALL_DATA), ("fused - balanced mix", BALANCED)):
+        for name, prefix in (("fused - all-data", ALL_DATA), ("fused - balanced mix", BALANCED),
+                             ("fused - routing", ROUTING)):
             other = _row(table, prefix)
             if other:
                 pairs.append((name, fused, other, "average"))
