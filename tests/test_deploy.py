@@ -222,8 +222,10 @@ def test_merged_gguf_is_made_by_llama_cpp_and_runs_there(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fashionfuse.deploy.runtime_check import (llama_cpp_token_logprobs,
-                                                  transformers_token_logprobs)
+    from fashionfuse.deploy.runtime_check import (
+        llama_cpp_token_logprobs,
+        transformers_token_logprobs,
+    )
     from fashionfuse.gguf_base import cache_root
 
     _llama_cpp_or_skip()

@@ -110,6 +110,7 @@ def test_no_more_than_a_chunk_of_logits_exists(monkeypatch):
     handle.remove()
     assert n > 16 and max(rows_seen) == 16 and rows_seen.count(0) == 1
     assert sum(rows_seen) == n
+    assert head_loss.loss_path(model) == "chunked output head"
 
 
 def test_no_grad_scoring_takes_the_chunked_path(monkeypatch):
@@ -131,6 +132,7 @@ def test_trained_output_head_takes_the_full_logits():
     model.get_output_embeddings().weight.requires_grad_(True)
     batch = _batch()
     assert not head_loss.chunked_head_applies(model, batch)
+    assert head_loss.loss_path(model) == "full logits"
     loss, _ = token_losses(model, batch)
     loss.backward()
     assert model.get_output_embeddings().weight.grad is not None

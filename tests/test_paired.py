@@ -81,3 +81,19 @@ def test_seeds_widen_the_interval_by_their_spread():
     assert result["low"] <= 1.0 + 1e-9 and result["high"] >= 9.0 - 1e-9  # the seeds' range
     with pytest.raises(ValueError, match="same seeds"):
         paired_difference(runs_a, runs_b[:2], SPECS)
+
+
+def test_the_verdict_shows_every_comparison_and_only_retention_changes():
+    from fashionfuse.experiments.verdict import shown_lines
+
+    def line(label, statistic, low, high):
+        return {"label": label, "statistic": statistic, "difference": (low + high) / 2,
+                "low": low, "high": high, "line": label}
+    lines = [line("fused - all-data", "average", -1.0, 1.0),
+             line("a - base, retention", "retention", -9.0, -1.0),
+             line("b - base, retention", "retention", 0.0, 0.0),
+             line("c - base, retention", "retention", -3.0, 0.0)]
+    assert shown_lines(lines) == [
+        "fused - all-data", "a - base, retention",
+        ("retention of the 2 other rows cannot be told apart from the base's (differences "
+         "-1.50 to +0.00 points)")]

@@ -78,6 +78,7 @@ def test_adapters_are_peft_loadable_and_learned(pipeline_run):
         assert (d / "loss.png").stat().st_size > 1000
         manifest = json.loads((d / "manifest.json").read_text())
         assert manifest["stage"] == "train" and manifest["metrics"]["steps"] == 4
+        assert manifest["metrics"]["loss"] == "chunked output head"  # which loss ran
         assert "chat_template" in (d / "tokenizer_config.json").read_text() or (d / "chat_template.jinja").exists()
 
 

@@ -675,7 +675,8 @@ class EvalConfig(_Strict):
         default=None, description="Default: same as model.quantization.bits == 4"
     )
     log_samples: bool = False
-    """keep per-sample outputs in the results JSON"""
+    """keep lm-eval's full per-sample records (prompts, responses) in the results JSON; the
+    per-item metric values are kept always (`items`, for paired comparisons)"""
     max_length: Annotated[int, Field(gt=1)] | None = Field(
         default=None, description="Longest row lm-eval scores, in tokens (longer rows are cut "
         "from the left); default: the model's own window")

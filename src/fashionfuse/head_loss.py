@@ -29,7 +29,7 @@ from .chat_template import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 CHUNK_LOGITS = 1 << 23  # logits per chunk (8M: 32 MB in float32): rows = this // vocabulary
-_CHECKED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def causal_lm(model) -> torch.nn.Module:
@@ -156,6 +156,13 @@ def chunked_head_applies(model, batch: dict[str, torch.Tensor]) -> bool:
                         "the loss uses the full logits", type(lm).__name__)
     _CHECKED[lm] = ok
     return ok
+
+
+def loss_path(model) -> str | None:
+    """Which loss ran for `model`: "chunked output head" (plain torch, every device),
+    "full logits", or None before its first loss."""
+    checked = _CHECKED.get(causal_lm(model))
+    return None if checked is None else ("chunked output head" if checked else "full logits")
 
 
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -67,7 +67,7 @@ def write_merged_gguf(merged_dir: Path, out_file: Path, gguf_type: str,
         outtype = gguf_type if gguf_type in CONVERTER_TYPES else "f16"
         proc = subprocess.run([sys.executable, str(script), str(merged_dir), "--outfile",
                                str(converted), "--outtype", outtype],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         if proc.returncode != 0:  # llama.cpp's own tool: its last line says why
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             hint = (f" (its requirements: pip install -r {script.parent}/requirements/"

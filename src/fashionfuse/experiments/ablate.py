@@ -370,7 +370,7 @@ def ablate(cfg: RunConfig, force: bool = False) -> dict:
                            [r["model"] for r in tables[0]["rows"] if r["model"].startswith("V0.1 ")])
         specs = runs[0][2]
         items = {row["model"]: [its.get(t["rows"][k]["model"], {}) for t, its, _ in runs]
-                 for k, row in enumerate(tables[0]["rows"])}
+                 for k, row in enumerate(table["rows"])}
     table["verdict"] = verdicts(table, items, specs, cfg.seed)
     root = RunLayout(cfg.run_dir).ablation()
     markdown = verdict_markdown(table["verdict"]) + _markdown(table)

@@ -211,12 +211,14 @@ def _summary(page: _Page, layout: RunLayout) -> None:
 
 def _verdict(page: _Page, layout: RunLayout) -> None:
     """The ablation's comparisons with their intervals, before anything else."""
+    from .verdict import shown_lines
+
     lines = (_json(layout.ablation() / "table.json") or {}).get("verdict") or []
     if lines:
         page.heading("Verdict")
         page.para("Differences in points, each with its 95 % paired-bootstrap interval over the "
                   "same items; \"cannot be told apart\" where the interval holds 0.")
-        page.bullets([v["line"] for v in lines])
+        page.bullets(shown_lines(lines))
 
 
 def _usage(page: _Page, layout: RunLayout) -> None:

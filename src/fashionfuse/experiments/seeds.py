@@ -43,7 +43,9 @@ def combine_tables(tables: list[dict], seeds: list[int]) -> dict:
         raise UserError("ablate.seeds: the seeds built different variants; rerun with --force")
     rows = []
     for k, row in enumerate(first["rows"]):
-        out = {"model": row["model"]}
+        labels = {t["rows"][k]["model"] for t in tables}  # a label may carry a seed's weights
+        out = {"model": row["model"] if len(labels) == 1 else
+               row["model"].split(" (")[0] + " (weights searched per seed)"}
         for col in first["columns"]:
             values = [t["rows"][k][col] for t in tables if t["rows"][k][col] is not None]
             out[col] = round(statistics.fmean(values), 2) if values else None

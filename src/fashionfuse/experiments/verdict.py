@@ -66,10 +66,24 @@ def verdicts(table: dict, items: dict[str, dict], specs: list, seed: int) -> lis
     return out
 
 
+def shown_lines(lines: list[dict]) -> list[str]:
+    """The verdict as read: every comparison of the paper; of the retention comparisons, those
+    whose interval excludes 0, the rest in one line."""
+    shown = [v["line"] for v in lines if v["statistic"] != "retention"]
+    retention = [v for v in lines if v["statistic"] == "retention"]
+    shown += [v["line"] for v in retention if not v["low"] <= 0 <= v["high"]]
+    same = [v for v in retention if v["low"] <= 0 <= v["high"]]
+    if same:
+        shown.append(f"retention of the {len(same)} other rows cannot be told apart from the "
+                     f"base's (differences {min(v['difference'] for v in same):+.2f} to "
+                     f"{max(v['difference'] for v in same):+.2f} points)")
+    return shown
+
+
 def verdict_markdown(lines: list[dict]) -> str:
     """The verdict as a Markdown list (paper comparisons first, then retention)."""
     if not lines:
         return ""
-    body = "\n".join(f"- {v['line']}" for v in lines)
+    body = "\n".join(f"- {line}" for line in shown_lines(lines))
     return ("**Verdict** (difference in points, 95 % paired-bootstrap interval over the same "
             f"items):\n\n{body}\n\n")

@@ -34,7 +34,7 @@ from ..config import AdapterSpec, RunConfig, config_hash
 from ..console import progress_file
 from ..errors import UserError
 from ..examples import collate, load_records, tokenize_records
-from ..head_loss import token_losses
+from ..head_loss import loss_path, token_losses
 from .mixing import mix_examples
 from ..adapters.saved import fuse_adapters, load_saved_adapter, save_peft_adapter
 from ..plots import pyplot, save_figure
@@ -428,7 +428,7 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress |
                "final_loss": h[-1]["loss"], "first_loss": h[0]["loss"],
                "optimizer": s.optimizer_name, "processes": world.size,
                "packing": bool(s.pack_length), "attention": s.attention,
-               "compute_dtype": s.compute_dtype,
+               "compute_dtype": s.compute_dtype, "loss": loss_path(s.ddp),
                "target_modules": s.targets, "train_seconds": round(totals["seconds"], 2),
                "real_tokens": int(totals["real"]),
                # what the loss trained on (assistant tokens), every step, resumed ones included
@@ -439,7 +439,8 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress |
         _save_adapter(job, s, tokenizer, metrics)
         shutil.rmtree(job.work, ignore_errors=True)
         print(f"train {name}: {job.total_steps} steps on {world.size} process(es), "
-              f"loss {metrics['first_loss']} -> {metrics['final_loss']}")
+              f"loss {metrics['first_loss']} -> {metrics['final_loss']}"
+              + (f" ({metrics['loss']})" if metrics["loss"] else ""))
     barrier(world)
     return metrics
 
