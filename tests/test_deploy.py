@@ -259,3 +259,12 @@ def test_merged_gguf_is_made_by_llama_cpp_and_runs_there(tmp_path):
     hf_base, hf_merged = transformers_token_logprobs(checkpoint, tmp_path / "adapter", tokens)
     assert (hf_merged - hf_base).abs().max() > 1.0  # the adapter matters here
     assert (cpp_merged - hf_merged).abs().mean() < 0.5 * (cpp_merged - hf_base).abs().mean()
+
+
+def test_the_check_needs_a_gguf_base(exported_run):
+    """export.check runs llama.cpp on the base's GGUF file: with a plain checkpoint as the base
+    it is refused in one line (the GGUF LoRA is already written)."""
+    run, config = exported_run
+    result = runner.invoke(app, ["export", str(config(formats=["gguf_lora"], check=True))])
+    assert result.exit_code == 2 and "model.base must be a .gguf file" in result.output
+    assert (run / "export" / "fused.gguf").is_file()

@@ -78,9 +78,12 @@ def _check(cfg, adapter_dir, lora_file, checkpoint) -> dict:
     if base is None:
         raise ExportError("export.check runs llama.cpp on the base's GGUF file: model.base must "
                           "be a .gguf file")
+    split = RunLayout(cfg.run_dir).curated(cfg.datasets[0].name) / "validation.jsonl"
+    if not split.is_file():
+        raise MissingFileError(f"export.check scores the run's validation chats: {split} not "
+                               "found (run `fashionfuse curate` first)")
     tok = load_tokenizer(cfg.model)
-    records = load_records(RunLayout(cfg.run_dir).curated(cfg.datasets[0].name)
-                           / "validation.jsonl", limit=32)
+    records = load_records(split, limit=32)
     tokens: list[int] = []
     for ex in tokenize_records(records, tok, cfg.model.system_message, cfg.model.max_input_len,
                                cfg.model.chat_template):
