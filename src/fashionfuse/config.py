@@ -854,6 +854,11 @@ class RunConfig(_Strict):
         default=["tensorboard"], description="Experiment trackers for training and search "
         "metrics: tensorboard (offline event files in the run dir), wandb, mlflow (if installed)")
 
+    @property
+    def training_seed(self) -> int:
+        """`training.seed`, else the run's seed: what seeds LoRA init, dropout and batch order."""
+        return self.seed if self.training.seed is None else self.training.seed
+
     @model_validator(mode="before")
     @classmethod
     def _recipe(cls, data):

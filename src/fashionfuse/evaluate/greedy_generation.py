@@ -57,8 +57,9 @@ def cache_keyword(model) -> str | None:
     transformers 5.2x, `past_key_values` before; None: it takes none)."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
+    from ..head_loss import causal_lm
+
+    params = inspect.signature(causal_lm(model).forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 

@@ -152,7 +152,8 @@ def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
         "benchmark_data": path_fingerprint(cfg.eval.benchmark_data) if cfg.eval.benchmark_data else None,
         "task_code": path_fingerprint(benchmarks.__file__),
         "include_paths": {p: path_fingerprint(p) for p in cfg.eval.include_paths},
-        "stage": "eval", "kept": "per-item values", "eval": without_unset(cfg.eval.model_dump(mode="json"), ("retention",)),
+        "stage": "eval", "kept": "per-item values",
+        "eval": without_unset(cfg.eval.model_dump(mode="json"), ("retention",)),
         "seed": cfg.seed,
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
         "adapters": {k: artifact_id(v.parent if is_searched_fusion(v) else v)
@@ -248,16 +249,14 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
         target = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(ev.device).eval()
         ev.scored_as[label] = str(target.dtype).removeprefix("torch.")
         lm = _wrap(cfg, ev, target)
-    elif is_router(path):  # PEFT's Arrow routing over trained adapters, on its own base
-        base = load_base_model(cfg.model, quantized=_quantized(cfg), device=ev.device)
-        ev.scored_as[label] = f"{ev.resident_as}, Arrow routing"
-        lm = _wrap(cfg, ev, build_router(base, path))
-    elif is_searched_fusion(path):  # a second resident base with the exact fusion applied
-        from .lm_eval_model import attach_searched_fusion
+    elif is_router(path) or is_searched_fusion(path):  # on a second base of its own: PEFT's
+        from .lm_eval_model import attach_searched_fusion  # Arrow routing, or the exact fusion
 
+        build, how = ((build_router, "Arrow routing") if is_router(path)
+                      else (attach_searched_fusion, "exact merge"))
         base = load_base_model(cfg.model, quantized=_quantized(cfg), device=ev.device)
-        ev.scored_as[label] = f"{ev.resident_as}, exact merge"
-        lm = _wrap(cfg, ev, attach_searched_fusion(base, path))
+        ev.scored_as[label] = f"{ev.resident_as}, {how}"
+        lm = _wrap(cfg, ev, build(base, path))
     else:
         ev.scored_as[label] = ev.resident_as
         if ev.keys:

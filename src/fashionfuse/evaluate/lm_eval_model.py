@@ -44,6 +44,7 @@ from lm_eval.models.huggingface import HFLM
 from ..adapters.peft_layers import use_lean_lora_forward
 from ..adapters.runtime import attach_adapters, set_fusion_weights
 from ..errors import UserError
+from ..head_loss import causal_lm
 from ..version_gates import internals_allowed
 from ..fusion import is_dense, searched_operator_params
 from .forward_memory import rows_that_fit
@@ -166,7 +167,7 @@ class FashionfuseLM(HFLM):
         self._continuation_len: dict[int, int] = {}  # hash of a row's tokens -> longest cont
         self._batch_sizes: dict[int, int] = {}  # row length -> memory-bounded batch size
         model = self.model
-        self._decoder = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._decoder = causal_lm(model)
         self._trailing_logits = (self._internals and self.backend == "causal" and "logits_to_keep"
                                  in inspect.signature(self._decoder.forward).parameters)
         self._shared = (with_shared_prefixes(self, self._plain_loglikelihood_tokens,

@@ -23,6 +23,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from ..head_loss import causal_lm
+
 # what one more forward pass costs, in token positions (the grouping's tie-breaker: a prefix of a
 # few tokens is not worth a pass of its own)
 FORWARD_OVERHEAD = 32
@@ -40,7 +42,7 @@ def cache_argument(lm) -> str | None:
 
     if lm.backend != "causal":
         return None
-    model = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
+    model = causal_lm(lm.model)
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         return None
     return cache_keyword(model)

@@ -73,13 +73,19 @@ def build_table(results_by_model: dict[str, dict], specs: list) -> dict:
             row[RETENTION_DELTA] = None if kept is None else round(kept - base["retention"], 2)
         summary.append(RETENTION_DELTA)
     columns = [*columns, *summary]
+    return {"columns": columns, "rows": rows, "best": best_per_column(rows, columns),
+            "summary": summary}
+
+
+def best_per_column(rows: list[dict], columns: list[str]) -> dict[str, list[str]]:
+    """Column -> the model(s) with its highest value (ties all kept)."""
     best = {}
     for c in columns:
         vals = [(r[c], r["model"]) for r in rows if r[c] is not None]
         if vals:
             top = max(v for v, _ in vals)
             best[c] = [m for v, m in vals if v == top]
-    return {"columns": columns, "rows": rows, "best": best, "summary": summary}
+    return best
 
 
 def to_markdown(table: dict) -> str:

@@ -20,12 +20,16 @@ From one config it builds, reusing every artifact already built, and scores with
           TIES / DARE / magnitude / DELLA /        ablate/<operator>/search/best.json (exact: the
           Breadcrumbs / KnOTS-TIES / KnOTS-DARE    merged deltas on the base, as searched) and
           merges, searched                         ablate/<operator>/search/fused (SVD export)
+          routing: PEFT's Arrow over the           ablate/arrow/router.json
+          per-dataset adapters (per token)
 
 The fixed-weight fusions are one-candidate grid searches, so they are fingerprinted, cached and
 scored on the validation data like the search. Each variant's run dir under `ablate/` links the
 parent's `curate/` and `adapters/`. Output: `ablate/eval/` (lm-eval results per variant) and
 `ablate/table.{md,csv,json,png}`: per task and average, best marked, and each variant's average
-minus the best single adapter's.
+minus the best single adapter's, led by the verdict (`verdict.py`: the paper's comparisons with
+paired-bootstrap intervals). With `ablate.seeds` all of it is built once per training seed
+(`seeds.py`) and the table is their mean and spread.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import statistics
 
 from ..config import RunConfig
 from ..errors import UserError
+from ..evaluate.table import best_per_column
 from ..rundir import RunLayout, link_shared
 
 
@@ -20,7 +21,7 @@ def seed_configs(cfg: RunConfig) -> list[RunConfig]:
     [cfg] when no seeds are set."""
     if not cfg.ablate.seeds:
         return [cfg]
-    own = cfg.seed if cfg.training.seed is None else cfg.training.seed
+    own = cfg.training_seed
     out = []
     for seed in cfg.ablate.seeds:
         if seed == own:
@@ -57,11 +58,5 @@ def combine_tables(tables: list[dict], seeds: list[int]) -> dict:
         columns.append(col)
         if col in first.get("summary", []):
             columns.append(f"{col} sd")
-    best = {}
-    for col in first["columns"]:
-        scored = [(r[col], r["model"]) for r in rows if r[col] is not None]
-        if scored:
-            top = max(v for v, _ in scored)
-            best[col] = [m for v, m in scored if v == top]
-    return {"columns": columns, "rows": rows, "best": best, "summary": first.get("summary", []),
-            "seeds": seeds, "per_seed": tables}
+    return {"columns": columns, "rows": rows, "best": best_per_column(rows, first["columns"]),
+            "summary": first.get("summary", []), "seeds": seeds, "per_seed": tables}

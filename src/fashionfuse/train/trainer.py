@@ -85,11 +85,6 @@ def _training_settings(cfg: RunConfig) -> dict:
     return settings
 
 
-def training_seed(cfg: RunConfig) -> int:
-    """`training.seed`, else the run's seed."""
-    return cfg.seed if cfg.training.seed is None else cfg.training.seed
-
-
 # --------------------------------------------------------------------------- what to train
 @dataclass
 class TrainJob:
@@ -124,7 +119,7 @@ def resolve_job(cfg: RunConfig, name: str, tokenizer) -> TrainJob:
         splits.append(split)
     mix = None
     if spec.mix is not None:
-        examples, mix = mix_examples(per_dataset, spec.mix, training_seed(cfg))
+        examples, mix = mix_examples(per_dataset, spec.mix, cfg.training_seed)
     else:
         examples = [e for dataset in spec.datasets for e in per_dataset[dataset]]
     if not examples:
@@ -169,7 +164,7 @@ def setup(job: TrainJob, tokenizer, world: World) -> Session:
 
     cfg, t = job.cfg, job.cfg.training
     layout = RunLayout(cfg.run_dir)
-    _seed_everything(training_seed(cfg) + world.rank)
+    _seed_everything(cfg.training_seed + world.rank)
     built = build_trainable_model(cfg.model, t, device=world.device,
                                   frozen_adapters=[layout.adapter(n) for n in job.spec.on_top_of],
                                   log=print if world.is_main else (lambda *_: None))
@@ -309,7 +304,7 @@ def fit(job: TrainJob, s: Session, pad_id: int, progress: Progress | None = None
             epoch, within = divmod(step, job.steps_per_epoch)
             if not windows or within == 0:
                 windows = step_windows(len(job.examples), t.batch_size,
-                                       training_seed(job.cfg) + epoch)
+                                       job.cfg.training_seed + epoch)
             t0 = time.perf_counter()
             rec = train_step(job, s, windows[within], pad_id)
             if not math.isfinite(rec["loss"]):
@@ -382,7 +377,7 @@ def _save_adapter(job: TrainJob, s: Session, tokenizer, metrics: dict) -> None:
         write_manifest(tmp, stage="train", fingerprint=job.fingerprint,
                        config_hash=config_hash(cfg.model, cfg.training, spec),
                        inputs={str(p): artifact_id(p.parent) for p in job.splits},
-                       seed=training_seed(cfg), metrics=metrics,
+                       seed=cfg.training_seed, metrics=metrics,
                        extra={"adapter": job.name, "datasets": spec.datasets,
                               "on_top_of": spec.on_top_of, "mix": job.mix,
                               "quantization": quantization_record(s.model)},
