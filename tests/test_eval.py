@@ -95,7 +95,7 @@ def test_data_parallel_eval_on_two_cpu_processes(pipeline_run, tmp_path):
     import shutil
 
     run = tmp_path / "run"
-    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("eval"))
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("eval*"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "29517", "-m", "fashionfuse.cli", "eval", str(pipeline_run["config"]),
@@ -261,3 +261,45 @@ def test_retention_block_scores_its_tasks_with_their_own_limit(pipeline_run, tmp
     results = json.loads((run / "eval" / "fused" / "results.json").read_text())
     assert results["n-samples"]["demo_sounds"]["effective"] == 3  # its own limit
     assert results["n-samples"]["demo_colours"]["effective"] > 3  # eval.limit (none) for the rest
+
+
+def test_each_model_is_scored_once_per_settings_and_an_eval_resumes(pipeline_run, tmp_path,
+                                                                    monkeypatch):
+    """The per-model cache (`eval.cache/`): an eval stopped after its first model resumes
+    after it, and another eval with the same settings (another list of models, as ablate's)
+    reuses the models scored before, with the same results."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fashionfuse.cli import app
+    from fashionfuse.config import load_config
+    from fashionfuse.evaluate import harness
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("eval*"))
+    cfg = load_config(pipeline_run["config"], [f"run_dir={run}", "eval.models=[base, fused]"])
+    real_score, scored = harness._score_model, []
+
+    def stop_at_second(cfg, ev, label, path):
+        if scored:
+            raise KeyboardInterrupt
+        scored.append(label)
+        return real_score(cfg, ev, label, path)
+
+    monkeypatch.setattr(harness, "_score_model", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        harness.evaluate(cfg)
+    assert not (run / "eval").exists() and len(list((run / "eval.cache").glob("*.json"))) == 1
+    monkeypatch.setattr(harness, "_score_model", real_score)
+    res = CliRunner().invoke(app, ["eval", str(pipeline_run["config"]), "--set", f"run_dir={run}",
+                                   "--set", "eval.models=[base, fused]"])
+    assert res.exit_code == 0, res.output
+    assert "eval base: scored before" in res.output and "eval fused: scored before" not in res.output
+    first = json.loads((run / "eval" / "base" / "results.json").read_text())
+    res = CliRunner().invoke(app, ["eval", str(pipeline_run["config"]), "--set", f"run_dir={run}",
+                                   "--set", "eval.models=[base, adapters]"])
+    assert res.exit_code == 0, res.output
+    assert "eval base: scored before" in res.output
+    assert "eval adapter:chat: scored before" not in res.output
+    assert json.loads((run / "eval" / "base" / "results.json").read_text()) == first

@@ -153,3 +153,21 @@ def test_hellaswag_split_is_lossless_on_shared_data():
         assert (f"{a} {b}" if b else a) == r["ctx"].rstrip()
         capitalised += b[:1].islower()
     assert capitalised > 3000  # about a third of the items get lm-eval's capital letter
+
+
+def test_preset_tasks_and_their_own_limit(make_config, tmp_path):
+    """`eval.preset_tasks` keeps some of the preset's columns; `eval.preset_limit` sizes them
+    apart from `eval.limit`."""
+    path = make_config(eval={"preset": "leaderboard_v1", "preset_tasks": ["hellaswag",
+                             "truthfulqa_mc2"], "preset_limit": 2, "models": ["base"],
+                             "benchmark_data": str(_mini_benchmarks(tmp_path / "bench")),
+                             "tasks": [], "include_paths": [], "batch_size": 8})
+    result = runner.invoke(app, ["eval", str(path)])
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "run" / "eval" / "table.json").read_text())
+    assert table["columns"] == ["hellaswag", "truthfulqa_mc2", "average"]
+    results = json.loads((tmp_path / "run" / "eval" / "base" / "results.json").read_text())
+    assert {t: n["effective"] for t, n in results["n-samples"].items()} == {
+        "local_hellaswag": 2, "local_truthfulqa_mc2": 2}
+    bad = runner.invoke(app, ["validate", str(path), "--set", "eval.preset_tasks=[arc]"])
+    assert bad.exit_code == 2 and "eval.preset_tasks" in bad.output

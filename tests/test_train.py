@@ -340,3 +340,39 @@ def test_reductions_run_on_the_process_device():
     t = reduction_tensor(World(rank=1, size=2, device="meta"), [1.0, 2.0])
     assert t.device.type == "meta" and t.dtype == torch.float64
     assert reduction_tensor(World(rank=0, size=2, device="cpu"), [3.0]).device.type == "cpu"
+
+
+def test_validation_curve_is_measured_and_changes_no_weight(make_config, tmp_path):
+    """`training.eval_steps`: the validation loss at the steps asked for and the last, equal to
+    the saved adapter's loss on those records; the weights equal a run without the curve."""
+    from peft import PeftModel
+
+    from fashionfuse.base_model import load_base_model, load_tokenizer
+    from fashionfuse.examples import load_records, tokenize_records
+
+    weights = {}
+    for every in (0, 3):
+        path = make_config(run_dir=tmp_path / f"every{every}", training={
+            "max_steps": 4, "eval_steps": every, "eval_samples": 5, "lora": {"r": 4, "alpha": 8},
+            "learning_rate": 5e-3, "batch_size": 8, "micro_batch_size": 4})
+        assert runner.invoke(app, ["curate", str(path)]).exit_code == 0
+        result = runner.invoke(app, ["train-adapter", str(path), "--dataset", "orca"])
+        assert result.exit_code == 0, result.output
+        out = tmp_path / f"every{every}" / "adapters" / "orca"
+        weights[every] = load_file(out / "adapter_model.safetensors")
+        history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        measured = [h["step"] for h in history if "val_loss" in h]
+        assert measured == ([] if every == 0 else [3, 4])
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[3][key]), key
+
+    cfg = load_config(path)
+    tok = load_tokenizer(cfg.model)
+    examples = tokenize_records(load_records(tmp_path / "every3/curate/orca/validation.jsonl", 5),
+                                tok, cfg.model.system_message, cfg.model.max_input_len)
+    model = PeftModel.from_pretrained(load_base_model(cfg.model, device="cpu"), str(out)).eval()
+    with torch.no_grad():
+        total, n = token_losses(model, collate(examples, tok.pad_token_id))
+    assert history[-1]["val_loss"] == pytest.approx(float(total) / n, rel=2e-3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["val_loss"] == history[-1]["val_loss"]

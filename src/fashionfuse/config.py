@@ -359,6 +359,12 @@ class TrainingConfig(_Strict):
     """how often `metrics.jsonl` is flushed"""
     checkpoint_steps: Annotated[int, Field(gt=0)] = 50
     """how often a resumable checkpoint is written"""
+    eval_steps: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="Optimiser steps between validation losses on the adapter's "
+        "datasets' validation splits, plotted beside the training loss (and after the last "
+        "step); default: about five points per adapter; 0: none")
+    eval_samples: Annotated[int, Field(gt=0)] = Field(
+        default=64, description="Validation records per dataset for that curve (the first N)")
 
 
 class AdapterSpec(_Strict):
@@ -643,6 +649,11 @@ class EvalConfig(_Strict):
         default=None, description="Task set with fixed shots and metrics (Open LLM Leaderboard v1)")
     benchmark_data: str | None = Field(
         default=None, description="Folder of local ARC/HellaSwag/MMLU/TruthfulQA files for the preset")
+    preset_tasks: list[Literal["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"]] | None = \
+        Field(default=None, description="The preset's columns to score (default: all of them)")
+    preset_limit: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="Examples per preset task, per MMLU subject (default: "
+        "eval.limit); sizes the leaderboard part apart from the skill tasks")
     tasks: list[str] = []
     """more lm-eval task names (built-in or from `include_paths`), run with `num_fewshot`"""
     include_paths: list[str] = Field(default=[], description="Folders of local lm-eval task YAMLs")
@@ -689,6 +700,9 @@ class EvalConfig(_Strict):
     def _data_needs_preset(self) -> "EvalConfig":
         if self.benchmark_data and not self.preset:
             raise ValueError("benchmark_data is only used with a preset")
+        for name in ("preset_tasks", "preset_limit"):
+            if getattr(self, name) is not None and not self.preset:
+                raise ValueError(f"{name} is only used with a preset")
         return self
 
 

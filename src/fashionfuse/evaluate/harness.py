@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..architectures import check_tokenizer_fits
@@ -116,7 +116,10 @@ def task_specs(cfg: RunConfig) -> list[TaskSpec]:
     set), then custom ones."""
     specs: list[TaskSpec] = skill_specs(cfg) if cfg.eval.skill_tasks else []
     if cfg.eval.preset:
-        specs += PRESETS[cfg.eval.preset](PREFIX if cfg.eval.benchmark_data else "")
+        keep_columns = cfg.eval.preset_tasks
+        specs += [replace(s, limit=cfg.eval.preset_limit)
+                  for s in PRESETS[cfg.eval.preset](PREFIX if cfg.eval.benchmark_data else "")
+                  if keep_columns is None or s.column in keep_columns]
     specs += custom_specs(list(cfg.eval.tasks), cfg.eval.num_fewshot)
     keep = cfg.eval.retention
     if keep is not None:
@@ -140,12 +143,12 @@ def _merge_results(parts: list[dict]) -> dict:
     return merged
 
 
-def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
-    """Everything the scores depend on: eval section, base weights, the evaluated artifacts'
-    contents, the benchmark files, the task YAMLs under include_paths and the task code."""
+def _eval_inputs(cfg: RunConfig) -> dict:
+    """What every model's scores depend on besides the model: eval section, base weights, the
+    benchmark files, the task YAMLs under include_paths and the task code."""
     from . import benchmarks, skills  # the generated task YAMLs are part of the input
 
-    return fingerprint({
+    return {
         "skills": ({name: path_fingerprint(p) if p.is_file() else None
                     for name, p in test_files(cfg).items()} if cfg.eval.skill_tasks else None),
         "skill_code": path_fingerprint(skills.__file__),
@@ -156,9 +159,29 @@ def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
         "eval": without_unset(cfg.eval.model_dump(mode="json"), ("retention",)),
         "seed": cfg.seed,
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
-        "adapters": {k: artifact_id(v.parent if is_searched_fusion(v) else v)
-                     or artifact_id(v.parent) for k, v in models.items() if v is not None},
-    })
+    }
+
+
+def _scored_id(path: Path | None) -> str | None:
+    """The evaluated artifact's identity (its content hash or fingerprint); None: the base."""
+    if path is None:
+        return None
+    return artifact_id(path.parent if is_searched_fusion(path) else path) or artifact_id(path.parent)
+
+
+def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
+    """Everything the scores depend on: `_eval_inputs` and the evaluated artifacts' contents."""
+    return fingerprint({**_eval_inputs(cfg),
+                        "adapters": {k: _scored_id(v) for k, v in models.items() if v is not None}})
+
+
+def model_fingerprint(inputs: dict, label: str, path: Path | None) -> str:
+    """One model's scores' key in the per-model cache (`eval.cache/`): the eval's inputs less
+    the list of models, and what was scored (the same adapter under another label, in another
+    eval or ablation with the same settings, is not scored again)."""
+    settings = {k: v for k, v in inputs["eval"].items() if k != "models"}
+    return fingerprint({**inputs, "eval": settings, "scored": _scored_id(path),
+                        "full_model": label == "merged"})
 
 
 @dataclass
@@ -284,11 +307,13 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
 
 
 def _write_eval(cfg: RunConfig, fp: str, models: dict, results_by_model: dict,
-                ev: EvalSetup, out: Path, timings: dict) -> dict:
+                scored: tuple[list[TaskSpec], int, dict], out: Path, timings: dict) -> dict:
     """Per-model results JSON, the side-by-side table (MD, CSV, JSON, PNG), where the time
     went (timings.json: loading the model and task folders, then each model with the task
-    loading of the first), the manifest."""
-    table = build_table(results_by_model, ev.specs)
+    loading of the first, as first scored), the manifest. `scored`: the task specs, the
+    processes and the weights as scored per model."""
+    specs, world, scored_as = scored
+    table = build_table(results_by_model, specs)
     with atomic_dir(out) as tmp:
         for label, res in results_by_model.items():
             write_text(tmp / results_folder(label) / "results.json", json.dumps(res, indent=2) + "\n")
@@ -300,7 +325,7 @@ def _write_eval(cfg: RunConfig, fp: str, models: dict, results_by_model: dict,
         write_manifest(tmp, stage="eval", fingerprint=fp, config_hash=config_hash(cfg.eval),
                        inputs={k: str(v) for k, v in models.items()}, seed=cfg.seed,
                        metrics={r["model"]: r["average"] for r in table["rows"]},
-                       extra={"processes": ev.world, "scored_weights": ev.scored_as})
+                       extra={"processes": world, "scored_weights": scored_as})
     print(to_markdown(table))
     return table
 
@@ -321,16 +346,33 @@ def evaluate(cfg: RunConfig, force: bool = False, models: dict[str, Path | None]
     if not force and is_up_to_date(out, fp):
         print("eval: up to date")
         return json.loads((out / "table.json").read_text())
+    inputs = _eval_inputs(cfg)
+    cache = RunLayout(cfg.run_dir).root / "eval.cache"
+    keys = {label: model_fingerprint(inputs, label, path) for label, path in models.items()}
+    cached = {} if force else {label: json.loads((cache / f"{k}.json").read_text())
+                               for label, k in keys.items() if (cache / f"{k}.json").is_file()}
+    todo = {label: path for label, path in models.items() if label not in cached}
+    for label in cached:
+        print(f"eval {label}: scored before with the same settings (eval.cache/{keys[label]}.json)")
     t0 = time.perf_counter()
-    ev = _setup(cfg, models)
-    timings = {"setup_s": time.perf_counter() - t0, "models_s": {}}
-    results = {}
-    for label, path in models.items():
-        t0 = time.perf_counter()
-        results[label] = _score_model(cfg, ev, label, path)
-        timings["models_s"][label] = round(time.perf_counter() - t0, 3)
-    if ev.rank != 0:
+    ev = _setup(cfg, todo) if todo else None
+    rank, world, _ = (ev.rank, ev.world, None) if ev else _data_parallel()
+    timings = {"setup_s": round(time.perf_counter() - t0, 3), "models_s": {},
+               "tokens_through_model": {}}
+    scored_as, results = {}, {}
+    for label in models:
+        if label in cached:
+            entry = cached[label]
+        else:
+            t0 = time.perf_counter()
+            res = _score_model(cfg, ev, label, todo[label])
+            entry = {"results": res, "scored_as": ev.scored_as[label],
+                     "tokens": ev.tokens[label], "seconds": round(time.perf_counter() - t0, 3)}
+            if rank == 0:  # kept at once: an interrupted eval resumes after this model
+                write_json(cache / f"{keys[label]}.json", entry)
+        results[label], scored_as[label] = entry["results"], entry["scored_as"]
+        timings["models_s"][label] = entry["seconds"]
+        timings["tokens_through_model"][label] = entry["tokens"]
+    if rank != 0:
         return {}
-    timings["setup_s"] = round(timings["setup_s"], 3)
-    timings["tokens_through_model"] = ev.tokens
-    return _write_eval(cfg, fp, models, results, ev, out, timings)
+    return _write_eval(cfg, fp, models, results, (task_specs(cfg), world, scored_as), out, timings)

@@ -3,7 +3,7 @@
 Sections, each from the run dir's own artifacts (a missing stage is said, not guessed): a
 summary; the eval table and chart; the ablation table when there is one; the search (best
 weights and score, the landscape and best-so-far plot, the best trials); training (per adapter:
-steps, loss, tokens/s, attention, LoRA targets, the loss curve); curation (Table 1, the funnel
+steps, loss, tokens/s, attention, LoRA targets, the training and validation loss curves); curation (Table 1, the funnel
 per dataset, a warning wherever one filter dropped most of a dataset); versions and stage
 timings; the resolved config (collapsed). Images are embedded as data URIs in `report.html`,
 so the page can be mailed; `report.md` links the same PNG files.
@@ -96,6 +96,7 @@ def _training(page: _Page, layout: RunLayout) -> None:
     for d in sorted((layout.root / "adapters").glob("*/manifest.json")):
         m = json.loads(d.read_text())["metrics"]
         rows.append([d.parent.name, m.get("steps"), m.get("first_loss"), m.get("final_loss"),
+                     m.get("val_loss"),
                      round(m["real_tokens"] / m["train_seconds"]) if m.get("train_seconds") else None,
                      m.get("attention") or "unpacked", ", ".join(m.get("target_modules") or [])])
         if (d.parent / "loss.png").is_file():
@@ -103,10 +104,10 @@ def _training(page: _Page, layout: RunLayout) -> None:
     if not rows:
         page.para("no adapter trained yet")
         return
-    page.table(["adapter", "steps", "first loss", "final loss", "tokens/s", "attention",
-                "LoRA targets"], rows)
+    page.table(["adapter", "steps", "first loss", "final loss", "validation loss", "tokens/s",
+                "attention", "LoRA targets"], rows)
     for p in plots:
-        page.image(p, f"loss of {p.parent.name}")
+        page.image(p, f"training and validation loss of {p.parent.name}")
 
 
 def _search(page: _Page, layout: RunLayout) -> None:

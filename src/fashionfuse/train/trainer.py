@@ -53,6 +53,7 @@ from ..tracking import Tracker
 from .batching import collate_packed, plan_micro_batches, step_windows
 from .distributed import World, all_sum, barrier, gather, init_world, wrap
 from .model import build_optimizer, build_trainable_model
+from .validation import ValidationCurve, validation_curve
 
 # called with the number of finished steps after each step is stored (tests stop a run with it)
 Progress = Callable[[int], None]
@@ -78,8 +79,9 @@ def train_fingerprint(cfg: RunConfig, name: str) -> str:
 
 def _training_settings(cfg: RunConfig) -> dict:
     """The training section as fingerprinted: an unset `seed` (added later) left out, so
-    adapters built before it keep their fingerprints."""
-    settings = cfg.training.model_dump(mode="json")
+    adapters built before it keep their fingerprints; the validation curve's settings left out
+    (they change no weight)."""
+    settings = cfg.training.model_dump(mode="json", exclude={"eval_steps", "eval_samples"})
     if settings.get("seed") is None:
         settings.pop("seed", None)
     return settings
@@ -150,6 +152,7 @@ class Session:
     compute_dtype: str  # resolved for this process's device
     start: int = 0
     history: list[dict] = field(default_factory=list)
+    curve: ValidationCurve | None = None  # the validation loss beside the training loss
 
 
 def _seed_everything(seed: int) -> None:
@@ -184,6 +187,8 @@ def setup(job: TrainJob, tokenizer, world: World) -> Session:
     if session.start and history_path.exists():
         session.history = [h for h in map(json.loads, history_path.read_text().splitlines())
                            if h["step"] <= session.start]
+    session.curve = validation_curve(cfg, job.spec.datasets, job.total_steps, tokenizer,
+                                     world.device)
     session.ddp = wrap(world, built.model)
     session.ddp.train()
     return session
@@ -320,13 +325,20 @@ def fit(job: TrainJob, s: Session, pad_id: int, progress: Progress | None = None
                 "trained_tokens": rec["trained_tokens"],
                 "tokens_per_s": round(rec["real"] / max(elapsed, 1e-9), 1),
                 "padding_pct": round(100 * (1 - rec["real"] / max(rec["padded"], 1)), 2)})
+            h = s.history[-1]
+            if s.curve is not None and s.curve.due(step, job.total_steps):
+                val = s.curve.losses(s.model)
+                h["val_loss"] = val.pop("all")
+                if len(val) > 1:
+                    h["val_loss_by_dataset"] = val
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}",
+                            **({"val": f"{h['val_loss']:.3f}"} if "val_loss" in h else {}))
             if tracker is not None:
-                h = s.history[-1]
                 tracker.log(step, {"train/loss": h["loss"], "train/lr": h["lr"],
                                    "train/tokens_per_s": h["tokens_per_s"],
-                                   "train/padding_pct": h["padding_pct"]})
+                                   "train/padding_pct": h["padding_pct"],
+                                   **({"val/loss": h["val_loss"]} if "val_loss" in h else {})})
             if s.world.is_main and (step % t.logging_steps == 0 or step % t.checkpoint_steps == 0):
                 history_path.write_text("".join(json.dumps(h) + "\n" for h in s.history))
             if step % t.checkpoint_steps == 0 and step < job.total_steps:
@@ -340,10 +352,16 @@ def fit(job: TrainJob, s: Session, pad_id: int, progress: Progress | None = None
 
 # --------------------------------------------------------------------------- the adapter
 def _plot_loss(history: list[dict], path: Path, name: str) -> None:
+    """Training loss per step, and the validation loss where it was measured."""
     fig, ax = pyplot().subplots(figsize=(5, 3))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train")
+    val = [h for h in history if "val_loss" in h]
+    if val:
+        ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], marker="o",
+                label="validation")
+        ax.legend()
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss (per token)")
+    ax.set_ylabel("loss (per token)")
     ax.set_title(name)
     save_figure(fig, path)
 
@@ -421,6 +439,7 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress |
     h = s.history
     metrics = {"steps": job.total_steps, "examples": len(job.examples),
                "final_loss": h[-1]["loss"], "first_loss": h[0]["loss"],
+               "val_loss": next((r["val_loss"] for r in reversed(h) if "val_loss" in r), None),
                "optimizer": s.optimizer_name, "processes": world.size,
                "packing": bool(s.pack_length), "attention": s.attention,
                "compute_dtype": s.compute_dtype, "loss": loss_path(s.ddp),
