@@ -171,3 +171,12 @@ def test_preset_tasks_and_their_own_limit(make_config, tmp_path):
         "local_hellaswag": 2, "local_truthfulqa_mc2": 2}
     bad = runner.invoke(app, ["validate", str(path), "--set", "eval.preset_tasks=[arc]"])
     assert bad.exit_code == 2 and "eval.preset_tasks" in bad.output
+
+    per_column = runner.invoke(app, ["eval", str(path), "--set", "eval.preset_tasks=null",
+                                     "--set", "eval.preset_limit={hellaswag: 3, mmlu: 1}",
+                                     "--set", "eval.limit=2"])
+    assert per_column.exit_code == 0, per_column.output
+    results = json.loads((tmp_path / "run" / "eval" / "base" / "results.json").read_text())
+    effective = {t: n["effective"] for t, n in results["n-samples"].items()}
+    assert effective["local_hellaswag"] == 3 and effective["local_mmlu_anatomy"] == 1
+    assert effective["local_arc_challenge"] == 2  # eval.limit for a column left out

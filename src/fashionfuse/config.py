@@ -644,16 +644,22 @@ class SearchConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- eval
+# the columns of the leaderboard_v1 preset (evaluate/presets.py)
+PresetColumn = Literal["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"]
+
+
 class EvalConfig(_Strict):
     preset: Literal["leaderboard_v1"] | None = Field(
         default=None, description="Task set with fixed shots and metrics (Open LLM Leaderboard v1)")
     benchmark_data: str | None = Field(
         default=None, description="Folder of local ARC/HellaSwag/MMLU/TruthfulQA files for the preset")
-    preset_tasks: list[Literal["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"]] | None = \
-        Field(default=None, description="The preset's columns to score (default: all of them)")
-    preset_limit: Annotated[float, Field(gt=0)] | None = Field(
-        default=None, description="Examples per preset task, per MMLU subject (default: "
-        "eval.limit); sizes the leaderboard part apart from the skill tasks")
+    preset_tasks: list[PresetColumn] | None = Field(
+        default=None, description="The preset's columns to score (default: all of them)")
+    preset_limit: (Annotated[float, Field(gt=0)]
+                   | dict[PresetColumn, Annotated[float, Field(gt=0)]] | None) = Field(
+        default=None, description="Examples per preset task (per MMLU subject), or per column "
+        "(e.g. {arc_challenge: 50, mmlu: 2}; a column left out takes eval.limit); default "
+        "eval.limit. Sizes the leaderboard part apart from the skill tasks")
     tasks: list[str] = []
     """more lm-eval task names (built-in or from `include_paths`), run with `num_fewshot`"""
     include_paths: list[str] = Field(default=[], description="Folders of local lm-eval task YAMLs")

@@ -116,8 +116,8 @@ def task_specs(cfg: RunConfig) -> list[TaskSpec]:
     set), then custom ones."""
     specs: list[TaskSpec] = skill_specs(cfg) if cfg.eval.skill_tasks else []
     if cfg.eval.preset:
-        keep_columns = cfg.eval.preset_tasks
-        specs += [replace(s, limit=cfg.eval.preset_limit)
+        keep_columns, limit = cfg.eval.preset_tasks, cfg.eval.preset_limit
+        specs += [replace(s, limit=limit.get(s.column) if isinstance(limit, dict) else limit)
                   for s in PRESETS[cfg.eval.preset](PREFIX if cfg.eval.benchmark_data else "")
                   if keep_columns is None or s.column in keep_columns]
     specs += custom_specs(list(cfg.eval.tasks), cfg.eval.num_fewshot)
