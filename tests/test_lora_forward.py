@@ -74,7 +74,8 @@ def test_dropout_is_applied_in_training(make_config):
     """The lean route drops with nn.Dropout's semantics: two seeds give two outputs, and what
     reaches each lora_A is the layer input with a share p of its entries zeroed (the others
     unchanged: the 1 / (1 - p) rescaling is applied to lora_A's rank-r output instead, which
-    the comparison with PEFT's forward above covers); in eval mode nothing is dropped."""
+    the comparison with PEFT's forward above covers; in training the masked input is formed
+    inside `MaskedLoraDelta` from the mask recorded here); in eval mode nothing is dropped."""
     from fashionfuse.adapters.runtime import lora_layers
 
     model = _trainable(make_config).train()
@@ -85,14 +86,26 @@ def test_dropout_is_applied_in_training(make_config):
     layer = next(iter(lora_layers(model).values()))
     p = layer.lora_dropout["default"].p
     seen = {}
+    dropout = layer.lora_dropout["default"]
+    draw = dropout.keep_mask
+
+    def recorded_mask(x):
+        seen["keep"] = draw(x)
+        return seen["keep"]
+
+    dropout.keep_mask = recorded_mask
     hooks = [layer.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0])),
              layer.lora_A["default"].register_forward_pre_hook(
                  lambda m, args: seen.__setitem__("dropped", args[0]))]
     try:
         for mode in ("train", "eval"):  # with gradients in training (the route trained on)
             getattr(model, mode)()
+            seen.clear()
             with torch.set_grad_enabled(mode == "train"):
                 model(input_ids=ids)
+            if mode == "train":
+                assert "dropped" not in seen  # lora_A's weight is used inside MaskedLoraDelta
+                seen["dropped"] = torch.where(seen["keep"], seen["x"], 0)
             x, d = seen["x"].detach().float(), seen["dropped"].detach().float()
             kept = d != 0
             if mode == "eval":

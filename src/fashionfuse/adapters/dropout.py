@@ -49,13 +49,16 @@ class UniformMaskDropout(torch.nn.Module):
         smaller output instead (see adapters/forward.py)."""
         if not self.training:
             return x, 1.0
+        return torch.where(self.keep_mask(x), x, x.new_zeros(())), self.keep_scale
+
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """A fresh mask of the entries of `x` kept (bool, x's shape); training mode only."""
         if x.device.type == "cpu":
             n = x.numel()
             lanes = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)
-            keep = (lanes.view(-1, 4) >= self._thresholds).view(-1)[:n].view(x.shape)
-        else:  # accelerators draw floats fast (and their integer draws are not checked here)
-            keep = torch.rand_like(x) >= self.p_effective
-        return torch.where(keep, x, x.new_zeros(())), self.keep_scale
+            return (lanes.view(-1, 4) >= self._thresholds).view(-1)[:n].view(x.shape)
+        # accelerators draw floats fast (and their integer draws are not checked here)
+        return torch.rand_like(x) >= self.p_effective
 
     def extra_repr(self) -> str:
         return f"p={self.p}, p_effective={self.p_effective:.6f}"
