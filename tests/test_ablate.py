@@ -306,6 +306,8 @@ def test_ablate_seeds_trains_each_seed_and_widens_the_verdict(pipeline_run, tmp_
         "line"]
     md = (run / "ablate" / "table.md").read_text()
     assert "average sd" in md and md.startswith("**Verdict**")
+    shown = runner.invoke(app, ["report", str(run)])  # the verdict on the console too
+    assert shown.exit_code == 0 and "verdict: fused - all-data:" in shown.output
 
 
 def test_arrow_router_scores_like_peft_built_by_hand(pipeline_run, tmp_path):

@@ -73,6 +73,29 @@ def test_table_marks_best_per_column():
     assert "| b | **70.00** | 10.00 | 40.00 |" in md
 
 
+def test_standard_error_of_each_cell_from_the_items():
+    """A task's cell: sd / sqrt(n) of its items; a column of several tasks (MMLU's subjects)
+    and `average`: sqrt(sum of squares) / k; a task with one item has none."""
+    from fashionfuse.evaluate.presets import TaskSpec
+    from fashionfuse.evaluate.table import standard_errors, stderr_markdown
+
+    specs = [TaskSpec("s1", 0, "acc,none", "subjects"), TaskSpec("s2", 0, "acc,none", "subjects"),
+             TaskSpec("t", 0, "acc,none", "t")]
+    items = {"s1": {"0": 1.0, "1": 0.0, "2": 1.0, "3": 0.0},  # sd 0.5774, n 4: se 28.87
+             "s2": {"0": 1.0, "1": 1.0},                       # sd 0: se 0
+             "t": {"0": 0.25, "1": 0.75}}                      # sd 0.3536, n 2: se 25.0
+    results = {"m": {"results": {k: {"acc,none": sum(v.values()) / len(v)} for k, v in
+                                 items.items()}, "items": items},
+               "one": {"results": {"t": {"acc,none": 1.0}}, "items": {"t": {"0": 1.0}}}}
+    table = build_table(results, specs)
+    table["stderr"] = errors = standard_errors(table, results, specs)
+    assert errors["m"]["t"] == 25.0
+    assert errors["m"]["subjects"] == round((28.8675 ** 2 + 0.0) ** 0.5 / 2, 2)
+    assert errors["m"]["average"] == round((errors["m"]["subjects"] ** 2 + 25.0 ** 2) ** 0.5 / 2, 2)
+    assert errors["one"]["t"] is None and errors["one"]["average"] is None
+    assert "| m | 14.43 | 25.00 | 14.43 |" in stderr_markdown(table)
+
+
 def test_table_heatmap_stays_legible_with_many_variants(tmp_path):
     """The chart of an ablation (15 variants, missing cells, group means) is one heatmap whose
     size grows with the rows and stays within the report's width at its resolution."""

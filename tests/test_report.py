@@ -46,6 +46,9 @@ def test_report_renders_every_section_with_valid_images(report_run):
     header = re.search(r"<h2 id='evaluation'>Evaluation</h2><table><thead><tr>(.*?)</tr>", page)
     cells = re.findall(r"<th>(.*?)</th>", header.group(1))
     assert cells[1] == "average"  # the answer's column first, the tasks after it
+    training = re.search(r"<h2 id='training'>Training</h2><table><thead><tr>(.*?)</tr>", page)
+    assert "validation loss" in re.findall(r"<th>(.*?)</th>", training.group(1))
+    assert "training and validation loss of chat" in page  # the curves, measured in training
 
 
 def test_report_says_what_is_missing(tmp_path):

@@ -241,12 +241,16 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: boo
 @app.command()
 def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run dir",
                                           show_default=False)) -> None:
-    """Write RUN_DIR/report.html (self-contained) and report.md from the run's artifacts."""
-    from .experiments.report import write_report
+    """Write RUN_DIR/report.html (self-contained) and report.md from the run's artifacts; print
+    the ablation's verdict when the run has one."""
+    from .experiments.report import verdict_lines, write_report
 
     if not run_dir.is_dir():
         _fail([f"{run_dir}: not a run dir"])
-    typer.echo(f"report: {write_report(run_dir)}")
+    written = write_report(run_dir)
+    for line in verdict_lines(run_dir):
+        typer.echo(f"verdict: {line}")
+    typer.echo(f"report: {written}")
 
 
 def _with_report(cfg: RunConfig, result):

@@ -46,7 +46,14 @@ from ..rundir import (
 from .benchmarks import PREFIX, write_local_leaderboard_tasks
 from .presets import PRESETS, RETENTION, TaskSpec, custom_specs
 from .skills import skill_specs, test_files, write_skill_tasks
-from .table import build_table, plot_table, to_csv, to_markdown
+from .table import (
+    build_table,
+    plot_table,
+    standard_errors,
+    stderr_markdown,
+    to_csv,
+    to_markdown,
+)
 
 
 class EvalError(UserError, RuntimeError):
@@ -314,12 +321,14 @@ def _write_eval(cfg: RunConfig, fp: str, models: dict, results_by_model: dict,
     processes and the weights as scored per model."""
     specs, world, scored_as = scored
     table = build_table(results_by_model, specs)
+    table["stderr"] = standard_errors(table, results_by_model, specs)
     with atomic_dir(out) as tmp:
         for label, res in results_by_model.items():
             write_text(tmp / results_folder(label) / "results.json", json.dumps(res, indent=2) + "\n")
         write_json(tmp / "table.json", table)
         write_json(tmp / "timings.json", timings)
         write_text(tmp / "table.md", to_markdown(table))
+        write_text(tmp / "stderr.md", stderr_markdown(table))
         write_text(tmp / "table.csv", to_csv(table))
         plot_table(table, tmp / "table.png")
         write_manifest(tmp, stage="eval", fingerprint=fp, config_hash=config_hash(cfg.eval),

@@ -77,6 +77,53 @@ def build_table(results_by_model: dict[str, dict], specs: list) -> dict:
             "summary": summary}
 
 
+def standard_errors(table: dict, results_by_model: dict[str, dict], specs: list) -> dict:
+    """Model -> column -> the standard error of that cell, in points, from the per-item values
+    (`items`): a task's is sd / sqrt(n); a column, a group or `average`, being an unweighted mean
+    of k parts, gets sqrt(sum of the parts' squared errors) / k (parts taken as independent).
+    None where a part has fewer than two items. The paired intervals of the verdict
+    (`paired.py`) are what to compare two rows by; these size one cell's noise."""
+    import math
+
+    groups = column_groups(specs)
+    columns = [c for c in table["columns"] if c not in table["summary"]]
+
+    def combined(parts: list) -> float | None:
+        if not parts or any(p is None for p in parts):
+            return None
+        return math.sqrt(sum(p * p for p in parts)) / len(parts)
+
+    out = {}
+    for model, results in results_by_model.items():
+        items = results.get("items") or {}
+        task_se = {}
+        for spec in specs:
+            values = list((items.get(spec.task) or {}).values())
+            n = len(values)
+            if n >= 2:
+                mean = sum(values) / n
+                sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+                task_se[spec.task] = 100 * sd / math.sqrt(n)
+        row = {c: combined([task_se.get(s.task) for s in specs if s.column == c]) for c in columns}
+        for group, cols in groups.items():
+            row[group] = combined([row[c] for c in cols])
+        row["average"] = combined([row[g] for g in groups] if groups else [row[c] for c in columns])
+        out[model] = {k: None if v is None else round(v, 2) for k, v in row.items()}
+    return out
+
+
+def stderr_markdown(table: dict) -> str:
+    """The standard error of each cell of `table` (its `stderr`), in the table's layout."""
+    errors = table.get("stderr") or {}
+    cols = [c for c in table["columns"] if any(c in e for e in errors.values())]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for model, row in errors.items():
+        lines.append(f"| {model} | " + " | ".join(
+            "" if row.get(c) is None else f"{row[c]:.2f}" for c in cols) + " |")
+    return ("Standard error of each cell, in points (sd / sqrt(items) per task; a mean of k "
+            "parts: sqrt(sum of squares) / k):\n\n" + "\n".join(lines) + "\n")
+
+
 def best_per_column(rows: list[dict], columns: list[str]) -> dict[str, list[str]]:
     """Column -> the model(s) with its highest value (ties all kept)."""
     best = {}

@@ -210,16 +210,22 @@ def _summary(page: _Page, layout: RunLayout) -> None:
     page.bullets(items or ["nothing built yet"])
 
 
-def _verdict(page: _Page, layout: RunLayout) -> None:
-    """The ablation's comparisons with their intervals, before anything else."""
+def verdict_lines(run_dir: str | Path) -> list[str]:
+    """The run's ablation verdict as read (paper comparisons, then retention); [] without one."""
     from .verdict import shown_lines
 
-    lines = (_json(layout.ablation() / "table.json") or {}).get("verdict") or []
+    lines = (_json(RunLayout(run_dir).ablation() / "table.json") or {}).get("verdict") or []
+    return shown_lines(lines) if lines else []
+
+
+def _verdict(page: _Page, layout: RunLayout) -> None:
+    """The ablation's comparisons with their intervals, before anything else."""
+    lines = verdict_lines(layout.root)
     if lines:
         page.heading("Verdict")
         page.para("Differences in points, each with its 95 % paired-bootstrap interval over the "
                   "same items; \"cannot be told apart\" where the interval holds 0.")
-        page.bullets(shown_lines(lines))
+        page.bullets(lines)
 
 
 def _usage(page: _Page, layout: RunLayout) -> None:
