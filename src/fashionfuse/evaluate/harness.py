@@ -176,9 +176,11 @@ def _scored_id(path: Path | None) -> str | None:
     return artifact_id(path.parent if is_searched_fusion(path) else path) or artifact_id(path.parent)
 
 
-def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None]) -> str:
-    """Everything the scores depend on: `_eval_inputs` and the evaluated artifacts' contents."""
-    return fingerprint({**_eval_inputs(cfg),
+def eval_fingerprint(cfg: RunConfig, models: dict[str, Path | None],
+                     inputs: dict | None = None) -> str:
+    """Everything the scores depend on: `_eval_inputs` (computed here unless given: it hashes
+    the benchmark files) and the evaluated artifacts' contents."""
+    return fingerprint({**(inputs if inputs is not None else _eval_inputs(cfg)),
                         "adapters": {k: _scored_id(v) for k, v in models.items() if v is not None}})
 
 
@@ -351,11 +353,11 @@ def evaluate(cfg: RunConfig, force: bool = False, models: dict[str, Path | None]
     out = out or RunLayout(cfg.run_dir).eval
     task_specs(cfg)  # no tasks: fail before loading anything
     models = models or models_to_evaluate(cfg)
-    fp = eval_fingerprint(cfg, models)
+    inputs = _eval_inputs(cfg)
+    fp = eval_fingerprint(cfg, models, inputs)
     if not force and is_up_to_date(out, fp):
         print("eval: up to date")
         return json.loads((out / "table.json").read_text())
-    inputs = _eval_inputs(cfg)
     cache = RunLayout(cfg.run_dir).root / "eval.cache"
     keys = {label: model_fingerprint(inputs, label, path) for label, path in models.items()}
     cached = {} if force else {label: json.loads((cache / f"{k}.json").read_text())
