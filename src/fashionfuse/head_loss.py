@@ -179,6 +179,18 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, i
     return full_logits_loss(model, batch)
 
 
+@torch.no_grad()
+def summed_loss(model, batches: list[dict[str, torch.Tensor]], total: float = 0.0,
+                tokens: int = 0) -> tuple[float, int]:
+    """`total` and `tokens` plus the summed next-token loss over the trained tokens of
+    `batches` and their count, without gradients (validation curves; the search's validation
+    loss, stage after stage)."""
+    for b in batches:
+        s, n = token_losses(model, b)
+        total, tokens = total + s.item(), tokens + n
+    return total, tokens
+
+
 def full_logits_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """The plain path: every position through the head, then the loss on the trained ones (what
     HF's own loss does); the reference `token_losses` is tested against."""

@@ -11,7 +11,7 @@ import torch
 from ..config import RunConfig
 from ..errors import MissingFileError, UserError
 from ..examples import collate, load_records, tokenize_records
-from ..head_loss import token_losses
+from ..head_loss import summed_loss
 from ..rundir import RunLayout
 
 
@@ -75,10 +75,8 @@ class ValidationLoss:
         for k, frac in enumerate(self.fractions):
             for name, batches in self.batches.items():
                 start = self.stage_ends[name][k - 1] if k else 0
-                for b in batches[start:self.stage_ends[name][k]]:
-                    s, n = token_losses(model, b)
-                    sums[name][0] += s.item()
-                    sums[name][1] += n
+                sums[name] = list(summed_loss(model, batches[start:self.stage_ends[name][k]],
+                                              *sums[name]))
             yield frac, {n: v[0] / max(v[1], 1) for n, v in sums.items()}
 
     def combine(self, losses: dict[str, float]) -> float:

@@ -15,7 +15,7 @@ import torch
 
 from ..config import RunConfig
 from ..examples import collate, load_records, tokenize_records
-from ..head_loss import token_losses
+from ..head_loss import summed_loss
 from ..rundir import RunLayout
 
 BATCH_ROWS = 8  # validation rows per forward pass (sorted by length, so little padding)
@@ -38,14 +38,8 @@ class ValidationCurve:
         mode it was in."""
         was_training = model.training
         model.eval()
-        sums: dict[str, list[float]] = {}
         try:
-            for name, batches in self.batches.items():
-                total, tokens = 0.0, 0
-                for b in batches:
-                    s, n = token_losses(model, b)
-                    total, tokens = total + s.item(), tokens + n
-                sums[name] = [total, tokens]
+            sums = {name: summed_loss(model, batches) for name, batches in self.batches.items()}
         finally:
             model.train(was_training)
         out = {n: round(t / max(k, 1), 5) for n, (t, k) in sums.items()}
