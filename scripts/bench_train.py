@@ -131,17 +131,27 @@ def _vm_hwm_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def in_child(fn, *args, cap_gb: float | None = None) -> tuple[object, str | None, float]:
+def in_child(fn, *args, cap_gb: float | None = None, env: dict | None = None
+             ) -> tuple[object, str | None, float]:
     """Run fn(*args) in a fresh (spawned) process, so each side's peak RSS is its own:
     (result, error or None, peak RSS MiB). Under `cap_gb` the child's address space is capped;
-    an allocation past it fails (error) or the child dies (error with its exit code)."""
+    an allocation past it fails (error) or the child dies (error with its exit code). `env`:
+    the child's environment (an allocator is preloaded through it), else this process's."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child_entry,
                        args=(fn, args, int(cap_gb * 2 ** 30) if cap_gb else None, queue))
-    proc.start()
+    saved = dict(os.environ)
+    try:  # a spawned child starts with the environment of this moment
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        proc.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     import queue as queues
 
     while True:  # a child killed outright (out of memory) never reports: watch it
@@ -313,6 +323,7 @@ def run_baseline(cfg, examples: list[dict], out: Path, steps: int, dtype: str) -
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
+    from fashionfuse.allocator import active_allocator
     from fashionfuse.base_model import load_tokenizer
     from fashionfuse.train.model import build_trainable_model
 
@@ -346,7 +357,7 @@ def run_baseline(cfg, examples: list[dict], out: Path, steps: int, dtype: str) -
     trainer.train()
     seconds = time.perf_counter() - start
     model.save_pretrained(out / "baseline_adapter")
-    return {"seconds": seconds, "real_tokens": counts["real"],
+    return {"seconds": seconds, "real_tokens": counts["real"], "allocator": active_allocator(),
             "padding_pct": 100 * (1 - counts["real"] / counts["padded"])}
 
 
@@ -358,21 +369,23 @@ def seeded_training(cfg, tok) -> dict:
     return train_one_adapter(cfg, "chat", tok)
 
 
-def print_memory_cap(cfg, cap_gb: float, batch: str, suffix: str) -> None:
-    """One micro-batch of `batch` (ROWSxTOKENS) on each side in its own process: uncapped (peak
-    RSS) and under an address-space cap of `cap_gb`; prints whether each trained."""
+def print_memory_cap(cfg, cap_gb: float, batch: str, suffix: str, envs: dict) -> None:
+    """One micro-batch of `batch` (ROWSxTOKENS) on each side in its own process (environment
+    `envs[side]`): uncapped (peak RSS) and under an address-space cap of `cap_gb`; prints
+    whether each trained."""
     rows, width = (int(x) for x in batch.lower().split("x"))
     tag = f"{suffix}_{rows}x{width}"
     print(f"memory cap: {cap_gb:g} GB of address space (RLIMIT_AS), one micro-batch of {rows} x "
           f"{width} tokens, gradient checkpointing on both sides")
     peaks = {}
     for side in ("baseline", "fashionfuse"):
-        result, error, peaks[side] = in_child(one_step, cfg, side, rows, width)
+        result, error, peaks[side] = in_child(one_step, cfg, side, rows, width, env=envs[side])
         if error:
             raise SystemExit(f"{side} uncapped step failed: {error}")
         print(f"{side}: uncapped {result['seconds']:.1f} s, loss {result['loss']:.4f}, peak RSS "
               f"{peaks[side]:.0f} MiB", flush=True)
-        result, error, _ = in_child(one_step, cfg, side, rows, width, cap_gb=cap_gb)
+        result, error, _ = in_child(one_step, cfg, side, rows, width, cap_gb=cap_gb,
+                                    env=envs[side])
         print(f"fits_under_cap_{side}{tag}: {'yes' if error is None else 'no'}"
               + (f" ({error})" if error else ""), flush=True)
     print(f"peak_rss_mib_baseline{tag}: {peaks['baseline']:.0f}")
@@ -403,6 +416,9 @@ def main() -> None:
     parser.add_argument("--same-dtype-too", action="store_true",
                         help="Also train fashionfuse with the baseline's compute dtype (packing "
                         "alone), when auto resolved to another one")
+    parser.add_argument("--same-malloc-too", action="store_true",
+                        help="Also train the baseline under fashionfuse's allocator (tcmalloc "
+                        "where installed, see allocator.py); it runs on the system's by default")
     parser.add_argument("--repeats", type=int, default=1,
                         help="train both sides this many times, alternating; the medians count "
                         "(this machine's speed drifts by tens of percent between minutes)")
@@ -493,6 +509,13 @@ def main() -> None:
               f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}, {steps} steps of "
               f"{args.batch_size} chats, micro-batch {args.micro_batch_size}")
 
+        from fashionfuse.allocator import chosen_library, preload_environment
+
+        library = chosen_library()  # what the `fashionfuse` command preloads (FASHIONFUSE_MALLOC)
+        envs = {"baseline": None,
+                "fashionfuse": preload_environment(library) if library else None}
+        print(f"allocator: baseline the system's malloc, fashionfuse "
+              f"{library or 'the system malloc (no tcmalloc found)'}")
         memory: dict[str, list[float]] = {"baseline": [], "fashionfuse": []}
         base_runs, our_runs = [], []
         for i in range(args.repeats):  # each run in its own process: its own peak RSS
@@ -507,7 +530,7 @@ def main() -> None:
                   f"padding {base_runs[-1]['padding_pct']:.1f} %", flush=True)
             run_i = run if i == 0 else sharing_data(run, tmp / f"run_{i}")
             result, error, rss = in_child(seeded_training, cfg.model_copy(
-                update={"run_dir": str(run_i)}), tok)
+                update={"run_dir": str(run_i)}), tok, env=envs["fashionfuse"])
             if error:
                 raise SystemExit(f"fashionfuse run failed: {error}")
             our_runs.append(result)
@@ -520,6 +543,18 @@ def main() -> None:
         ours_tps = statistics.median(r["real_tokens"] / r["train_seconds"] for r in our_runs)
         pair_ratios = [(o["real_tokens"] / o["train_seconds"]) / (b["real_tokens"] / b["seconds"])
                        for b, o in zip(base_runs, our_runs)]
+
+        same_malloc = None
+        if args.same_malloc_too and envs["fashionfuse"] is not None:
+            same_malloc, error, rss = in_child(run_baseline, cfg, examples, tmp / "baseline_same",
+                                               steps, args.baseline_dtype,
+                                               env=envs["fashionfuse"])
+            if error:
+                raise SystemExit(f"baseline run under {library} failed: {error}")
+            same_malloc["rss"] = rss
+            print(f"baseline under {same_malloc['allocator']}: {same_malloc['seconds']:.1f} s, "
+                  f"{same_malloc['real_tokens'] / same_malloc['seconds']:.0f} tokens/s, peak RSS "
+                  f"{rss:.0f} MiB", flush=True)
 
         same_dtype_tps = None
         if args.same_dtype_too and ours.get("compute_dtype") != args.baseline_dtype:
@@ -562,8 +597,17 @@ def main() -> None:
     print(f"peak_rss_mib_baseline{suffix}: {rss_base:.0f}")
     print(f"peak_rss_mib_fashionfuse{suffix}: {rss_ours:.0f}")
     print(f"peak_rss_ratio{suffix}: {rss_ours / rss_base:.2f}")
+    print(f"allocator_baseline: {base['allocator']}")
+    print(f"allocator_fashionfuse: {ours['allocator']}")
+    if same_malloc is not None:
+        same_tps = same_malloc["real_tokens"] / same_malloc["seconds"]
+        print(f"tokens_per_s_ratio{suffix}_same_malloc: {ours_tps / same_tps:.2f}")
+        print(f"peak_rss_mib_baseline{suffix}_same_malloc: {same_malloc['rss']:.0f}")
+        print(f"peak_rss_ratio{suffix}_same_malloc: {rss_ours / same_malloc['rss']:.2f}")
+    elif args.same_malloc_too:
+        print("same_malloc: fashionfuse runs on the system's malloc here: the ratios above")
     if args.memory_cap:
-        print_memory_cap(cfg, args.memory_cap, args.cap_batch, suffix)
+        print_memory_cap(cfg, args.memory_cap, args.cap_batch, suffix, envs)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ MODES = [
     ("bench_eval.py --generate --limit 2", "generate_speedup_vs_lm_eval_default", True),
     ("bench_train.py --same-dtype-too --records 16 --held-out 4 --batch-size 8",
      "tokens_per_s_ratio_same_dtype:", False),
-    ("bench_train.py --records 16 --held-out 4 --batch-size 8 --memory-cap 8 --cap-batch 2x64",
-     "fits_under_cap_fashionfuse_2x64: yes", False),
+    ("bench_train.py --records 16 --held-out 4 --batch-size 8 --memory-cap 8 --cap-batch 2x64 "
+     "--same-malloc-too", "fits_under_cap_fashionfuse_2x64: yes", False),
     ("bench_train.py --size 30m --records 8 --held-out 4 --batch-size 8 "
      "--baseline-dtype float32 --compute-dtype float32", "tokens_per_s_ratio_30m", False),
     ("bench_train.py --mix padding30 --records 16 --held-out 4 --batch-size 8 "
@@ -51,7 +51,8 @@ MODES = [
 ]
 # the same scripts on the real model: only where `make real` has run
 REAL_MODES = [
-    "bench_train.py --model smollm2 --records 8 --batch-size 4 --max-len 128 --held-out 4",
+    "bench_train.py --model smollm2 --records 8 --batch-size 4 --max-len 128 --held-out 4 "
+    "--same-malloc-too",
     "bench_eval.py --prefix --model smollm2 --models [base] --compute-dtype float32 --limit 1",
     "bench_eval.py --generate --model smollm2 --limit 1",
     "bench_eval.py --batch-noise --model smollm2 --max-length 512 --limit 1",

@@ -287,7 +287,15 @@ def console_options_first(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    """The `fashionfuse` console entry point."""
+    """The `fashionfuse` console entry point: relaunched once under tcmalloc where installed
+    (see allocator.py), then the command."""
+    from .allocator import AllocatorError, relaunch_under_allocator
+
+    try:
+        relaunch_under_allocator()
+    except AllocatorError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
     app(args=console_options_first(sys.argv[1:]), prog_name="fashionfuse")
 
 

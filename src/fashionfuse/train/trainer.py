@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..allocator import active_allocator
 from ..architectures import check_tokenizer_fits
 from ..base_model import (
     base_fingerprint_parts,
@@ -205,7 +206,7 @@ def _announce(job: TrainJob, s: Session, tokenizer) -> None:
               "the model's own chat format")
     print(f"train {job.name}: LoRA r={cfg.training.lora.r} on {len(s.targets)} linear kinds "
           f"({', '.join(s.targets)}); packed attention: {s.attention or 'off'}; compute dtype: "
-          f"{s.compute_dtype}")
+          f"{s.compute_dtype}; allocator: {active_allocator()}")
     if s.start:
         print(f"train {job.name}: resuming from step {s.start}/{job.total_steps}")
 
@@ -443,6 +444,7 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress |
                "optimizer": s.optimizer_name, "processes": world.size,
                "packing": bool(s.pack_length), "attention": s.attention,
                "compute_dtype": s.compute_dtype, "loss": loss_path(s.ddp),
+               "allocator": active_allocator(),
                "target_modules": s.targets, "train_seconds": round(totals["seconds"], 2),
                "real_tokens": int(totals["real"]),
                # what the loss trained on (assistant tokens), every step, resumed ones included
