@@ -44,6 +44,7 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
 
     from ..architectures import resolve_lora_targets
     from ..adapters.peft_layers import use_lean_lora_forward, use_uniform_mask_dropout
+    from .gated_mlp import use_lean_gated_mlps
     from .varlen_attention import use_varlen_attention
 
     base = base if base is not None else load_base_model(model_cfg, device=device)
@@ -57,6 +58,7 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     model = get_peft_model(base, lora_config(train, targets))
     use_uniform_mask_dropout(model)  # same dropout, cheaper mask (see adapters/peft_layers.py)
     use_lean_lora_forward(model)  # same function, fewer full-width passes (adapters/peft_layers)
+    use_lean_gated_mlps(model, train.gradient_checkpointing)  # two MLP activations kept, not four
     if frozen_adapters:
         _attach_frozen(model, frozen_adapters)
     return TrainableModel(model, targets, attention)
