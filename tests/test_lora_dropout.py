@@ -5,30 +5,43 @@ import math
 import pytest
 import torch
 
-from fashionfuse.adapters.dropout import UniformMaskDropout
+from fashionfuse.adapters.dropout import GapDropout, dropped_positions
 from fashionfuse.adapters.peft_layers import use_uniform_mask_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
-def test_kept_entries_are_scaled_and_the_drop_share_is_p(p):
+def test_kept_entries_are_scaled_and_drops_are_independent_with_probability_p(p):
     torch.manual_seed(0)
-    drop = UniformMaskDropout(p).train()
-    assert abs(drop.p_effective - p) <= 2 ** -16  # p rounded to a multiple of 2^-15
-    x = torch.rand(400, 501) + 0.5  # no zeros, so a zero output means dropped; 501: a tail
+    drop = GapDropout(p).train()
+    x = torch.rand(400, 501) + 0.5  # no zeros, so a zero output means dropped
     y = drop(x)
     kept = y != 0
-    assert torch.equal(y[kept], x[kept] * (1.0 / (1.0 - drop.p_effective)))
-    # each of the four 16-bit lanes of a draw drops with the same probability
-    lanes = (~kept).view(-1)[: x.numel() // 4 * 4].view(-1, 4)
-    n = lanes.shape[0]
-    for lane in range(4):
-        dropped = int(lanes[:, lane].sum())
-        assert abs(dropped - p * n) < 4 * math.sqrt(n * p * (1 - p)), lane
+    assert torch.equal(y[kept], x[kept] * (1.0 / (1.0 - p)))
+    dropped = (~kept).view(-1)
+    n = dropped.numel()
+    # the share dropped, in each stretch of the tensor (the running sums cover all of it) ...
+    for part in dropped.view(8, -1):
+        m = part.numel()
+        assert abs(int(part.sum()) - p * m) < 4 * math.sqrt(m * p * (1 - p))
+    # ... and neighbours independent: pairs both dropped as often as p^2 predicts
+    both = int((dropped[1:] & dropped[:-1]).sum())
+    assert abs(both - p * p * (n - 1)) < 5 * math.sqrt((n - 1) * p * p * (1 - p * p)) + 5
+
+
+def test_positions_are_sorted_unique_in_range_also_when_more_draws_are_needed():
+    torch.manual_seed(3)
+    for spare in (8, -6):  # -6: the first draws end before n, so more are drawn
+        for n in (1, 17, 10_000):
+            idx = dropped_positions(n, 0.3, spare=spare)
+            assert idx.dtype == torch.int64
+            assert bool((idx[1:] > idx[:-1]).all()) and (not len(idx) or 0 <= idx[0] <= idx[-1] < n)
+    shares = [len(dropped_positions(10_000, 0.3, spare=-6)) / 10_000 for _ in range(20)]
+    assert abs(sum(shares) / 20 - 0.3) < 0.01  # the extra draws keep the distribution
 
 
 def test_eval_mode_is_identity_and_gradients_follow_the_mask():
     torch.manual_seed(1)
-    drop = UniformMaskDropout(0.3)
+    drop = GapDropout(0.3)
     x = torch.randn(64, 32, requires_grad=True)
     assert drop.eval()(x) is x
     y = drop.train()(x)
@@ -40,7 +53,7 @@ def test_eval_mode_is_identity_and_gradients_follow_the_mask():
 def test_masks_average_to_the_input_like_nn_dropout():
     torch.manual_seed(2)
     x = torch.randn(20, 20)
-    ours = torch.stack([UniformMaskDropout(0.2).train()(x) for _ in range(4000)]).mean(0)
+    ours = torch.stack([GapDropout(0.2).train()(x) for _ in range(4000)]).mean(0)
     theirs = torch.stack([torch.nn.Dropout(0.2).train()(x) for _ in range(4000)]).mean(0)
     # both unbiased: the mean over masks approaches x within the same sampling error
     tol = 4 * x.abs().max() * math.sqrt(0.2 / 0.8 / 4000)
@@ -59,5 +72,5 @@ def test_every_trained_lora_layer_gets_it(make_config):
     assert layers
     for layer in layers:
         drop = layer.lora_dropout["default"]
-        assert isinstance(drop, UniformMaskDropout) and drop.p == cfg.training.lora.dropout
+        assert isinstance(drop, GapDropout) and drop.p == cfg.training.lora.dropout
     assert use_uniform_mask_dropout(model) == 0  # nothing left to replace

@@ -56,7 +56,7 @@ def _lean_then_peft_logits(model, ids):
 @pytest.mark.parametrize("training_mode", [True, False])
 def test_same_output_and_gradients_as_peft(make_config, training_mode):
     """Same logits and LoRA gradients as PEFT's forward with the same dropout masks (PEFT's
-    forward applies `UniformMaskDropout.forward`, the lean one its mask and folds the scale)."""
+    forward applies `GapDropout.forward`, the lean one its drops and folds the scale)."""
     model = _trainable(make_config)
     model.train(training_mode)
     ids = _ids(model, 24, seed=1)
@@ -74,8 +74,8 @@ def test_dropout_is_applied_in_training(make_config):
     """The lean route drops with nn.Dropout's semantics: two seeds give two outputs, and what
     reaches each lora_A is the layer input with a share p of its entries zeroed (the others
     unchanged: the 1 / (1 - p) rescaling is applied to lora_A's rank-r output instead, which
-    the comparison with PEFT's forward above covers; in training the masked input is formed
-    inside `MaskedLoraDelta` from the mask recorded here); in eval mode nothing is dropped."""
+    the comparison with PEFT's forward above covers; in training `MaskedLoraDelta` computes
+    with the drops recorded here instead of a masked copy); in eval mode nothing is dropped."""
     from fashionfuse.adapters.runtime import lora_layers
 
     model = _trainable(make_config).train()
@@ -87,13 +87,13 @@ def test_dropout_is_applied_in_training(make_config):
     p = layer.lora_dropout["default"].p
     seen = {}
     dropout = layer.lora_dropout["default"]
-    draw = dropout.keep_mask
+    draw = dropout.dropped
 
-    def recorded_mask(x):
-        seen["keep"] = draw(x)
-        return seen["keep"]
+    def recorded_drops(x):
+        seen["dropped_at"] = draw(x)
+        return seen["dropped_at"]
 
-    dropout.keep_mask = recorded_mask
+    dropout.dropped = recorded_drops
     hooks = [layer.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0])),
              layer.lora_A["default"].register_forward_pre_hook(
                  lambda m, args: seen.__setitem__("dropped", args[0]))]
@@ -105,7 +105,8 @@ def test_dropout_is_applied_in_training(make_config):
                 model(input_ids=ids)
             if mode == "train":
                 assert "dropped" not in seen  # lora_A's weight is used inside MaskedLoraDelta
-                seen["dropped"] = torch.where(seen["keep"], seen["x"], 0)
+                seen["dropped"] = seen["x"].clone()
+                seen["dropped"].view(-1)[seen["dropped_at"]] = 0
             x, d = seen["x"].detach().float(), seen["dropped"].detach().float()
             kept = d != 0
             if mode == "eval":

@@ -1,9 +1,9 @@
 """Version gates for the third-party internals fashionfuse relies on.
 
-Every touch of a library's internals lives in one module per library (README, "Third-party
+Every touch of a library's internals lives in one module per concern (docs, "Third-party
 internals"): lm-eval in `lm_eval_model.py`, PEFT in `adapters/peft_layers.py`, bitsandbytes in
-`base_model.py`, transformers in `gguf_base.py`. Each touch asks `internals_allowed(library)`
-first. It is true when the installed version lies inside the range the touch was written and
+`base_model.py`, transformers in `gguf_base.py` and `train/gated_mlp.py`. Each touch asks
+`internals_allowed(library)` first. It is true when the installed version lies inside the range the touch was written and
 tested for (`TESTED`); outside it the touch takes the library's public path instead (slower,
 the same results; a test per touch compares the two) and one line on stderr says so, once per
 library. `FASHIONFUSE_PUBLIC_PATHS=peft,lm-eval` (or `all`) forces the public paths, to rule

@@ -7,9 +7,9 @@ Besides its two small matmuls it makes passes over full-width tensors that the f
 not need: the defensive clone of the 4-bit output, the scaling of the output, the separate add,
 and the dropout's rescaling of its input by 1 / (1 - p); each again in the backward pass.
 Here the same function is computed with the scalars moved to the rank-r activations:
-`addmm(result, A(mask * x) * (scaling / (1 - p)), B^T)`. The dropout keeps its mask and skips
-its rescaling pass (`UniformMaskDropout.mask`), the scaling multiplies r columns instead of the
-layer's width, and the add is fused into the B matmul. Gradients are those of the same
+`addmm(result, A(mask * x) * (scaling / (1 - p)), B^T)`. The dropout gives the positions it
+drops and skips its rescaling pass (`GapDropout`), the scaling multiplies r columns instead of
+the layer's width, and the add is fused into the B matmul. Gradients are those of the same
 function; only float rounding differs from PEFT's order of operations (tested against PEFT's
 forward). Measured on a 30M-parameter QLoRA step: see the README's Benchmarks.
 Without gradients (eval, the search's task objective) the order of PEFT's operations is kept,
@@ -18,8 +18,8 @@ clone goes and the scaling and the add happen in place. Anything else PEFT's for
 (mixed-adapter batches, merged or disabled adapters, DoRA and other variants, LoRA biases,
 autocast, extra arguments) goes to PEFT's own forward. Public path: PEFT's forward.
 
-The dropout: `UniformMaskDropout` (adapters/dropout.py) in place of each LoRA layer's
-`nn.Dropout`, the same semantics with cheaper masks. Public path: PEFT's `nn.Dropout` (the
+The dropout: `GapDropout` (adapters/dropout.py) in place of each LoRA layer's `nn.Dropout`,
+the same semantics with cheaper draws. Public path: PEFT's `nn.Dropout` (the
 same model in distribution; the random draws differ).
 
 Tensor scales: learning fusion weights by gradient needs each layer's scale to be a tensor
@@ -35,7 +35,7 @@ import types
 import torch
 
 from ..version_gates import internals_allowed
-from .dropout import UniformMaskDropout
+from .dropout import GapDropout
 from .runtime import lora_layers, set_fusion_weights
 from .weight_keys import group_of, weight_names
 
@@ -60,14 +60,14 @@ def lean_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     for name in adapters:
         lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
         dropout, scale = layer.lora_dropout[name], layer.scaling[name]
-        if (isinstance(dropout, UniformMaskDropout) and dropout.training
+        if (isinstance(dropout, GapDropout) and dropout.training
                 and isinstance(scale, float) and lora_a.bias is None
                 and result.dtype == lora_a.weight.dtype == lora_b.weight.dtype):
-            result = MaskedLoraDelta.apply(result, x, dropout.keep_mask(x), lora_a.weight,
+            result = MaskedLoraDelta.apply(result, x, dropout.dropped(x), lora_a.weight,
                                            lora_b.weight, scale * dropout.keep_scale)
             continue
         h = x.to(lora_a.weight.dtype)
-        if isinstance(dropout, UniformMaskDropout):
+        if isinstance(dropout, GapDropout):
             h, keep_scale = dropout.mask(h)
             scale = scale * keep_scale
         else:
@@ -82,36 +82,46 @@ def lean_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 class MaskedLoraDelta(torch.autograd.Function):
-    """`result + (keep * x) A^T B^T * scale` for training with dropout, saving for the backward
-    pass `x` and the bool mask instead of the masked copy of `x` that autograd would keep for
-    A's gradient: `x` is the tensor the base layer read, often the same one for several LoRA
-    layers (q, k and v; gate and up), so it is kept once, and a mask takes a byte per entry
-    where the copy took four (float32). The backward pass masks `x` again for A's gradient.
-    Same function and gradients as the unfused ops (tested against PEFT's forward)."""
+    """`result + (x with the `dropped` entries zeroed) A^T B^T * scale`, for training with
+    dropout; `dropped`: flat indices into `x` (`GapDropout.dropped`, about p of the entries).
+    What the backward pass keeps is `x` (the tensor the base layer read, often the same one for
+    several LoRA layers: q, k and v; gate and up, so it is kept once) and the indices, not the
+    float32 masked copy autograd would keep for A's gradient: the copy is made again there.
+    Same function and gradients as the unfused ops (tested against PEFT's forward with the
+    same drops)."""
 
     @staticmethod
-    def forward(ctx, result, x, keep, weight_a, weight_b, scale):
-        width, dim = result.shape[-1], x.shape[-1]
-        masked = torch.where(keep, x.to(weight_a.dtype), 0).reshape(-1, dim)
-        h = (masked @ weight_a.t()) * scale  # [tokens, r]
-        ctx.save_for_backward(x, keep, weight_a, weight_b, h)
+    def forward(ctx, result, x, dropped, weight_a, weight_b, scale):
+        width = result.shape[-1]
+        h = (_without(x, dropped, weight_a.dtype) @ weight_a.t()) * scale  # [tokens, r]
+        ctx.save_for_backward(x, dropped, weight_a, weight_b, h)
         ctx.scale = scale
         return torch.addmm(result.reshape(-1, width), h, weight_b.t()).view(result.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x, keep, weight_a, weight_b, h = ctx.saved_tensors
+        x, dropped, weight_a, weight_b, h = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         grad_h = (g @ weight_b) * ctx.scale  # [tokens, r]
         grad_a = grad_b = grad_x = None
         if ctx.needs_input_grad[3]:
-            masked = torch.where(keep, x.to(weight_a.dtype), 0).reshape(-1, x.shape[-1])
-            grad_a = grad_h.t() @ masked
+            grad_a = grad_h.t() @ _without(x, dropped, weight_a.dtype)
         if ctx.needs_input_grad[4]:  # as (h^T g)^T: a third of the time of g^T h on CPU
             grad_b = (h.t() @ g).t()
         if ctx.needs_input_grad[1]:
-            grad_x = torch.where(keep, (grad_h @ weight_a).view(x.shape), 0).to(x.dtype)
+            grad_x = grad_h @ weight_a
+            grad_x.view(-1).index_fill_(0, dropped, 0)
+            grad_x = grad_x.view(x.shape).to(x.dtype)
         return grad, grad_x, None, grad_a, grad_b, None
+
+
+def _without(x: torch.Tensor, dropped: torch.Tensor, dtype) -> torch.Tensor:
+    """A [tokens, features] copy of `x` in `dtype` with the entries at flat indices `dropped`
+    zeroed."""
+    flat = x.reshape(-1, x.shape[-1])
+    copy = flat.to(dtype, copy=True, memory_format=torch.contiguous_format)
+    copy.view(-1).index_fill_(0, dropped, 0)
+    return copy
 
 
 @functools.cache
@@ -161,7 +171,7 @@ def use_lean_lora_forward(model) -> int:
 
 
 def use_uniform_mask_dropout(model, adapter: str = "default") -> int:
-    """Replace `adapter`'s `nn.Dropout` in every LoRA layer of `model` by `UniformMaskDropout`
+    """Replace `adapter`'s `nn.Dropout` in every LoRA layer of `model` by `GapDropout`
     with the same p; return how many layers were changed (0 on PEFT's public path)."""
     if not internals_allowed("peft"):
         return 0
@@ -170,7 +180,7 @@ def use_uniform_mask_dropout(model, adapter: str = "default") -> int:
         if adapter in module.lora_dropout:
             current = module.lora_dropout[adapter]
             if isinstance(current, torch.nn.Dropout) and current.p > 0:
-                module.lora_dropout[adapter] = UniformMaskDropout(current.p)
+                module.lora_dropout[adapter] = GapDropout(current.p)
                 replaced += 1
     return replaced
 
