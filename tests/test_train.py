@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from fashionfuse.allocator import active_allocator
 from fashionfuse.cli import app
 from fashionfuse.config import load_config
 from fashionfuse.examples import collate
@@ -79,6 +80,7 @@ def test_adapters_are_peft_loadable_and_learned(pipeline_run):
         manifest = json.loads((d / "manifest.json").read_text())
         assert manifest["stage"] == "train" and manifest["metrics"]["steps"] == 4
         assert manifest["metrics"]["loss"] == "chunked output head"  # which loss ran
+        assert manifest["metrics"]["allocator"] == active_allocator()  # which malloc ran
         assert "chat_template" in (d / "tokenizer_config.json").read_text() or (d / "chat_template.jinja").exists()
 
 

@@ -24,6 +24,8 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import UserError
+
 ENV = "FASHIONFUSE_MALLOC"
 CHOICES = ("auto", "tcmalloc", "jemalloc", "system")
 _LIBRARIES = {  # name -> (file names to look for, in order)
@@ -35,7 +37,7 @@ _SEARCH_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr
 _MARK = "FASHIONFUSE_MALLOC_RELAUNCHED"  # set in the relaunched process: never loop
 
 
-class AllocatorError(ValueError):
+class AllocatorError(UserError, ValueError):
     """FASHIONFUSE_MALLOC names an unknown allocator or one that is not installed."""
 
 

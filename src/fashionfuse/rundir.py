@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from .allocator import active_allocator
+
 MANIFEST = "manifest.json"
 _TRACKED_PACKAGES = (
     "fashionfuse", "torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate",
@@ -201,6 +203,7 @@ def write_manifest(
         "inputs": inputs,
         "seed": seed,
         "versions": library_versions(),
+        "allocator": active_allocator(),  # malloc changes memory and speed, not results
         "created_unix": round(time.time(), 3),
         "metrics": metrics or {},
         **(extra or {}),
