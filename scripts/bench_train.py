@@ -362,11 +362,13 @@ def run_baseline(cfg, examples: list[dict], out: Path, steps: int, dtype: str) -
 
 
 def seeded_training(cfg, tok) -> dict:
-    """fashionfuse's training of the bench's adapter (seed 0), as `fashionfuse train-adapter`."""
+    """fashionfuse's training of the bench's adapter (seed 0), as `fashionfuse train-adapter`;
+    its metrics and the allocator it ran under."""
+    from fashionfuse.allocator import active_allocator
     from fashionfuse.train.trainer import train_one_adapter
 
     torch.manual_seed(0)
-    return train_one_adapter(cfg, "chat", tok)
+    return {**train_one_adapter(cfg, "chat", tok), "allocator": active_allocator()}
 
 
 def print_memory_cap(cfg, cap_gb: float, batch: str, suffix: str, envs: dict) -> None:

@@ -69,6 +69,36 @@ def make_config(tmp_path, tiny_model, demo_data):
     return make
 
 
+@pytest.fixture
+def float32_trainable(make_config):
+    """A factory of the trainable QLoRA model of `make_config()` with float32 compute, where two
+    routes that compute one function can be compared (bfloat16 rounds their different orders of
+    additions differently, on CPUs where `auto` resolves to it), and every LoRA B drawn from
+    N(0, 0.05) so the adapter contributes (PEFT starts B at zero). `build_seed`: the torch seed
+    before building, `init_seed`: before drawing B; `training`: training-section updates."""
+    import torch
+
+    from fashionfuse.config import RunConfig, load_config
+    from fashionfuse.train.model import build_trainable_model
+
+    def build(init_seed: int = 0, build_seed: int | None = None, **training):
+        data = load_config(make_config()).model_dump(mode="json")
+        data["model"]["quantization"]["compute_dtype"] = "float32"
+        data["training"].update(training)
+        cfg = RunConfig.model_validate(data)
+        if build_seed is not None:
+            torch.manual_seed(build_seed)
+        model = build_trainable_model(cfg.model, cfg.training, device="cpu",
+                                      log=lambda *a: None).model
+        torch.manual_seed(init_seed)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        return model
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, tiny_model, demo_data):
     """The whole pipeline run once through the CLI; tests inspect its artifacts."""

@@ -20,22 +20,6 @@ def test_gated_product_bit_identical_to_unfused_ops(act):
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(leaves, plain))
 
 
-def _trainable(make_config, **training):
-    from fashionfuse.config import RunConfig, load_config
-    from fashionfuse.train.model import build_trainable_model
-
-    data = load_config(make_config()).model_dump(mode="json")
-    data["model"]["quantization"]["compute_dtype"] = "float32"
-    data["training"].update(training)
-    cfg = RunConfig.model_validate(data)
-    model = build_trainable_model(cfg.model, cfg.training, device="cpu", log=lambda *a: None).model
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero: make the adapter contribute
-            torch.nn.init.normal_(p, std=0.05)
-    return model.train()
-
-
 def _mlps(model):
     return [m for m in model.modules() if hasattr(m, "gate_proj") and hasattr(m, "act_fn")]
 
@@ -61,8 +45,8 @@ def _loss_grads_and_saved(model, ids):
     return loss.detach(), grads, sum(kept.values())
 
 
-def test_same_loss_and_gradients_half_the_mlp_activations(make_config):
-    model = _trainable(make_config)
+def test_same_loss_and_gradients_half_the_mlp_activations(float32_trainable):
+    model = float32_trainable().train()
     mlps = _mlps(model)
     assert mlps and all("forward" in vars(m) for m in mlps)  # installed on every layer
     ids = torch.randint(3, model.config.vocab_size, (2, 48),
@@ -81,9 +65,9 @@ def test_same_loss_and_gradients_half_the_mlp_activations(make_config):
     assert lean_kept * 2 == own_kept, (lean_kept, own_kept)
 
 
-def test_not_installed_under_gradient_checkpointing(make_config):
+def test_not_installed_under_gradient_checkpointing(float32_trainable):
     """Checkpointing keeps none of the MLP's activations: the model's own forward stays."""
-    model = _trainable(make_config)
+    model = float32_trainable().train()
     for m in _mlps(model):
         m.__dict__.pop("forward")
     assert use_lean_gated_mlps(model, gradient_checkpointing=True) == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fashionfuse.adapters.dropout import GapDropout, dropped_positions
-from fashionfuse.adapters.peft_layers import use_uniform_mask_dropout
+from fashionfuse.adapters.peft_layers import use_gap_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
@@ -73,4 +73,4 @@ def test_every_trained_lora_layer_gets_it(make_config):
     for layer in layers:
         drop = layer.lora_dropout["default"]
         assert isinstance(drop, GapDropout) and drop.p == cfg.training.lora.dropout
-    assert use_uniform_mask_dropout(model) == 0  # nothing left to replace
+    assert use_gap_dropout(model) == 0  # nothing left to replace

@@ -6,24 +6,6 @@ import torch
 from fashionfuse.adapters.peft_layers import use_lean_lora_forward
 
 
-def _trainable(make_config):
-    from fashionfuse.config import RunConfig, load_config
-    from fashionfuse.train.model import build_trainable_model
-
-    data = load_config(make_config()).model_dump(mode="json")
-    # the two forwards compute one function: compare them in float32, where the order of the
-    # additions cannot hide a difference (in bfloat16 it rounds differently, on CPUs where
-    # `auto` resolves to bfloat16)
-    data["model"]["quantization"]["compute_dtype"] = "float32"
-    cfg = RunConfig.model_validate(data)
-    model = build_trainable_model(cfg.model, cfg.training, device="cpu", log=lambda *a: None).model
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero: make the adapter contribute
-            torch.nn.init.normal_(p, std=0.05)
-    return model
-
-
 def _ids(model, n, seed):
     return torch.randint(3, model.config.vocab_size, (2, n),
                          generator=torch.Generator().manual_seed(seed))
@@ -54,10 +36,10 @@ def _lean_then_peft_logits(model, ids):
 
 
 @pytest.mark.parametrize("training_mode", [True, False])
-def test_same_output_and_gradients_as_peft(make_config, training_mode):
+def test_same_output_and_gradients_as_peft(float32_trainable, training_mode):
     """Same logits and LoRA gradients as PEFT's forward with the same dropout masks (PEFT's
     forward applies `GapDropout.forward`, the lean one its drops and folds the scale)."""
-    model = _trainable(make_config)
+    model = float32_trainable()
     model.train(training_mode)
     ids = _ids(model, 24, seed=1)
     lean_logits, lean_grads = _loss_and_grads(model, ids, seed=5)
@@ -70,7 +52,7 @@ def test_same_output_and_gradients_as_peft(make_config, training_mode):
         assert torch.allclose(lean_grads[name], grad, atol=1e-6, rtol=1e-4), name
 
 
-def test_dropout_is_applied_in_training(make_config):
+def test_dropout_is_applied_in_training(float32_trainable):
     """The lean route drops with nn.Dropout's semantics: two seeds give two outputs, and what
     reaches each lora_A is the layer input with a share p of its entries zeroed (the others
     unchanged: the 1 / (1 - p) rescaling is applied to lora_A's rank-r output instead, which
@@ -78,7 +60,7 @@ def test_dropout_is_applied_in_training(make_config):
     with the drops recorded here instead of a masked copy); in eval mode nothing is dropped."""
     from fashionfuse.adapters.runtime import lora_layers
 
-    model = _trainable(make_config).train()
+    model = float32_trainable().train()
     ids = _ids(model, 64, seed=2)
     a, _ = _loss_and_grads(model, ids, seed=1)
     b, _ = _loss_and_grads(model, ids, seed=2)
@@ -121,10 +103,10 @@ def test_dropout_is_applied_in_training(make_config):
             h.remove()
 
 
-def test_installed_on_every_trained_layer(make_config):
+def test_installed_on_every_trained_layer(float32_trainable):
     from fashionfuse.adapters.runtime import lora_layers
 
-    model = _trainable(make_config)
+    model = float32_trainable()
     layers = lora_layers(model)
     assert layers and all("forward" in vars(layer) for layer in layers.values())
     assert use_lean_lora_forward(model) == len(layers)
@@ -137,10 +119,10 @@ def test_installed_on_every_trained_layer(make_config):
     assert not torch.allclose(lean, base)
 
 
-def test_without_gradients_bit_identical_to_peft(make_config):
+def test_without_gradients_bit_identical_to_peft(float32_trainable):
     """Eval and the search's task objective run without gradients: there the lean forward keeps
     PEFT's order of operations (in place), so lm-eval's own CLI scores the same numbers."""
-    model = _trainable(make_config).eval()
+    model = float32_trainable().eval()
     ids = _ids(model, 20, seed=4)
     lean, peft = _lean_then_peft_logits(model, ids)
     assert torch.equal(lean, peft)

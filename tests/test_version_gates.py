@@ -46,23 +46,7 @@ def test_the_gate_reads_the_tested_range_and_says_why_once(public_paths, capsys,
 
 
 # ----------------------------------------------------------------------------- PEFT
-def _trainable(make_config):
-    from fashionfuse.config import RunConfig, load_config
-    from fashionfuse.train.model import build_trainable_model
-
-    data = load_config(make_config()).model_dump(mode="json")
-    data["model"]["quantization"]["compute_dtype"] = "float32"
-    cfg = RunConfig.model_validate(data)
-    torch.manual_seed(0)
-    model = build_trainable_model(cfg.model, cfg.training, device="cpu", log=lambda *a: None).model
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    return model
-
-
-def test_peft_public_path_forward_and_dropout(make_config, public_paths):
+def test_peft_public_path_forward_and_dropout(float32_trainable, public_paths):
     """PEFT's own forward and nn.Dropout: the same logits without gradients (bit for bit), the
     same loss and LoRA gradients with them (eval mode: no dropout draws to differ)."""
     from fashionfuse.adapters.runtime import lora_layers
@@ -72,7 +56,7 @@ def test_peft_public_path_forward_and_dropout(make_config, public_paths):
     for route in ("fast", "public"):
         if route == "public":
             public_paths("peft")
-        model = _trainable(make_config).eval()
+        model = float32_trainable(init_seed=1, build_seed=0).eval()
         layers = lora_layers(model).values()
         results[route] = {
             "own_forward": sum("forward" in vars(layer) for layer in layers),
@@ -95,12 +79,12 @@ def test_peft_public_path_forward_and_dropout(make_config, public_paths):
         torch.testing.assert_close(grad, public["grads"][name], rtol=1e-5, atol=1e-7)
 
 
-def test_peft_public_path_tensor_scales(make_config, public_paths):
+def test_peft_public_path_tensor_scales(float32_trainable, public_paths):
     """Learned fusion weights through PEFT's `set_scale` instead of its `scaling` dict: the
     same loss and the same gradient on w."""
     from fashionfuse.adapters.peft_layers import tensor_fusion_weights
 
-    model = _trainable(make_config).eval()
+    model = float32_trainable(init_seed=1, build_seed=0).eval()
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     grads = []
     for route in ("fast", "public"):

@@ -14,7 +14,7 @@ An allocator must be loaded before the interpreter's first `malloc`, so the `fas
 command re-executes itself once with `LD_PRELOAD` set (`relaunch_under_allocator`).
 `FASHIONFUSE_MALLOC` chooses: `auto` (default: tcmalloc where found, else the system's),
 `tcmalloc` or `jemalloc` (required: an error if not found), `system` (no preload). The
-allocator changes no result, only memory and speed; the training manifest records which ran.
+allocator changes no result, only memory and speed; every manifest records which ran.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ _LIBRARIES = {  # name -> (file names to look for, in order)
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
     "jemalloc": ("libjemalloc.so.2",),
 }
+_DEBIAN_PACKAGES = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}
 _SEARCH_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
                 "/usr/lib", "/usr/local/lib")
 _MARK = "FASHIONFUSE_MALLOC_RELAUNCHED"  # set in the relaunched process: never loop
@@ -78,7 +79,7 @@ def chosen_library(choice: str | None = None) -> Path | None:
     library = find_library("tcmalloc" if choice == "auto" else choice)
     if library is None and choice != "auto":
         raise AllocatorError(f"{ENV}={choice}: lib{choice} is not installed (Debian/Ubuntu: "
-                             f"apt install {'libtcmalloc-minimal4' if choice == 'tcmalloc' else 'libjemalloc2'})")
+                             f"apt install {_DEBIAN_PACKAGES[choice]})")
     return library
 
 

@@ -11,9 +11,9 @@ of n, and the same distribution as `nn.Dropout`'s (p itself; kept entries scaled
 1 / (1 - p)). The LoRA layer uses the indices rather than a mask (adapters/peft_layers.py:
 `MaskedLoraDelta`): A's input is a copy of `x` with those entries zeroed, made when needed and
 not kept, and the indices are what the backward pass keeps (8 bytes per dropped entry: 0.4
-bytes per element at p = 0.05, where a bool mask takes 1). The model
-trained is `nn.Dropout`'s in distribution; the random numbers differ from PEFT's, so a run is
-not bit-identical to one with PEFT's own dropout.
+bytes per element at p = 0.05, where a bool mask takes 1). The model trained is
+`nn.Dropout`'s in distribution; the random numbers differ from PEFT's, so a run is not
+bit-identical to one with PEFT's own dropout.
 """
 
 from __future__ import annotations
@@ -49,6 +49,14 @@ def _geometric(count: int, p: float, device) -> torch.Tensor:
     return gaps.to(torch.int64)
 
 
+def without_dropped(x: torch.Tensor, dropped: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A contiguous copy of `x` (in `dtype`, default x's) with the entries at flat row-major
+    indices `dropped` zeroed."""
+    copy = x.to(dtype or x.dtype, copy=True, memory_format=torch.contiguous_format)
+    copy.view(-1).index_fill_(0, dropped, 0)
+    return copy
+
+
 class GapDropout(torch.nn.Module):
     """Inverted dropout: in training each element is dropped with probability p and the
     others scaled by 1 / (1 - p); identity in eval mode (as `torch.nn.Dropout`)."""
@@ -70,9 +78,7 @@ class GapDropout(torch.nn.Module):
         its smaller output instead."""
         if not self.training:
             return x, 1.0
-        masked = x.clone(memory_format=torch.contiguous_format)
-        masked.view(-1).index_fill_(0, self.dropped(x), 0)
-        return masked, self.keep_scale
+        return without_dropped(x, self.dropped(x)), self.keep_scale
 
     def dropped(self, x: torch.Tensor) -> torch.Tensor:
         """Fresh flat indices (into `x` in row-major order) of the entries dropped; training

@@ -35,7 +35,7 @@ import types
 import torch
 
 from ..version_gates import internals_allowed
-from .dropout import GapDropout
+from .dropout import GapDropout, without_dropped
 from .runtime import lora_layers, set_fusion_weights
 from .weight_keys import group_of, weight_names
 
@@ -93,7 +93,8 @@ class MaskedLoraDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, x, dropped, weight_a, weight_b, scale):
         width = result.shape[-1]
-        h = (_without(x, dropped, weight_a.dtype) @ weight_a.t()) * scale  # [tokens, r]
+        masked = without_dropped(x, dropped, weight_a.dtype).view(-1, x.shape[-1])
+        h = (masked @ weight_a.t()) * scale  # [tokens, r]
         ctx.save_for_backward(x, dropped, weight_a, weight_b, h)
         ctx.scale = scale
         return torch.addmm(result.reshape(-1, width), h, weight_b.t()).view(result.shape)
@@ -105,23 +106,15 @@ class MaskedLoraDelta(torch.autograd.Function):
         grad_h = (g @ weight_b) * ctx.scale  # [tokens, r]
         grad_a = grad_b = grad_x = None
         if ctx.needs_input_grad[3]:
-            grad_a = grad_h.t() @ _without(x, dropped, weight_a.dtype)
-        if ctx.needs_input_grad[4]:  # as (h^T g)^T: a third of the time of g^T h on CPU
+            grad_a = grad_h.t() @ without_dropped(x, dropped, weight_a.dtype).view(
+                -1, x.shape[-1])
+        if ctx.needs_input_grad[4]:  # as (h^T g)^T: a quarter of the time of g^T h on CPU
             grad_b = (h.t() @ g).t()
         if ctx.needs_input_grad[1]:
             grad_x = grad_h @ weight_a
             grad_x.view(-1).index_fill_(0, dropped, 0)
             grad_x = grad_x.view(x.shape).to(x.dtype)
         return grad, grad_x, None, grad_a, grad_b, None
-
-
-def _without(x: torch.Tensor, dropped: torch.Tensor, dtype) -> torch.Tensor:
-    """A [tokens, features] copy of `x` in `dtype` with the entries at flat indices `dropped`
-    zeroed."""
-    flat = x.reshape(-1, x.shape[-1])
-    copy = flat.to(dtype, copy=True, memory_format=torch.contiguous_format)
-    copy.view(-1).index_fill_(0, dropped, 0)
-    return copy
 
 
 @functools.cache
@@ -170,7 +163,7 @@ def use_lean_lora_forward(model) -> int:
     return changed
 
 
-def use_uniform_mask_dropout(model, adapter: str = "default") -> int:
+def use_gap_dropout(model, adapter: str = "default") -> int:
     """Replace `adapter`'s `nn.Dropout` in every LoRA layer of `model` by `GapDropout`
     with the same p; return how many layers were changed (0 on PEFT's public path)."""
     if not internals_allowed("peft"):

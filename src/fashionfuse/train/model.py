@@ -43,7 +43,7 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from ..architectures import resolve_lora_targets
-    from ..adapters.peft_layers import use_lean_lora_forward, use_uniform_mask_dropout
+    from ..adapters.peft_layers import use_gap_dropout, use_lean_lora_forward
     from .gated_mlp import use_lean_gated_mlps
     from .varlen_attention import use_varlen_attention
 
@@ -56,7 +56,7 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     elif train.gradient_checkpointing:
         base.gradient_checkpointing_enable()
     model = get_peft_model(base, lora_config(train, targets))
-    use_uniform_mask_dropout(model)  # same dropout, cheaper mask (see adapters/peft_layers.py)
+    use_gap_dropout(model)  # same dropout, cheaper draws (see adapters/peft_layers.py)
     use_lean_lora_forward(model)  # same function, fewer full-width passes (adapters/peft_layers)
     use_lean_gated_mlps(model, train.gradient_checkpointing)  # two MLP activations kept, not four
     if frozen_adapters:

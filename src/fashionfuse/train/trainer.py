@@ -444,7 +444,6 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress |
                "optimizer": s.optimizer_name, "processes": world.size,
                "packing": bool(s.pack_length), "attention": s.attention,
                "compute_dtype": s.compute_dtype, "loss": loss_path(s.ddp),
-               "allocator": active_allocator(),
                "target_modules": s.targets, "train_seconds": round(totals["seconds"], 2),
                "real_tokens": int(totals["real"]),
                # what the loss trained on (assistant tokens), every step, resumed ones included
