@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -149,3 +150,64 @@ def test_a_head_it_cannot_reproduce_falls_back_with_a_warning(monkeypatch, caplo
     assert "full logits" in caplog.text
     _assert_same(_loss_and_grads(model, batch, token_losses),
                  _loss_and_grads(model, batch, full_logits_loss))
+
+
+def _full_head_kernel(lm, scale=1.0):
+    """A stand-in for a fused kernel on CPU: the whole head at once, then a summed float32
+    cross-entropy (times `scale`, to make a wrong one)."""
+    head = lm.get_output_embeddings()
+    post = head_loss.logit_post_processing(lm)
+    return head_loss.FusedKernel("test kernel", lambda h, y: scale * F.cross_entropy(
+        post(head(h)).float(), y, reduction="sum"))
+
+
+def test_a_fused_kernel_runs_once_it_agrees(monkeypatch):
+    """A kernel that agrees with the chunked path on the first batch is what the loss calls
+    from then on (and what `loss_path` names); loss and LoRA gradients stay the plain path's."""
+    model = _lora_model(tiny_config("gemma2"))
+    calls = []
+
+    def kernel_for(lm, hidden):
+        inner = _full_head_kernel(lm)
+        return head_loss.FusedKernel(inner.name, lambda h, y: calls.append(len(y)) or inner(h, y))
+    monkeypatch.setattr(head_loss, "fused_kernel", kernel_for)
+    batch = _batch()
+    _assert_same(_loss_and_grads(model, batch, token_losses),
+                 _loss_and_grads(model, batch, full_logits_loss))
+    assert head_loss.loss_path(model) == "test kernel"
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert calls == [min(64, n), n]  # the agreement check, then the loss itself
+
+
+def test_a_fused_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
+    """A kernel off by 1 % is caught on the first batch: a warning, and the chunked path."""
+    model = _lora_model(tiny_config("llama"))
+    monkeypatch.setattr(head_loss, "fused_kernel", lambda lm, h: _full_head_kernel(lm, 1.01))
+    batch = _batch()
+    with caplog.at_level("WARNING"):
+        chunked = _loss_and_grads(model, batch, token_losses)
+    assert "disagrees with the chunked output head" in caplog.text
+    assert head_loss.loss_path(model) == "chunked output head"
+    _assert_same(chunked, _loss_and_grads(model, batch, full_logits_loss))
+
+
+def test_no_fused_kernel_off_cuda():
+    """On CPU tensors no fused kernel is offered (Liger's is Triton, CUDA only)."""
+    model = _lora_model(tiny_config("llama"))
+    lm = head_loss.causal_lm(model)
+    assert head_loss.fused_kernel(lm, torch.zeros(2, 64)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernel needs CUDA")
+@pytest.mark.parametrize("name", ["llama", "llama-untied", "gemma2"])
+def test_liger_kernel_agrees_on_cuda(name):
+    """Where liger-kernel is installed on a GPU: it is offered for plain and soft-capped heads,
+    passes the agreement check, and gives the plain path's loss and gradients."""
+    pytest.importorskip("liger_kernel")
+    model = _lora_model(CONFIGS[name]()).cuda()
+    batch = {k: v.cuda() for k, v in _batch().items()}
+    assert head_loss.fused_kernel(head_loss.causal_lm(model), torch.zeros(
+        2, 64, device="cuda")) is not None
+    _assert_same(_loss_and_grads(model, batch, token_losses),
+                 _loss_and_grads(model, batch, full_logits_loss))
+    assert head_loss.loss_path(model) == "liger fused linear cross-entropy"

@@ -14,6 +14,14 @@ Exact by construction (the same operations in the same dtypes on each position, 
 positions at a time), and checked once per model: `token_losses` compares the chunked head with
 the model's own logits on a few positions and takes the plain full-logits path, saying so, for a
 model whose head does something else, or whose output head is being trained.
+
+On CUDA, where liger-kernel is installed, Liger's fused linear cross-entropy (Triton) computes
+the same summed loss instead, for heads it implements (a plain `nn.Linear`, no post-processing
+but a soft-cap). It is taken only after agreeing with the chunked path on the model's first
+batch (loss and the gradient with respect to the hidden states, float32 tolerances); otherwise
+the chunked path runs, saying so. `loss_path` tells which ran (the trainer's manifest records
+it). cut-cross-entropy is not used: its kernel drops gradient entries below a threshold by
+default and computes in TF32, so it does not give the plain path's gradients.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ log = logging.getLogger(__name__)
 
 CHUNK_LOGITS = 1 << 23  # logits per chunk (8M: 32 MB in float32): rows = this // vocabulary
 _CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+# per model: the fused kernel that agreed with the chunked path, or None (the chunked path)
+_FUSED: weakref.WeakKeyDictionary[torch.nn.Module, object] = weakref.WeakKeyDictionary()
 
 
 def causal_lm(model) -> torch.nn.Module:
@@ -102,11 +112,75 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
 def chunked_head_loss(model, hidden: torch.Tensor, labels: torch.Tensor,
                       rows: int | None = None) -> torch.Tensor:
     """Summed cross-entropy of the model's output head on `hidden` [N, hidden] against
-    `labels` [N], never holding more than `rows` rows of logits (default: CHUNK_LOGITS)."""
+    `labels` [N], never holding more than `rows` rows of logits (default: CHUNK_LOGITS); through
+    a fused kernel where one applies and agreed with this path (`fused_kernel`)."""
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
     rows = rows or max(16, CHUNK_LOGITS // head.weight.shape[0])
-    return _ChunkedHeadCrossEntropy.apply(hidden, labels, head, logit_post_processing(lm), rows)
+    post = logit_post_processing(lm)
+    if lm not in _FUSED:
+        _FUSED[lm] = _agreeing_kernel(lm, hidden, labels, head, post, rows)
+    kernel = _FUSED[lm]
+    if kernel is not None:
+        return kernel(hidden, labels)
+    return _ChunkedHeadCrossEntropy.apply(hidden, labels, head, post, rows)
+
+
+class FusedKernel:
+    """A fused head + cross-entropy: `name`, and `loss(hidden, labels)`, the summed loss."""
+
+    def __init__(self, name: str, loss):
+        self.name, self.loss = name, loss
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(hidden, labels)
+
+
+def fused_kernel(lm: torch.nn.Module, hidden: torch.Tensor) -> FusedKernel | None:
+    """Liger's fused linear cross-entropy for `lm`'s head where it applies: CUDA tensors,
+    liger-kernel importable, the head a plain `nn.Linear` in `hidden`'s dtype, and no logit
+    post-processing but Gemma's soft-cap; None elsewhere."""
+    if not hidden.is_cuda:
+        return None
+    head, cfg = lm.get_output_embeddings(), lm.config
+    if (type(head) is not torch.nn.Linear or head.weight.dtype != hidden.dtype
+            or getattr(cfg, "logits_scaling", None) is not None
+            or isinstance(getattr(lm, "logit_scale", None), (int, float))):
+        return None
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:  # not installed, or no Triton
+        return None
+    cap = getattr(cfg, "final_logit_softcapping", None)
+
+    def loss(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return liger_fused_linear_cross_entropy(input=h, weight=head.weight, target=labels,
+                                                bias=head.bias, reduction="sum", softcap=cap)
+    return FusedKernel("liger fused linear cross-entropy", loss)
+
+
+def _agreeing_kernel(lm, hidden, labels, head, post, rows) -> FusedKernel | None:
+    """`fused_kernel(lm, hidden)` if its loss and gradient on the first rows of this batch
+    agree with the chunked path's (loss within 1e-4 relative, gradient within 1e-4 of its
+    largest entry), else None, saying why."""
+    kernel = fused_kernel(lm, hidden)
+    if kernel is None:
+        return None
+    n = min(64, hidden.shape[0])
+    results = []
+    for fn in (kernel, lambda h, y: _ChunkedHeadCrossEntropy.apply(h, y, head, post, rows)):
+        h = hidden[:n].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            total = fn(h, labels[:n])
+            results.append((float(total.detach()), torch.autograd.grad(total, h)[0]))
+    (mine, grad_mine), (plain, grad_plain) = results
+    scale = float(grad_plain.abs().max()) + 1e-12
+    if (abs(mine - plain) <= 1e-4 * abs(plain) + 1e-6
+            and float((grad_mine - grad_plain).abs().max()) <= 1e-4 * scale):
+        return kernel
+    log.warning("%s: %s disagrees with the chunked output head (loss %.6g vs %.6g); using the "
+                "chunked head", type(lm).__name__, kernel.name, mine, plain)
+    return None
 
 
 def hidden_before_head(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -159,10 +233,17 @@ def chunked_head_applies(model, batch: dict[str, torch.Tensor]) -> bool:
 
 
 def loss_path(model) -> str | None:
-    """Which loss ran for `model`: "chunked output head" (plain torch, every device),
-    "full logits", or None before its first loss."""
-    checked = _CHECKED.get(causal_lm(model))
-    return None if checked is None else ("chunked output head" if checked else "full logits")
+    """Which loss ran for `model`: "chunked output head" (plain torch, every device), a fused
+    kernel's name ("liger fused linear cross-entropy"), "full logits", or None before its first
+    loss."""
+    lm = causal_lm(model)
+    checked = _CHECKED.get(lm)
+    if checked is None:
+        return None
+    if not checked:
+        return "full logits"
+    kernel = _FUSED.get(lm)
+    return kernel.name if kernel is not None else "chunked output head"
 
 
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
