@@ -109,12 +109,15 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     options = dict(scaling=scaling, window=kwargs.get("sliding_window"),
                    softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), dropout=p)
     rows = []
-    for b in range(batch):
+    # split, not indexed: the backward of a split is one concatenation of the blocks' gradients,
+    # where an index per block would make a zero-filled full-size gradient per block and sum them
+    for b, (q, k, v) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
         bounds = example_bounds(position_ids[b])
+        sizes = [e - s for s, e in zip(bounds, bounds[1:])]
         rows.append(torch.cat([
-            _block_attention(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                             value[b:b + 1, :, s:e], **options)
-            for s, e in zip(bounds, bounds[1:])], dim=2))
+            _block_attention(module, qb, kb, vb, **options)
+            for qb, kb, vb in zip(q.split(sizes, dim=2), k.split(sizes, dim=2),
+                                  v.split(sizes, dim=2))], dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
