@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -296,6 +297,10 @@ def main() -> None:
     except AllocatorError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` each time it wraps a model:
+    # a warning about PEFT's code, not the user's, printed before every stage's output
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)
     app(args=console_options_first(sys.argv[1:]), prog_name="fashionfuse")
 
 
