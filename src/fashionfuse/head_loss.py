@@ -49,15 +49,22 @@ def causal_lm(model) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def logit_post_processing(lm: torch.nn.Module):
-    """The elementwise step transformers applies to the head's output for this architecture:
-    Gemma 2/3's final soft-cap (cap * tanh(x / cap)), Cohere's `logit_scale` product,
-    Granite's `logits_scaling` divisor; identity for the rest."""
+def logit_post_settings(lm: torch.nn.Module) -> tuple[float | None, float | None, float | None]:
+    """What transformers applies to the head's output for this architecture, None where it
+    does not: Gemma 2/3's final soft-cap, Cohere's `logit_scale` product, Granite's
+    `logits_scaling` divisor."""
     cfg = lm.config
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(lm, "logit_scale", None) if isinstance(getattr(lm, "logit_scale", None),
-                                                           (int, float)) else None
-    divisor = getattr(cfg, "logits_scaling", None)
+    scale = getattr(lm, "logit_scale", None)
+    return (getattr(cfg, "final_logit_softcapping", None),
+            scale if isinstance(scale, (int, float)) else None,
+            getattr(cfg, "logits_scaling", None))
+
+
+def logit_post_processing(lm: torch.nn.Module):
+    """The elementwise step transformers applies to the head's output for this architecture
+    (`logit_post_settings`): cap * tanh(x / cap), then the scale, then the divisor; identity
+    for the rest."""
+    cap, scale, divisor = logit_post_settings(lm)
 
     def post(logits: torch.Tensor) -> torch.Tensor:
         if cap is not None:
@@ -142,16 +149,15 @@ def fused_kernel(lm: torch.nn.Module, hidden: torch.Tensor) -> FusedKernel | Non
     post-processing but Gemma's soft-cap; None elsewhere."""
     if not hidden.is_cuda:
         return None
-    head, cfg = lm.get_output_embeddings(), lm.config
+    head = lm.get_output_embeddings()
+    cap, scale, divisor = logit_post_settings(lm)
     if (type(head) is not torch.nn.Linear or head.weight.dtype != hidden.dtype
-            or getattr(cfg, "logits_scaling", None) is not None
-            or isinstance(getattr(lm, "logit_scale", None), (int, float))):
+            or scale is not None or divisor is not None):
         return None
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:  # not installed, or no Triton
         return None
-    cap = getattr(cfg, "final_logit_softcapping", None)
 
     def loss(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return liger_fused_linear_cross_entropy(input=h, weight=head.weight, target=labels,
