@@ -1,22 +1,32 @@
 # Fresh machine: `make demo` runs the whole pipeline on the embedded default; `make test` runs the tests.
-# Both create .venv and install on first use. On a CUDA machine: `make install TORCH=torch`.
+# Both create .venv and install on first use (torch's CPU build). On a CUDA machine: `make install TORCH=torch`.
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
-TORCH ?= torch==2.13.0
+CPU_TORCH := torch==2.13.0
+TORCH ?= $(CPU_TORCH)
+# the default (CPU) install looks in PyTorch's CPU wheel index too: the CPU build, not the
+# default Linux wheel's GBs of CUDA libraries; TORCH=torch (a GPU machine) takes the CUDA build
+# and the [cuda] extra (Liger's fused loss)
+TORCH_INDEX ?= $(if $(filter $(CPU_TORCH),$(TORCH)),https://download.pytorch.org/whl/cpu,)
+comma := ,
+EXTRAS := $(if $(filter $(CPU_TORCH),$(TORCH)),test,test$(comma)cuda)
+# the stamp names the torch asked for: another TORCH installs again
+STAMP := $(VENV)/.installed-$(subst /,_,$(subst :,_,$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH))))))
 export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
 .PHONY: install demo real test bench-smoke docs clean
 
-$(VENV)/.installed: pyproject.toml
+$(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --timeout 10 --retries 1)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-*
 	touch $@
 
-install: $(VENV)/.installed
+install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/fashionfuse run configs/demo.yaml

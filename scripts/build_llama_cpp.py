@@ -29,6 +29,10 @@ def cache() -> Path:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     root = cache()
     wheels, tree = root / "wheels", root / f"llama.cpp-{VERSION}"
     wheel = next(wheels.glob(f"llama_cpp_python-{VERSION}-*.whl"), None) if wheels.is_dir() else None

@@ -4,6 +4,7 @@ the README stays short, and neither carries development history."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -105,3 +106,12 @@ def test_cli_flags_in_the_docs_exist():
         assert result.exit_code == 0, f"the docs name `fashionfuse {command}`: {result.output}"
         missing = sorted(f for f in flags if f not in result.output)
         assert not missing, f"fashionfuse {command} lacks {missing}"
+
+
+def test_build_llama_cpp_help_builds_nothing(tmp_path):
+    """`--help` prints the usage and exits: no download, no compile, nothing cached."""
+    env = {**os.environ, "FASHIONFUSE_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "scripts/build_llama_cpp.py", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0 and "usage:" in done.stdout
+    assert not (tmp_path / "cache").exists()

@@ -114,16 +114,20 @@ def test_table_heatmap_stays_legible_with_many_variants(tmp_path):
 
 
 def test_data_parallel_eval_on_two_cpu_processes(pipeline_run, tmp_path):
-    """torchrun x2 (gloo on CPU): requests sharded over ranks, rank 0 writes the table."""
+    """torchrun x2 (gloo on CPU, also where a GPU is visible): requests sharded over ranks, rank
+    0 writes the table. With `batch_size: auto` each process sizes its batches for its own
+    row lengths without a collective (lm-eval's detection gathers across processes once per
+    call; processes with different lengths would wait on each other forever)."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(pipeline_run["run_dir"], run, ignore=shutil.ignore_patterns("eval*"))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               FASHIONFUSE_DIST_BACKEND="gloo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "29517", "-m", "fashionfuse.cli", "eval", str(pipeline_run["config"]),
-           "--set", f"run_dir={run}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=500)
+           "--set", f"run_dir={run}", "--set", "eval.batch_size=auto"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "processes=2" in proc.stdout
     manifest = json.loads((run / "eval" / "manifest.json").read_text())

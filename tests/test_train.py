@@ -319,7 +319,8 @@ def test_ddp_training_on_two_cpu_processes_matches_one_process(make_config, tmp_
     assert runner.invoke(app, ["train-adapter", str(single), "--adapter", "orca"]).exit_code == 0
     multi = make_config(run_dir=tmp_path / "multi", training=train)
     assert runner.invoke(app, ["curate", str(multi)]).exit_code == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # gloo on the CPU even where one GPU is visible (two processes cannot share it with NCCL)
+    env = dict(os.environ, OMP_NUM_THREADS="1", FASHIONFUSE_DIST_BACKEND="gloo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "29533", "-m", "fashionfuse", "train-adapter", str(multi),
            "--adapter", "orca"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from .config import ModelConfig, QuantizationConfig
 from .version_gates import internals_allowed
 from .adapters.saved import adapter_deltas
 from .gguf_base import checkpoint_dir, gguf_path
+from .devices import Capability, compute_dtype_for, cpu_has_native_bf16, detect, process_device
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -43,38 +43,38 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU has bfloat16 matmul instructions (AVX512-BF16 or AMX-BF16), read from
-    the flags of `cpuinfo` or /proc/cpuinfo (False where that file does not exist)."""
-    flags = _cpu_flags() if cpuinfo is None else _parse_cpu_flags(cpuinfo)
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    """This machine's CPU flags, read once per process."""
-    try:
-        return _parse_cpu_flags(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return frozenset()
-
-
-def _parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
-    return frozenset(flag for line in cpuinfo.splitlines() if line.startswith("flags")
-                     for flag in line.split(":", 1)[1].split())
-
-
 def resolve_compute_dtype(q: QuantizationConfig, device: str | None = None) -> str:
-    """The compute dtype to use on `device`: the configured one, or for `auto` bfloat16 where
-    the device computes in it natively, float16 on GPUs without bf16, float32 on other CPUs."""
+    """The compute dtype to use on `device`: the configured one, or for `auto` the policy of
+    `devices.compute_dtype_for` (bfloat16 where the device computes in it natively, float16 on
+    GPUs older than Ampere, float32 on CPUs without bfloat16 instructions)."""
     if q.compute_dtype != "auto":
         return q.compute_dtype
     device = device or default_device()
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device == "cpu":
-        return "bfloat16" if cpu_has_native_bf16() else "float32"
-    return "bfloat16"
+    if torch.device(device).type == "cpu":
+        cap = Capability("cpu", bf16_native=cpu_has_native_bf16())
+    else:
+        cap = detect(device)
+    return compute_dtype_for("auto", cap)
+
+
+def recorded_weight_dtype(adapter_dir) -> str | None:
+    """The dtype an adapter's 4-bit base was quantised from (and computed in) when it was
+    trained, from its manifest; None when it records none."""
+    from .rundir import read_manifest
+
+    manifest = read_manifest(Path(adapter_dir)) or {}
+    record = manifest.get("quantization") or {}
+    return record.get("weight_dtype") or (manifest.get("metrics") or {}).get("compute_dtype")
+
+
+def scoring_dtype(cfg: ModelConfig, adapter_dirs=(), device: str | None = None) -> str:
+    """The dtype the search and eval load the base in: the one the adapters were trained in
+    when they all record the same (their 4-bit codes and compute match training's), else
+    `quantization.compute_dtype` resolved for `device`."""
+    recorded = {recorded_weight_dtype(p) for p in adapter_dirs} - {None}
+    if len(recorded) == 1:
+        return recorded.pop()
+    return resolve_compute_dtype(cfg.quantization, device)
 
 
 def quantization_config(q: QuantizationConfig, device: str | None = None):
@@ -89,7 +89,8 @@ def quantization_config(q: QuantizationConfig, device: str | None = None):
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's device: its own GPU under a launcher (`devices.placement`)."""
+    return process_device()
 
 
 def load_base_model(cfg: ModelConfig, *, quantized: bool | None = None, device: str | None = None,

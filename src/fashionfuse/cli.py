@@ -255,10 +255,13 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
 
 
 def _with_report(cfg: RunConfig, result):
-    """Write the run's report after `run`/`ablate` and say where it is."""
+    """Write the run's report after `run`/`ablate` and say where it is (rank 0 of a launched
+    job only: one writer)."""
     from .experiments.report import write_report
+    from .train.distributed import is_main_process
 
-    typer.echo(f"report: {write_report(cfg.run_dir)}")
+    if is_main_process():
+        typer.echo(f"report: {write_report(cfg.run_dir)}")
     return result
 
 

@@ -44,7 +44,7 @@ def lean_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """`layer`'s output: the base layer plus each active adapter's scaled B A (dropout x)."""
     peft_forward = type(layer).forward
     if (args or kwargs or layer.disable_adapters or layer.merged or layer.lora_variant
-            or torch.is_autocast_enabled()):
+            or torch.is_autocast_enabled(x.device.type)):
         return peft_forward(layer, x, *args, **kwargs)
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
     if any(layer.lora_B[a].bias is not None for a in adapters):

@@ -5,7 +5,7 @@ until one does not raise an out-of-memory error. On a CPU nothing raises: the pr
 until the kernel kills it. `rows_that_fit` answers the same question without allocating: an
 upper estimate of one row's peak bytes (the projection to the vocabulary and its
 log-softmax, the widest transient of a decoder layer, eager attention scores) against the memory
-available (RAM on a CPU, free device memory on a GPU), with headroom.
+available (RAM on a CPU, free and cached-unused device memory on a GPU), with headroom.
 """
 
 from __future__ import annotations
@@ -35,13 +35,17 @@ def row_bytes(config, length: int, dtype_bytes: int, logits_positions: int | Non
 
 
 def available_bytes(device: str) -> int:
-    """Memory this process can still take: free device memory on a GPU; on a CPU the smaller of
-    the system's MemAvailable and what the cgroup (container) limit leaves."""
+    """Memory this process can still take: on a GPU the driver's free memory plus what
+    PyTorch's caching allocator holds reserved but unused (free to this process, not to the
+    driver); on a CPU the smaller of the system's MemAvailable and what the cgroup (container)
+    limit leaves."""
     if device.startswith("cuda"):
         import torch
 
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
+        index = torch.device(device)
+        free, _ = torch.cuda.mem_get_info(index)
+        cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return int(free) + max(0, int(cached))
     known = [b for b in (_meminfo_available(), _cgroup_left()) if b is not None]
     if not known:  # no /proc (not Linux): what the interpreter can see is unknown, be modest
         return 4 << 30

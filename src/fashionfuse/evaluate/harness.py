@@ -24,6 +24,7 @@ from ..base_model import (
     load_base_model,
     load_tokenizer,
     quantization_record,
+    scoring_dtype,
 )
 from ..config import RunConfig, config_hash
 from ..errors import UserError
@@ -64,10 +65,12 @@ def _data_parallel():
     """(rank, world size, accelerator) under `accelerate launch`/`torchrun`; (0, 1, None) alone."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None
-    import torch
     from accelerate import Accelerator
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())  # gloo process group on CPU
+    from ..devices import process_placement
+
+    # gloo on the CPU where CUDA is not visible or FASHIONFUSE_DIST_BACKEND=gloo asks for it
+    acc = Accelerator(cpu=process_placement().device == "cpu")
     if acc.num_processes != int(os.environ["WORLD_SIZE"]):
         raise EvalError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate "
                         f"sees {acc.num_processes} processes")
@@ -211,6 +214,7 @@ class EvalSetup:
     task_sets: dict = field(default_factory=dict)  # by_shots key -> TaskSet, on first use
     lm: object = None  # the HFLM around the resident model, shared by every model scored on it
     resident_as: str = ""  # the resident model's weights as scored (see _weights_as_scored)
+    weight_dtype: str | None = None  # the dtype the base is loaded in (see scoring_dtype)
     scored_as: dict[str, str] = field(default_factory=dict)  # label -> weights as scored
     tokens: dict[str, int] = field(default_factory=dict)  # label -> token positions run (rank's)
 
@@ -239,13 +243,15 @@ def _setup(cfg: RunConfig, models: dict[str, Path | None]) -> EvalSetup:
     for spec in specs:
         by_shots.setdefault((spec.num_fewshot, spec.limit), []).append(spec.task)
     device = str(accelerator.device) if accelerator is not None else default_device()
-    base = load_base_model(cfg.model, quantized=_quantized(cfg), device=device)
+    dtype = scoring_dtype(cfg.model, [p for p in models.values() if p], device)
+    base = load_base_model(cfg.model, quantized=_quantized(cfg), device=device, weight_dtype=dtype)
     check_tokenizer_fits(base, tokenizer)
     keys = adapter_keys(models)
     model = attach_adapters(base, {keys[label]: models[label] for label in keys}) if keys else base
     resident = _weights_as_scored(model)
     return EvalSetup(specs, by_shots, task_manager([*include], [s.task for s in specs]), tokenizer,
-                     model, keys, device, rank, world, accelerator, resident_as=resident)
+                     model, keys, device, rank, world, accelerator, resident_as=resident,
+                     weight_dtype=dtype)
 
 
 def _quantized(cfg: RunConfig) -> bool:
@@ -286,7 +292,8 @@ def _score_model(cfg: RunConfig, ev: EvalSetup, label: str, path: Path | None) -
 
         build, how = ((build_router, "Arrow routing") if is_router(path)
                       else (attach_searched_fusion, "exact merge"))
-        base = load_base_model(cfg.model, quantized=_quantized(cfg), device=ev.device)
+        base = load_base_model(cfg.model, quantized=_quantized(cfg), device=ev.device,
+                               weight_dtype=ev.weight_dtype)
         ev.scored_as[label] = f"{ev.resident_as}, {how}"
         lm = _wrap(cfg, ev, build(base, path))
     else:
@@ -354,6 +361,8 @@ def evaluate(cfg: RunConfig, force: bool = False, models: dict[str, Path | None]
     task_specs(cfg)  # no tasks: fail before loading anything
     models = models or models_to_evaluate(cfg)
     inputs = _eval_inputs(cfg)
+    # the dtype every model is scored in (the adapters' training dtype, see scoring_dtype)
+    inputs["compute_dtype"] = scoring_dtype(cfg.model, [p for p in models.values() if p])
     fp = eval_fingerprint(cfg, models, inputs)
     if not force and is_up_to_date(out, fp):
         print("eval: up to date")

@@ -12,7 +12,8 @@ command line, with this model registered first (lm-eval does not discover plugin
 What it adds to HFLM, each with the same scores as HFLM's own path (the tests compare):
     - the lean LoRA forward without gradients (PEFT's arithmetic, in place);
     - logits only at the positions lm-eval reads (`logits_to_keep`);
-    - `batch_size: auto` bounded by memory and found once per row length;
+    - `batch_size: auto` bounded by memory, found once per row length without trial forwards
+      or collectives (the same on every process: no hang with several);
     - requests that share a token prefix scored with one pass over it (`shared_context.py`);
     - data parallelism on CPU too (rank, world size and accelerator in the constructor);
     - greedy `generate_until` batches that drop each row as it finishes
@@ -166,6 +167,7 @@ class FashionfuseLM(HFLM):
         self.tokens_through_model = 0
         self._continuation_len: dict[int, int] = {}  # hash of a row's tokens -> longest cont
         self._batch_sizes: dict[int, int] = {}  # row length -> memory-bounded batch size
+        self.batch_probes = 0  # lm-eval's own out-of-memory searches run (not with internals)
         model = self.model
         self._decoder = causal_lm(model)
         self._trailing_logits = (self._internals and self.backend == "causal" and "logits_to_keep"
@@ -256,11 +258,14 @@ class FashionfuseLM(HFLM):
     # ---------------------------------------------------------------- batch size
     def _detect_batch_size(self, requests=None, pos: int = 0) -> int:
         """`batch_size: auto` bounded by memory (`forward_memory.rows_that_fit`) and kept per
-        longest-row length: on a CPU the bound is the answer (no trial forward; a CPU never
-        runs out of memory, the kernel kills the process); on a GPU HFLM's out-of-memory
-        search starts from it. Data-parallel processes share a CPU's memory and all use the
-        smallest size found."""
+        longest-row length, with no trial forward and no collective: lm-eval's own detection
+        runs several full forwards per call (an out-of-memory search) and, with several
+        processes, an `all_gather`; called once per new row length, and each process holding a
+        different share of the requests, the processes would call it a different number of
+        times and wait on each other forever. Data-parallel processes on one CPU share its
+        memory (the budget is divided among them); on GPUs each has its own."""
         if not self._internals:
+            self.batch_probes = getattr(self, "batch_probes", 0) + 1
             return super()._detect_batch_size(requests, pos)
         length = len(self._row(*requests[pos][1:])) if requests else self.max_length
         if length in self._batch_sizes:
@@ -269,16 +274,6 @@ class FashionfuseLM(HFLM):
         share = self.world_size if self.device.type == "cpu" else 1
         most = rows_that_fit(self._decoder.config, length, dtype_bytes, str(self.device),
                              self.max_batch_size, share=share)
-        if self.device.type == "cuda":
-            ceiling, self.max_batch_size = self.max_batch_size, most
-            try:
-                most = super()._detect_batch_size(requests, pos)
-            finally:
-                self.max_batch_size = ceiling
-        elif self.world_size > 1 and torch.distributed.is_initialized():
-            found = torch.tensor([most])
-            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
-            most = int(found.item())
         if self.rank == 0:
             print(f"eval: batch_size auto -> {most} for rows of {length} tokens "
                   f"(bounded by the memory available on {self.device.type})")

@@ -254,6 +254,7 @@ def build_variants(cfg: RunConfig, force: bool = False) -> dict[str, Path | None
     date); returns label -> adapter directory (None: the base model), in table order."""
     from ..curate import curate
     from ..train import train_adapters
+    from ..train.distributed import on_main_first
 
     if cfg.rounds:
         raise UserError("ablate: compares the variants of one fusion; remove `rounds` from the "
@@ -262,7 +263,7 @@ def build_variants(cfg: RunConfig, force: bool = False) -> dict[str, Path | None
     check_fusion_variants(cfg, planned)
     acfg = ablation_config(cfg)
     layout = RunLayout(cfg.run_dir)
-    curate(acfg, force=force)
+    on_main_first(lambda again: curate(acfg, force=again), force)
     datasets, variants = [d.name for d in cfg.datasets], cfg.ablate.variants
     needed = list(datasets)
     for key, name in (("fused_dataset", ALL_DATA), ("mixed_balanced", MIX_BALANCED)):

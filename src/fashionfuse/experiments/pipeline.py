@@ -41,8 +41,9 @@ def run_stage(cfg: RunConfig, stage: Stage, round: int | None = None, force: boo
     scfg = stage_config(cfg, stage, round)
     if stage == "curate":
         from ..curate import curate
+        from ..train.distributed import on_main_first
 
-        return curate(scfg, force=force)
+        return on_main_first(lambda again: curate(scfg, force=again), force)
     if stage == "train":
         from ..train import train_adapters
 

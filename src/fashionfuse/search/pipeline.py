@@ -20,7 +20,7 @@ from ..adapters.weight_keys import granularity_of, weight_names
 from ..base_model import (
     DTYPES,
     base_fingerprint_parts,
-    default_device,
+    scoring_dtype,
     load_base_model,
     load_tokenizer,
 )
@@ -30,6 +30,7 @@ from ..fusion import OPERATOR_PARAMS, is_dense
 from ..fusion.export import export_merged_model, trained_quantization, write_fused
 from ..fusion.resident import ResidentFusion
 from ..plots import pyplot, save_figure
+from ..train.distributed import barrier, init_world
 from ..rundir import (
     RunLayout,
     artifact_id,
@@ -82,6 +83,7 @@ def search_fingerprint(cfg: RunConfig) -> str:
         if refined else None,
         "stage": "search", "search": search_settings(cfg), "seed": cfg.seed,
         "base": base_fingerprint_parts(cfg.model), "model": cfg.model.model_dump(mode="json"),
+        "compute_dtype": scoring_dtype(cfg.model, [layout.adapter(n) for n in cfg.search_adapters]),
         "adapters": {n: artifact_id(layout.adapter(n)) for n in cfg.search_adapters},
         "curated": {n: artifact_id(layout.curated(n)) for n in cfg.objective_datasets},
     })
@@ -107,9 +109,11 @@ def search_weights(cfg: RunConfig, force: bool = False, progress=None) -> dict:
         print("search: up to date")
         return json.loads((layout.search / "best.json").read_text())
     adapter_dirs = _load_adapters(cfg)
-    device = default_device()
+    world = init_world()  # under a launcher: each rank a search worker on its own device
+    device = world.device
     tokenizer = load_tokenizer(cfg.model)
-    base = load_base_model(cfg.model, device=device)
+    base = load_base_model(cfg.model, device=device,
+                           weight_dtype=scoring_dtype(cfg.model, adapter_dirs.values(), device))
     check_tokenizer_fits(base, tokenizer)
     model = attach_adapters(base, adapter_dirs)
     fusion = ResidentFusion(model, cfg.search_adapters, operator_name=cfg.search.operator,
@@ -126,6 +130,11 @@ def search_weights(cfg: RunConfig, force: bool = False, progress=None) -> dict:
     finally:
         ctx.tracker.close()
         fusion.close()
+    if world.size > 1:  # the ranks of one launched job: rank 0 writes, the others read
+        if world.is_main:
+            result = _write_result(cfg, fp, ctx, adapter_dirs)
+        barrier(world)
+        return result if world.is_main else json.loads((layout.search / "best.json").read_text())
     if not force and is_up_to_date(layout.search, fp):
         print("search: another worker wrote the result")
         return json.loads((layout.search / "best.json").read_text())

@@ -5,11 +5,17 @@ A single process is the world of size 1: every helper below is then a no-op.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from ..devices import process_placement
+
+TIMEOUT_MIN = 120  # the process group's collective timeout (torch's default: 10 min for NCCL)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,18 +30,18 @@ class World:
 
 
 def init_world() -> World:
-    """Join the process group the launcher set up (WORLD_SIZE > 1), else a world of one."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if size <= 1:
-        return World(device="cuda" if cuda else "cpu")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
+    """Join the process group the launcher set up (WORLD_SIZE > 1), else a world of one. Each
+    process computes on its own GPU with NCCL, or on the CPU with gloo where CUDA is not visible
+    or `FASHIONFUSE_DIST_BACKEND=gloo` says so (`devices.placement`)."""
+    where = process_placement()
+    if where.backend is None:
+        return World(device=where.device)
+    if where.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(where.device))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return World(rank=dist.get_rank(), size=dist.get_world_size(),
-                 device=f"cuda:{local}" if cuda else "cpu")
+        # long enough for rank 0 to curate or write while the others wait at a barrier
+        dist.init_process_group(where.backend, timeout=timedelta(minutes=TIMEOUT_MIN))
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), device=where.device)
 
 
 def leave_world() -> None:
@@ -83,3 +89,23 @@ def wrap(world: World, model):
 
     ids = [torch.device(world.device).index] if world.device.startswith("cuda") else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def on_main_first(work: Callable[[bool], T], force: bool = False) -> T:
+    """`work(force)` on rank 0 while the other processes wait; then `work(False)` on the others,
+    which find its artifacts up to date and only read them: one process writes a stage's
+    shared artifacts (curation, under `torchrun ... run` or `ablate`), none races on them. A
+    world of one: `work(force)`."""
+    world = init_world()
+    if world.size == 1:
+        return work(force)
+    result = work(force) if world.is_main else None
+    barrier(world)
+    return result if world.is_main else work(False)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched job, or a process on its own (no process group needed)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

@@ -47,16 +47,25 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     from .gated_mlp import use_lean_gated_mlps
     from .varlen_attention import use_varlen_attention
 
+    from ..base_model import default_device, resolve_compute_dtype
+    from ..devices import detect, gap_dropout_suits
+
+    device = device or default_device()
+    cap = detect(device)
     base = base if base is not None else load_base_model(model_cfg, device=device)
     targets = resolve_lora_targets(base, train.lora.target_modules)
-    attention = use_varlen_attention(base, log=log) if train.packing else None
+    attention = (use_varlen_attention(base, log=log, capability=cap,
+                                      compute_dtype=resolve_compute_dtype(model_cfg.quantization,
+                                                                          device))
+                 if train.packing else None)
     if model_cfg.quantization.bits == 4:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=train.gradient_checkpointing)
     elif train.gradient_checkpointing:
         base.gradient_checkpointing_enable()
     model = get_peft_model(base, lora_config(train, targets))
-    use_gap_dropout(model)  # same dropout, cheaper draws (see adapters/peft_layers.py)
+    if gap_dropout_suits(cap):  # same dropout, cheaper draws on a CPU (adapters/dropout.py)
+        use_gap_dropout(model)
     use_lean_lora_forward(model)  # same function, fewer full-width passes (adapters/peft_layers)
     use_lean_gated_mlps(model, train.gradient_checkpointing)  # two MLP activations kept, not four
     if frozen_adapters:

@@ -25,6 +25,7 @@ from ..allocator import active_allocator
 from ..architectures import check_tokenizer_fits
 from ..base_model import (
     base_fingerprint_parts,
+    default_device,
     load_tokenizer,
     quantization_record,
     resolve_compute_dtype,
@@ -33,6 +34,7 @@ from ..adapters.model_card import portable_base, record_base, write_model_card
 from ..chat_template import IGNORE_INDEX, install_chat_template, resolve_template
 from ..config import AdapterSpec, RunConfig, config_hash
 from ..console import progress_file
+from ..devices import Precision, detect, training_precision
 from ..errors import UserError
 from ..examples import collate, load_records, tokenize_records
 from ..head_loss import loss_path, token_losses
@@ -73,6 +75,9 @@ def train_fingerprint(cfg: RunConfig, name: str) -> str:
         "stage": "train", "adapter": without_unset(spec.model_dump(mode="json"), ("mix",)),
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
         "training": _training_settings(cfg), "seed": cfg.seed,
+        # what `auto` resolves to here: an adapter trained in float32 on a CPU is not current
+        # for a bf16 GPU run of the same config
+        "compute_dtype": resolve_compute_dtype(cfg.model.quantization, default_device()),
         "curated": {d: artifact_id(layout.curated(d)) for d in spec.datasets},
         "on_top_of": {n: artifact_id(layout.adapter(n)) for n in spec.on_top_of},
     })
@@ -83,8 +88,9 @@ def _training_settings(cfg: RunConfig) -> dict:
     adapters built before it keep their fingerprints; the validation curve's settings left out
     (they change no weight)."""
     settings = cfg.training.model_dump(mode="json", exclude={"eval_steps", "eval_samples"})
-    if settings.get("seed") is None:
-        settings.pop("seed", None)
+    for unset in ("seed", "autocast"):  # auto: resolved below (compute dtype) and in the manifest
+        if settings.get(unset) is None:
+            settings.pop(unset, None)
     return settings
 
 
@@ -151,6 +157,8 @@ class Session:
     targets: list[str]
     attention: str | None
     compute_dtype: str  # resolved for this process's device
+    precision: Precision = Precision(None, False)  # autocast and loss scaling of the forward
+    scaler: object = None  # torch.amp.GradScaler with float16 autocast
     start: int = 0
     history: list[dict] = field(default_factory=list)
     curve: ValidationCurve | None = None  # the validation loss beside the training loss
@@ -179,9 +187,12 @@ def setup(job: TrainJob, tokenizer, world: World) -> Session:
                               num_warmup_steps=int(round(t.warmup_ratio * job.total_steps)),
                               num_training_steps=job.total_steps)
     pack_length = (t.pack_length or cfg.model.max_input_len) if built.attention else None
+    compute_dtype = resolve_compute_dtype(cfg.model.quantization, world.device)
+    precision = training_precision(compute_dtype, detect(world.device), t.autocast)
     session = Session(world, built.model, built.model, params, optimizer, optimizer_name,
-                      scheduler, pack_length, built.targets, built.attention,
-                      resolve_compute_dtype(cfg.model.quantization, world.device))
+                      scheduler, pack_length, built.targets, built.attention, compute_dtype,
+                      precision, torch.amp.GradScaler(torch.device(world.device).type)
+                      if precision.loss_scaling else None)
     job.work.mkdir(parents=True, exist_ok=True)
     session.start = _load_checkpoint(job, session)
     history_path = job.work / "metrics.jsonl"
@@ -206,7 +217,7 @@ def _announce(job: TrainJob, s: Session, tokenizer) -> None:
               "the model's own chat format")
     print(f"train {job.name}: LoRA r={cfg.training.lora.r} on {len(s.targets)} linear kinds "
           f"({', '.join(s.targets)}); packed attention: {s.attention or 'off'}; compute dtype: "
-          f"{s.compute_dtype}; allocator: {active_allocator()}")
+          f"{s.compute_dtype} ({s.precision.describe()}); allocator: {active_allocator()}")
     if s.start:
         print(f"train {job.name}: resuming from step {s.start}/{job.total_steps}")
 
@@ -224,6 +235,7 @@ def _save_checkpoint(job: TrainJob, s: Session, step: int) -> None:
             save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(s.model).items()},
                       str(tmp / "adapter_model.safetensors"))
             torch.save({"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+                        "scaler": s.scaler.state_dict() if s.scaler is not None else None,
                         "step": step, "rng": rng, "fingerprint": job.fingerprint}, tmp / "state.pt")
     barrier(s.world)
 
@@ -236,12 +248,16 @@ def _load_checkpoint(job: TrainJob, s: Session) -> int:
     state_path = job.work / "checkpoint" / "state.pt"
     if not state_path.exists():
         return 0
-    state = torch.load(state_path, weights_only=True)  # tensors and plain values only
+    # tensors and plain values only, onto the CPU: rank 0 saved its own CUDA tensors, which
+    # would otherwise all land on cuda:0; the optimiser moves its state to its parameters' device
+    state = torch.load(state_path, weights_only=True, map_location="cpu")
     if state.get("fingerprint") != job.fingerprint:
         return 0
     set_peft_model_state_dict(s.model, load_file(job.work / "checkpoint" / "adapter_model.safetensors"))
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
+    if s.scaler is not None and state.get("scaler"):
+        s.scaler.load_state_dict(state["scaler"])
     if len(state["rng"]) == s.world.size:  # a different process count cannot replay the RNG
         rng = state["rng"][s.world.rank]
         torch.set_rng_state(rng["torch"])
@@ -271,27 +287,44 @@ def train_step(job: TrainJob, s: Session, window: list[int], pad_id: int) -> dic
     record: loss (token-weighted mean over every process), trained tokens, padding."""
     world, t = s.world, job.cfg.training
     mine, weight, batches = _step_batches(job, s, window, pad_id)
+    # counted on the CPU batches: no device read per micro-batch
     local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     (step_tokens,) = all_sum(world, [local_tokens * weight])
-    loss_local = 0.0
+    loss_local = torch.zeros((), dtype=torch.float64, device=world.device)
     for k, b in enumerate(batches):
-        b = {key: v.to(world.device) for key, v in b.items()}
+        b = {key: v.to(world.device, non_blocking=True) for key, v in b.items()}
         sync = world.size == 1 or k == len(batches) - 1
         with (contextlib.nullcontext() if sync else s.ddp.no_sync()):
-            loss_sum, _ = token_losses(s.ddp, b)
-            (loss_sum * (weight * world.size / max(step_tokens, 1))).backward()
-        loss_local += loss_sum.item() * weight
+            with _autocast(s):
+                loss_sum, _ = token_losses(s.ddp, b)
+            scaled = loss_sum * (weight * world.size / max(step_tokens, 1))
+            (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
+        loss_local += loss_sum.detach() * weight
     real = sum(job.lengths[i] for i in mine) * weight
     padded = sum(b["input_ids"].numel() for b in batches) * weight
-    loss_total, real, padded = all_sum(world, [loss_local, real, padded])
+    loss_total, real, padded = all_sum(world, [float(loss_local), real, padded])  # one read
     loss = loss_total / max(step_tokens, 1)
     if not math.isfinite(loss):
         return {"loss": loss}
+    if s.scaler is not None:  # float16: gradients unscaled before clipping; a step whose
+        s.scaler.unscale_(s.optimizer)  # scaled gradients overflowed is skipped by the scaler
     torch.nn.utils.clip_grad_norm_(s.params, t.max_grad_norm)
-    s.optimizer.step()
+    if s.scaler is not None:
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+    else:
+        s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, "trained_tokens": int(step_tokens), "real": real, "padded": padded}
+
+
+def _autocast(s: Session):
+    """The forward's autocast context (`devices.training_precision`), or none."""
+    if s.precision.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(s.world.device).type,
+                          dtype=getattr(torch, s.precision.autocast_dtype))
 
 
 def fit(job: TrainJob, s: Session, pad_id: int, progress: Progress | None = None,
@@ -443,21 +476,57 @@ def train_one_adapter(cfg: RunConfig, name: str, tokenizer, progress: Progress |
                "val_loss": next((r["val_loss"] for r in reversed(h) if "val_loss" in r), None),
                "optimizer": s.optimizer_name, "processes": world.size,
                "packing": bool(s.pack_length), "attention": s.attention,
-               "compute_dtype": s.compute_dtype, "loss": loss_path(s.ddp),
+               "compute_dtype": s.compute_dtype, "precision": s.precision.describe(),
+               "loss": loss_path(s.ddp),
                "target_modules": s.targets, "train_seconds": round(totals["seconds"], 2),
                "real_tokens": int(totals["real"]),
                # what the loss trained on (assistant tokens), every step, resumed ones included
                "trained_tokens": sum(step["trained_tokens"] for step in h),
                "padding_pct": round(100 * (1 - totals["real"] / max(totals["padded"], 1)), 2)
                if totals["padded"] else None}
-    if world.is_main:
-        _save_adapter(job, s, tokenizer, metrics)
-        shutil.rmtree(job.work, ignore_errors=True)
-        print(f"train {name}: {job.total_steps} steps on {world.size} process(es), "
-              f"loss {metrics['first_loss']} -> {metrics['final_loss']}"
-              + (f" ({metrics['loss']})" if metrics["loss"] else ""))
-    barrier(world)
+    try:
+        if world.is_main:
+            _save_adapter(job, s, tokenizer, metrics)
+            shutil.rmtree(job.work, ignore_errors=True)
+            print(f"train {name}: {job.total_steps} steps on {world.size} process(es), "
+                  f"loss {metrics['first_loss']} -> {metrics['final_loss']}"
+                  + (f" ({metrics['loss']})" if metrics["loss"] else ""))
+        barrier(world)
+    finally:
+        release_session(s)
     return metrics
+
+
+def release_session(s: Session) -> None:
+    """Free one adapter's model and optimiser state before the next adapter of the process:
+    bitsandbytes keeps every paged optimiser buffer in a process-wide list
+    (`GlobalPageManager.paged_tensors`) for the life of the process, and a 4-bit model holds a
+    reference cycle, freed only by the cycle collector; then the CUDA cache is emptied."""
+    import gc
+
+    release_paged_state(s.optimizer)
+    s.optimizer.state.clear()
+    s.model = s.ddp = s.optimizer = s.scheduler = s.scaler = s.curve = None
+    s.params = []
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def release_paged_state(optimizer) -> int:
+    """Drop `optimizer`'s state tensors from bitsandbytes' global list of paged tensors (where
+    they stay after the optimiser is gone); returns how many were dropped."""
+    import sys
+
+    functional = sys.modules.get("bitsandbytes.functional")
+    if functional is None:  # bitsandbytes never loaded: nothing was paged
+        return 0
+    manager = functional.GlobalPageManager.get_instance()
+    mine = {id(v) for state in optimizer.state.values() for v in state.values()
+            if isinstance(v, torch.Tensor)}
+    before = len(manager.paged_tensors)
+    manager.paged_tensors[:] = [t for t in manager.paged_tensors if id(t) not in mine]
+    return before - len(manager.paged_tensors)
 
 
 def train_adapters(cfg: RunConfig, names: list[str] | None = None, force: bool = False

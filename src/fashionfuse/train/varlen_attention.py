@@ -19,6 +19,8 @@ model's own attention), saying so once.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +42,33 @@ def example_bounds(position_ids: torch.Tensor) -> list[int]:
     """Start offsets of the examples in one row (and the row length at the end)."""
     starts = torch.diff(position_ids, prepend=position_ids[:1]) != 1  # index 0 always starts
     return starts.nonzero().flatten().tolist() + [position_ids.numel()]
+
+
+class _SizesOnce:
+    """The example sizes of each row of the micro-batch's `position_ids`, computed once per
+    tensor: every layer (and a checkpointed layer's recomputation) receives the same tensor, so
+    the device is read once per micro-batch instead of once per layer."""
+
+    def __init__(self):
+        self._ref, self._version, self._sizes = None, None, None
+
+    def __call__(self, position_ids: torch.Tensor, batch: int, length: int) -> list[list[int]]:
+        import weakref
+
+        if (self._ref is not None and self._ref() is position_ids
+                and self._version == position_ids._version):
+            return self._sizes
+        rows = position_ids.expand(batch, length)
+        sizes = []
+        for b in range(batch):
+            bounds = example_bounds(rows[b])
+            sizes.append([e - s for s, e in zip(bounds, bounds[1:])])
+        self._ref, self._version, self._sizes = (weakref.ref(position_ids),
+                                                 position_ids._version, sizes)
+        return sizes
+
+
+row_sizes = _SizesOnce()
 
 
 def _check_supported(module, attention_mask, kwargs: dict) -> None:
@@ -100,25 +129,30 @@ def _block_attention(module, q, k, v, *, scaling, window, softcap, sinks, dropou
 
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0,
-                     scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention per example of each packed row; same output layout as transformers' sdpa."""
+                     scaling: float | None = None, compute_in: torch.dtype | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention per example of each packed row; same output layout as transformers' sdpa.
+    `compute_in`: the dtype the blocks run in (the output is cast back to the query's): on a
+    GPU the 16-bit compute dtype, so SDPA takes its flash or cuDNN kernel (see
+    `devices.attention_dtype`)."""
     _check_supported(module, attention_mask, kwargs)
     batch, _heads, length, _dim = query.shape
-    position_ids = kwargs["position_ids"].expand(batch, length)
+    sizes_per_row = row_sizes(kwargs["position_ids"], batch, length)
     p = dropout if module.training else 0.0
+    out_dtype = query.dtype
+    if compute_in is not None and query.dtype != compute_in:
+        query, key, value = query.to(compute_in), key.to(compute_in), value.to(compute_in)
     options = dict(scaling=scaling, window=kwargs.get("sliding_window"),
                    softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), dropout=p)
     rows = []
     # split, not indexed: the backward of a split is one concatenation of the blocks' gradients,
     # where an index per block would make a zero-filled full-size gradient per block and sum them
-    for b, (q, k, v) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
-        bounds = example_bounds(position_ids[b])
-        sizes = [e - s for s, e in zip(bounds, bounds[1:])]
+    for sizes, q, k, v in zip(sizes_per_row, query.split(1), key.split(1), value.split(1)):
         rows.append(torch.cat([
             _block_attention(module, qb, kb, vb, **options)
             for qb, kb, vb in zip(q.split(sizes, dim=2), k.split(sizes, dim=2),
                                   v.split(sizes, dim=2))], dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous().to(out_dtype), None
 
 
 def _features_seen(model) -> dict[str, object]:
@@ -148,11 +182,13 @@ def _features_seen(model) -> dict[str, object]:
     return seen
 
 
-def use_varlen_attention(model, log=print) -> str | None:
+def use_varlen_attention(model, log=print, capability=None, compute_dtype: str = "float32"
+                         ) -> str | None:
     """Switch `model` to per-example attention for packed training; returns the name used.
 
-    flash-attention 2 where it is installed on CUDA and the model uses no attention sinks;
-    `varlen_attention` otherwise. When the model's attention does something `varlen_attention`
+    FlashAttention-2 where it is installed and supported (`devices.flash_attention_usable`:
+    Ampere or newer) and the model uses no attention sinks; `varlen_attention` otherwise, on a
+    GPU in the 16-bit compute dtype (`devices.attention_dtype`). When the model's attention does something `varlen_attention`
     does not implement, returns None and says so once: the caller trains on padded
     micro-batches with the model's own attention instead (always exact; packing with the
     model's own block-diagonal masks is not, e.g. gpt-oss's eager attention ignores them).
@@ -166,14 +202,21 @@ def use_varlen_attention(model, log=print) -> str | None:
             "does not implement; training on padded micro-batches with the model's own "
             f"'{model.config._attn_implementation}' attention")
         return None
-    if torch.cuda.is_available() and "s_aux" not in features:
-        try:
-            import flash_attn  # noqa: F401
+    from ..devices import attention_dtype, detect, flash_attention_usable
 
+    cap = capability if capability is not None else detect(
+        str(next(model.parameters()).device))
+    if flash_attention_usable(cap) and "s_aux" not in features:
+        try:
             model.set_attn_implementation("flash_attention_2")
             return "flash_attention_2"
         except (ImportError, ValueError):
             pass
-    AttentionInterface.register(NAME, varlen_attention)
+    compute_in = attention_dtype(torch.float32, cap, compute_dtype)
+    if compute_in == torch.float32:
+        AttentionInterface.register(NAME, varlen_attention)
+    else:
+        AttentionInterface.register(NAME, functools.partial(varlen_attention,
+                                                            compute_in=compute_in))
     model.set_attn_implementation(NAME)
     return NAME

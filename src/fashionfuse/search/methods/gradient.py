@@ -38,7 +38,10 @@ def learn_weights(model, objective, names: list[str], cfg: SearchConfig,
     differences of an adapter's weights in consecutive blocks; return them and the history."""
     data = objective.data
     keys, apply = tensor_fusion_weights(model, names, cfg.granularity)
-    w = torch.tensor([init[k] for k in keys], dtype=torch.float32, requires_grad=True)
+    # on the model's device: each layer's scale is a slice of it, read without a copy per layer
+    device = next(model.parameters()).device
+    w = torch.tensor([init[k] for k in keys], dtype=torch.float32, device=device,
+                     requires_grad=True)
     index = {k: i for i, k in enumerate(keys)}
     pairs = [(index[a], index[b]) for a, b in neighbours(keys)] if cfg.smoothness else []
     opt = torch.optim.Adam([w], lr=cfg.gradient_lr)
@@ -50,25 +53,25 @@ def learn_weights(model, objective, names: list[str], cfg: SearchConfig,
         for step in tqdm(range(cfg.gradient_steps), desc="learn weights", leave=False,
                          file=progress_file()):
             opt.zero_grad()
-            total = 0.0
+            total = torch.zeros((), dtype=torch.float64, device=device)
             for d, batches in data.batches.items():
                 for b in batches:
                     apply(w)
                     loss_sum, _ = token_losses(model, b)
                     loss = loss_sum * data.weights[d] / (counts[d] * z)
                     loss.backward()
-                    total += loss.item()
+                    total += loss.detach()
             if pairs:
                 penalty = cfg.smoothness * sum((w[i] - w[j]) ** 2 for i, j in pairs)
                 penalty.backward()
-                total += penalty.item()
+                total += penalty.detach()
             opt.step()
             with torch.no_grad():
                 w.clamp_(cfg.low, cfg.high)
-            history.append({"step": step + 1, "objective": total,
-                            "weights": {k: round(float(x), 6) for k, x in zip(keys, w.detach())}})
+            history.append({"step": step + 1, "objective": float(total),  # one read a step
+                            "weights": {k: round(x, 6) for k, x in zip(keys, w.tolist())}})
     finally:
-        learned = {k: round(float(x), 6) for k, x in zip(keys, w.detach())}
+        learned = {k: round(x, 6) for k, x in zip(keys, w.tolist())}
         set_fusion_weights(model, learned, names, cfg.granularity)  # plain float scales again
     return learned, history
 
