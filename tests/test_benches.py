@@ -48,6 +48,8 @@ MODES = [
      False),
     ("bench_search.py --seeds 1 --grid 0,1 --cmaes-settings popsize=5 --repeats 2 "
      "--val-samples 2", "cmaes_evals_pct_of_grid_max", False),
+    # the GPU check, every step on a tiny model on the CPU (exit code 1 if any step failed)
+    ("gpu_check.py --dry-run", "gpu_check: all steps passed", False),
 ]
 # the same scripts on the real model: only where `make real` has run
 REAL_MODES = [

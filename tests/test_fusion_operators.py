@@ -389,3 +389,30 @@ def test_della_with_a_searched_epsilon_through_the_cli(pipeline_run, tmp_path):
             dense.get_submodule(mod.removeprefix("base_model.model.")).weight += d
         torch.testing.assert_close(exact(ids).logits.double(), dense(ids).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_knots_basis_is_computed_once_per_layer(tiny_model, three_adapters, monkeypatch):
+    """KnOTS' SVD does not depend on the weights: the resident search computes it once per
+    layer, not once per layer per candidate, and the candidates' merges are unchanged."""
+    from fashionfuse.fusion import knots
+
+    names = ["a", "b", "c"]
+    model = attach_adapters(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                            dict(zip(names, three_adapters)))
+    calls = []
+    basis = knots.shared_basis
+    monkeypatch.setattr(knots, "shared_basis", lambda d: calls.append(1) or basis(d))
+    fusion = ResidentFusion(model, names, operator_name="knots_ties", density=0.4, seed=5)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2, 11]])
+    candidates = [{"a": 0.8, "b": 0.5, "c": 1.2}, {"a": 0.1, "b": 1.0, "c": 0.3}]
+    with torch.no_grad():
+        got = []
+        for weights in candidates:
+            fusion.apply(weights)
+            got.append(model(ids).logits)
+        assert len(calls) == len(fusion.layers)
+        fusion.close()
+        fresh = ResidentFusion(model, names, operator_name="knots_ties", density=0.4, seed=5)
+        fresh.apply(candidates[1])
+        torch.testing.assert_close(model(ids).logits, got[1])
+        fresh.close()

@@ -62,6 +62,8 @@ def recorded_weight_dtype(adapter_dir) -> str | None:
     trained, from its manifest; None when it records none."""
     from .rundir import read_manifest
 
+    if not Path(adapter_dir).is_dir():  # a searched fusion's best.json, a router file
+        return None
     manifest = read_manifest(Path(adapter_dir)) or {}
     record = manifest.get("quantization") or {}
     return record.get("weight_dtype") or (manifest.get("metrics") or {}).get("compute_dtype")

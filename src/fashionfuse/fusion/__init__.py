@@ -36,6 +36,9 @@ class MergeOperator:
     params: dict[str, float] = field(default_factory=dict)
     dense: bool = True
     function: str = "merge"
+    # a function of the module computing the weight-independent part of a merge from one
+    # module's task deltas once (KnOTS' SVD); the merge then takes it as `prepared=`
+    prepare: str | None = None
 
     def check(self, values: Mapping[str, float]) -> None:
         """Raise ValueError if these hyper-parameter values are outside the operator's domain
@@ -54,9 +57,9 @@ OPERATORS = {op.name: op for op in (
     MergeOperator("breadcrumbs", "fashionfuse.fusion.breadcrumbs",
                   {"density": 0.5, "gamma": 0.01}),
     MergeOperator("knots_ties", "fashionfuse.fusion.knots", {"density": 0.5},
-                  function="merge_ties"),
+                  function="merge_ties", prepare="shared_basis"),
     MergeOperator("knots_dare", "fashionfuse.fusion.knots", {"density": 0.5},
-                  function="merge_dare"),
+                  function="merge_dare", prepare="shared_basis"),
 )}
 # hyper-parameter names beside density (a fusion weight may not be named like one)
 OPERATOR_PARAMS = tuple(sorted({p for op in OPERATORS.values() for p in op.params} - {"density"}))
@@ -76,6 +79,12 @@ def merge_function(name: str):
     return getattr(importlib.import_module(op.module), op.function)
 
 
+def prepare_function(name: str):
+    """The weight-independent preparation of operator `name` (None when it has none)."""
+    op = OPERATORS[name]
+    return getattr(importlib.import_module(op.module), op.prepare) if op.prepare else None
+
+
 def is_dense(name: str) -> bool:
     """Whether operator `name` merges dense deltas (not the exact low-rank sum)."""
     return OPERATORS[name].dense
@@ -89,16 +98,20 @@ def delta_seed(seed: int, adapter: str, module: str) -> int:
 
 def merged_module_delta(task_deltas: list, names: list[str], module_key: str, weights,
                         *, granularity: str, operator_name: str, density: float, seed: int,
-                        params: Mapping[str, float] | None = None):
+                        params: Mapping[str, float] | None = None, prepared=None):
     """One module's fused dense update: the operator's merge of its task deltas (one per
     adapter in `names`), each adapter weighted by w(adapter, module) at `granularity` and,
     for random operators, masked with the seed derived from the run seed, adapter and module;
-    `params` sets the operator's other hyper-parameters (their defaults otherwise). The
-    resident search and the export both call this, so they merge identically."""
+    `params` sets the operator's other hyper-parameters (their defaults otherwise);
+    `prepared`: the operator's `prepare` of these deltas, computed once by a caller that merges
+    the same deltas for many candidates (the resident search). The resident search and the
+    export both call this, so they merge identically."""
     from ..adapters.weight_keys import module_weight
 
     ws = [module_weight(weights, n, module_key, granularity) for n in names]
     seeds = [delta_seed(seed, n, module_key) for n in names]
     other = {k: float((params or {}).get(k, v)) for k, v in OPERATORS[operator_name].params.items()
              if k != "density"}
+    if prepared is not None:
+        other["prepared"] = prepared
     return merge_function(operator_name)(task_deltas, ws, density=density, seeds=seeds, **other)

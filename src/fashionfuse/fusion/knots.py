@@ -37,20 +37,21 @@ def shared_basis(deltas: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.T
 
 
 def merge_ties(deltas: list[torch.Tensor], weights: list[float], *, density: float = 0.5,
-               seeds: list[int] | None = None) -> torch.Tensor:
-    """KnOTS-TIES: TIES over the aligned blocks w_i V_i^T (`seeds` unused)."""
-    us, blocks = shared_basis(deltas)
+               seeds: list[int] | None = None, prepared=None) -> torch.Tensor:
+    """KnOTS-TIES: TIES over the aligned blocks w_i V_i^T (`seeds` unused); `prepared`: the
+    deltas' `shared_basis`, when already computed (it does not depend on the weights)."""
+    us, blocks = prepared if prepared is not None else shared_basis(deltas)
     merged = disjoint_mean(torch.stack([trim(w * v, density) for w, v in zip(weights, blocks)]))
     return (us @ merged).to(deltas[0].dtype)
 
 
 def merge_dare(deltas: list[torch.Tensor], weights: list[float], *, density: float = 0.5,
-               seeds: list[int] | None = None) -> torch.Tensor:
+               seeds: list[int] | None = None, prepared=None) -> torch.Tensor:
     """KnOTS-DARE: seeded drop-and-rescale of each aligned block w_i V_i^T, then TIES' elect
-    and disjoint mean."""
+    and disjoint mean (`prepared` as for `merge_ties`)."""
     if seeds is None or len(seeds) != len(deltas):
         raise ValueError("knots_dare needs one seed per task delta")
-    us, blocks = shared_basis(deltas)
+    us, blocks = prepared if prepared is not None else shared_basis(deltas)
     dropped = [w * v * drop_mask(v.shape, density, s, v.device) / density
                for w, v, s in zip(weights, blocks, seeds)]
     return (us @ disjoint_mean(torch.stack(dropped))).to(deltas[0].dtype)
