@@ -192,20 +192,25 @@ def test_search_and_eval_take_the_process_device(monkeypatch):
     assert bm.default_device() == "cuda:3" and chosen == ["cuda:3"]
 
 
-def test_one_process_curates_under_torchrun(make_config, tmp_path):
-    """`torchrun ... curate` (as inside `run` and `ablate`): rank 0 curates, the other waits and
-    finds the result up to date; one writer, one set of splits."""
+def test_one_writer_per_stage_under_torchrun_run(make_config, tmp_path):
+    """`torchrun ... run` on two processes (gloo, also where one GPU is visible): rank 0 curates
+    while the other waits and finds the splits up to date; both train (DDP) and search (workers
+    on one study); rank 0 alone writes the search result and the report."""
     path = make_config()
     env = dict(os.environ, OMP_NUM_THREADS="1", FASHIONFUSE_DIST_BACKEND="gloo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29541", "-m", "fashionfuse", "curate", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+           "--master_port", "29541", "-m", "fashionfuse", "run", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    curated = re.findall(r"curate (\w+): read \d+", proc.stdout)
-    up_to_date = re.findall(r"curate (\w+): up to date", proc.stdout)
-    assert sorted(curated) == ["chat", "orca"], proc.stdout
-    assert sorted(up_to_date) == ["chat", "orca"], proc.stdout
-    assert (tmp_path / "run" / "curate" / "orca" / "train.jsonl").is_file()
+    out = proc.stdout
+    assert sorted(re.findall(r"curate (\w+): read \d+", out)) == ["chat", "orca"], out
+    assert sorted(re.findall(r"curate (\w+): up to date", out)) == ["chat", "orca"], out
+    assert len(re.findall(r"^search: \d+ trials", out, flags=re.M)) == 1, out
+    assert len(re.findall(r"^report: ", out, flags=re.M)) == 1, out
+    run = tmp_path / "run"
+    assert (run / "search" / "best.json").is_file() and (run / "report.html").is_file()
+    assert json.loads((run / "adapters/orca/manifest.json").read_text())["metrics"][
+        "processes"] == 2
 
 
 def test_report_is_written_by_rank_zero_only(monkeypatch, tmp_path):

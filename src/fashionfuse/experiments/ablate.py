@@ -350,12 +350,15 @@ def _ablate_one(cfg: RunConfig, force: bool) -> tuple[dict, dict, list]:
     eval's task specs)."""
     from ..evaluate import evaluate
     from ..evaluate.harness import task_specs
+    from ..train.distributed import is_main_process
     from .verdict import load_items
 
     models = build_variants(cfg, force)
     out = RunLayout(cfg.run_dir).ablation("eval")
     acfg = ablation_config(cfg)
     table = evaluate(acfg, force=force, models=models, out=out)
+    if not is_main_process():  # under a launcher rank 0 gathers the scores and writes
+        return {}, {}, []
     table = comparison(table, [m for m in models if m.startswith("V0.1 ")])
     return table, load_items(out, list(models)), task_specs(acfg)
 
@@ -363,10 +366,13 @@ def _ablate_one(cfg: RunConfig, force: bool) -> tuple[dict, dict, list]:
 def ablate(cfg: RunConfig, force: bool = False) -> dict:
     """Build and score every configured variant with the same eval (once per `ablate.seeds`
     entry); write the comparison with its verdict."""
+    from ..train.distributed import is_main_process
     from .seeds import combine_tables, seed_configs
     from .verdict import verdict_markdown, verdicts
 
     runs = [_ablate_one(c, force) for c in seed_configs(cfg)]
+    if not is_main_process():
+        return {}
     if len(runs) == 1:
         table, items, specs = runs[0]
     else:
