@@ -211,3 +211,21 @@ def test_liger_kernel_agrees_on_cuda(name):
     _assert_same(_loss_and_grads(model, batch, token_losses),
                  _loss_and_grads(model, batch, full_logits_loss))
     assert head_loss.loss_path(model) == "liger fused linear cross-entropy"
+
+
+def test_the_backward_scales_a_bfloat16_gradient_in_float32():
+    """The loss is scaled by weight x processes / step tokens (here 1/509) before backward: the
+    hidden-state gradient is the unscaled one times that factor rounded once, not times the
+    factor rounded to bfloat16 first (up to 0.4 % off)."""
+    from fashionfuse.head_loss import _ChunkedHeadCrossEntropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 97, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(40, 32, dtype=torch.bfloat16)
+    labels = torch.randint(0, 97, (40,))
+    grads = []
+    for factor in (1.0, 1 / 509):
+        h = hidden.clone().requires_grad_()
+        (_ChunkedHeadCrossEntropy.apply(h, labels, head, lambda x: x, 16) * factor).backward()
+        grads.append(h.grad)
+    assert torch.equal(grads[1], (grads[0].float() * (1 / 509)).to(torch.bfloat16))

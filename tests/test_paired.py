@@ -97,3 +97,20 @@ def test_the_verdict_shows_every_comparison_and_only_retention_changes():
         "fused - all-data", "a - base, retention",
         ("retention of the 2 other rows cannot be told apart from the base's (differences "
          "-1.50 to +0.00 points)")]
+
+
+def test_a_comparison_without_common_items_is_shown_as_such():
+    """A retention comparison with no items in common (low = high = None) is its own line ("no
+    items in common"), not a TypeError."""
+    from fashionfuse.evaluate.paired import verdict_line
+    from fashionfuse.experiments.verdict import shown_lines
+
+    empty = {"difference": None, "low": None, "high": None, "items": 0}
+    lines = [{"label": "x - base, retention", "statistic": "retention", **empty,
+              "line": verdict_line("x - base, retention", empty)},
+             {"label": "y - base, retention", "statistic": "retention", "difference": 0.5,
+              "low": -1.0, "high": 2.0, "items": 4, "line": "y"}]
+    assert shown_lines(lines) == [
+        "x - base, retention: no items in common",
+        "retention of the 1 other rows cannot be told apart from the base's (differences "
+        "+0.50 to +0.50 points)"]

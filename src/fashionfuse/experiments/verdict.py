@@ -71,8 +71,10 @@ def shown_lines(lines: list[dict]) -> list[str]:
     whose interval excludes 0, the rest in one line."""
     shown = [v["line"] for v in lines if v["statistic"] != "retention"]
     retention = [v for v in lines if v["statistic"] == "retention"]
-    shown += [v["line"] for v in retention if not v["low"] <= 0 <= v["high"]]
-    same = [v for v in retention if v["low"] <= 0 <= v["high"]]
+    # a comparison with no items in common has no interval: its line says so
+    shown += [v["line"] for v in retention
+              if v["low"] is None or not v["low"] <= 0 <= v["high"]]
+    same = [v for v in retention if v["low"] is not None and v["low"] <= 0 <= v["high"]]
     if same:
         shown.append(f"retention of the {len(same)} other rows cannot be told apart from the "
                      f"base's (differences {min(v['difference'] for v in same):+.2f} to "
