@@ -187,12 +187,13 @@ class NearDedupConfig(_Strict):
     enabled: bool = False
     """drop records more than `threshold` similar (MinHash-verified Jaccard of character
     shingles) to an earlier kept record"""
-    threshold: Annotated[float, Field(gt=0, le=1)] = 0.9
-    """drop records more than `threshold` similar (MinHash-verified Jaccard of character
-    shingles) to an earlier kept record"""
+    threshold: Annotated[float, Field(ge=0.1, le=1)] = 0.9
+    """the Jaccard similarity of character shingles (MinHash-verified) above which a record
+    counts as a near duplicate of an earlier kept one (0.1 to 1; candidates are found by LSH
+    banding that misses a pair at the threshold with probability <= 1e-4)"""
     ngram: Annotated[int, Field(gt=0)] = 5
-    """drop records more than `threshold` similar (MinHash-verified Jaccard of character
-    shingles) to an earlier kept record"""
+    """characters per shingle: the similarity is measured on the sets of `ngram`-character
+    substrings of the two conversations"""
 
 
 class FilterConfig(_Strict):

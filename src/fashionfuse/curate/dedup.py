@@ -26,24 +26,25 @@ from pathlib import Path
 import numpy as np
 
 from .decontaminate import jaccard, shingles
-from .minhash import KeyIndex, keys_of, lsh_params, signature
+from .minhash import KeyIndex, keys_of, recall_params, signature
 from .records import Record, Rejection
 
 NUM_PERM = 128
+MISS_AT_THRESHOLD = 1e-4  # the chance that LSH never proposes a pair exactly at the threshold
 SEED = 1
 
 
 @dataclass(frozen=True)
 class NearParams:
-    """Near-duplicate settings: similarity `threshold` on character `ngram` shingles; LSH
-    candidates from a lower threshold (0.3 below, at least 0.5) so recall stays high."""
+    """Near-duplicate settings: similarity `threshold` on character `ngram` shingles; the LSH
+    banding misses a pair at the threshold with probability <= 1e-4 (`recall_params`)."""
 
     threshold: float
     ngram: int
 
     @property
     def bands_rows(self) -> tuple[int, int]:
-        return lsh_params(max(0.5, self.threshold - 0.3), NUM_PERM)
+        return recall_params(self.threshold, NUM_PERM, MISS_AT_THRESHOLD)
 
 
 def conversation_text(rec: Record) -> str:

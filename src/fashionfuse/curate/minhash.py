@@ -35,6 +35,28 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=None)
+def recall_params(threshold: float, num_perm: int, miss: float = 1e-4) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= num_perm such that a pair exactly at `threshold`
+    similarity shares no band with probability at most `miss`, (1 - t^rows)^bands <= miss;
+    among those, the fewest candidates below the threshold (the smallest area under the
+    candidate probability there). Raises ValueError when no banding reaches `miss` (thresholds
+    under about 0.07 with 128 permutations)."""
+    lo = np.linspace(0.0, threshold, 513)
+    best, best_fp = None, float("inf")
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            if (1 - threshold ** r) ** b > miss:
+                continue
+            fp = np.trapezoid(1 - (1 - lo ** r) ** b, lo)
+            if fp < best_fp:
+                best, best_fp = (b, r), fp
+    if best is None:
+        raise ValueError(f"no LSH banding of {num_perm} permutations misses a pair at "
+                         f"similarity {threshold} with probability <= {miss}")
+    return best
+
+
+@lru_cache(maxsize=None)
 def _multipliers(n: int) -> np.ndarray:
     return np.random.default_rng(20240607).integers(1, 2 ** 63, size=n, dtype=np.uint64) | np.uint64(1)
 
