@@ -101,6 +101,8 @@ def test_export_writes_llama_cpp_lora_and_vllm_adapter(exported_run):
     parts = manifest["metrics"]["gguf_lora"]["parts"]
     assert {k: v["scale"] for k, v in parts.items()} == best
     assert all(Path(p["file"]).is_file() for p in parts.values())
+    flag = manifest["metrics"]["gguf_lora"]["lora_scaled"].split(" ", 1)[1]
+    assert _llama_cpp_lora_scaled(flag) == [(p["file"], p["scale"]) for p in parts.values()]
 
     vllm = manifest["metrics"]["vllm"]
     assert fused.config["r"] > 4 and vllm["rank"] == 4 and not vllm["exact"]
@@ -268,3 +270,28 @@ def test_the_check_needs_a_gguf_base(exported_run):
     result = runner.invoke(app, ["export", str(config(formats=["gguf_lora"], check=True))])
     assert result.exit_code == 2 and "model.base must be a .gguf file" in result.output
     assert (run / "export" / "fused.gguf").is_file()
+
+
+def _llama_cpp_lora_scaled(value: str) -> list[tuple[str, float]]:
+    """How llama.cpp's common/arg.cpp reads `--lora-scaled VALUE` (the release
+    scripts/build_llama_cpp.py builds): comma-separated items, each split on ':' into exactly
+    FNAME and SCALE, else "lora-scaled format: FNAME:SCALE"."""
+    out = []
+    for item in value.split(","):
+        parts = item.split(":")
+        if len(parts) != 2:
+            raise ValueError("lora-scaled format: FNAME:SCALE")
+        out.append((parts[0], float(parts[1])))
+    return out
+
+
+def test_lora_scaled_flag_parses_as_llama_cpp_reads_it(tmp_path):
+    from fashionfuse.deploy.pipeline import lora_scaled_flag
+    from fashionfuse.errors import UserError
+
+    files = {tmp_path / "parts" / "chat.gguf": 0.5, tmp_path / "parts" / "orca.gguf": 1.25}
+    flag, value = lora_scaled_flag(files).split(" ", 1)
+    assert flag == "--lora-scaled"
+    assert _llama_cpp_lora_scaled(value) == [(str(p), w) for p, w in files.items()]
+    with pytest.raises(UserError, match="':' or ','"):
+        lora_scaled_flag({tmp_path / "a:b.gguf": 1.0})

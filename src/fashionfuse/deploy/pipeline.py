@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ..config import RunConfig
-from ..errors import MissingFileError
+from ..errors import MissingFileError, UserError
 from ..gguf_base import checkpoint_dir, gguf_path
 from ..rundir import RunLayout, artifact_id, fingerprint, write_manifest
 from .gguf_lora import ExportError, model_config_of, write_gguf_lora
@@ -51,9 +51,22 @@ def _gguf_lora(cfg, label, adapter_dir, model_config, out) -> dict:
         record["parts"] = {name: {**write_gguf_lora(layout.adapter(name), model_config,
                                                     out / "parts" / f"{name}.gguf"), "scale": w}
                            for name, w in parts.items()}
-        record["lora_scaled"] = " ".join(f"--lora-scaled {out / 'parts' / f'{n}.gguf'} {w:g}"
-                                         for n, w in parts.items())
+        record["lora_scaled"] = lora_scaled_flag(
+            {out / "parts" / f"{n}.gguf": w for n, w in parts.items()})
     return record
+
+
+def lora_scaled_flag(files: dict) -> str:
+    """llama.cpp's flag applying several GGUF LoRAs with their scales: `--lora-scaled
+    FNAME:SCALE,FNAME:SCALE` (common/arg.cpp of the llama.cpp that scripts/build_llama_cpp.py
+    builds splits the value on commas, then each item on ':' into exactly two parts; the older
+    `--lora-scaled FNAME SCALE` no longer parses). A path with ':' or ',' cannot be written in
+    it: refused in one line."""
+    for path in files:
+        if ":" in str(path) or "," in str(path):
+            raise UserError(f"export: {path}: llama.cpp's --lora-scaled cannot name a file whose "
+                            "path holds ':' or ','; export under another run_dir")
+    return "--lora-scaled " + ",".join(f"{path}:{w:g}" for path, w in files.items())
 
 
 def _merged_gguf(cfg, label, adapter_dir, out) -> dict:
