@@ -99,10 +99,19 @@ def test_refuses_dora(tiny_model, mixed_rank_adapters, tmp_path):
         load_saved_adapter(dora)
 
 
-def test_refuses_mixed_rslora(tiny_model, mixed_rank_adapters, tmp_path):
+def test_mixes_rslora_and_plain_scaling_exactly(tiny_model, mixed_rank_adapters, tmp_path):
+    """Each adapter's own scale (alpha / sqrt(r) with rsLoRA) is folded into its B: a mixture of
+    rsLoRA and plain LoRA is the exact sum of their updates."""
+    from fashionfuse.adapters.saved import task_delta
+
     rs = _make_adapter(tiny_model, tmp_path / "rs", r=2, alpha=4, seed=5, use_rslora=True)
-    with pytest.raises(FusionError, match="rsLoRA"):
-        fuse_adapters([load_saved_adapter(mixed_rank_adapters[0]), load_saved_adapter(rs)], [1, 1])
+    parts = [load_saved_adapter(mixed_rank_adapters[0]), load_saved_adapter(rs)]
+    config, tensors = fuse_adapters(parts, [0.5, 2.0])
+    assert config["lora_alpha"] == config["r"] and not config["use_rslora"]
+    for m in parts[0].modules:
+        got = tensors[f"{m}.lora_B.weight"].double() @ tensors[f"{m}.lora_A.weight"].double()
+        want = 0.5 * task_delta(parts[0], m) + 2.0 * task_delta(parts[1], m)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_refuses_other_base_and_other_targets(tiny_model, mixed_rank_adapters, tmp_path):

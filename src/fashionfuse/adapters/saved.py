@@ -42,12 +42,50 @@ class SavedAdapter:
 
     @property
     def scale(self) -> float:
+        """The adapter-wide scale from `r` and `lora_alpha` (each module's: `module_scale`)."""
         r, alpha = self.config["r"], self.config["lora_alpha"]
         return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
     @property
     def modules(self) -> set[str]:
         return set(self.lora_a)
+
+    def rank_of(self, module: str) -> int:
+        """The module's own rank (its `rank_pattern` entry, else `r`): A's rows."""
+        return int(self.lora_a[module].shape[0])
+
+    def module_scale(self, module: str) -> float:
+        """PEFT's scale of one module: its alpha (the first `alpha_pattern` key matching the
+        module's name as PEFT matches it, else `lora_alpha`) over its own rank, or over the
+        rank's square root with rsLoRA."""
+        r, alpha = self.rank_of(module), self.config["lora_alpha"]
+        patterns = self.config.get("alpha_pattern") or {}
+        key = pattern_key(patterns, module)
+        if key is not None:
+            alpha = patterns[key]
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.rank_of(m) for m in self.modules)
+
+    def padded(self, module: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one module with zero rows of A and zero columns of B up to `rank`: the
+        same update B A, in one rank for every module."""
+        a, b = self.lora_a[module], self.lora_b[module]
+        extra = rank - a.shape[0]
+        if extra <= 0:
+            return a, b
+        return (torch.cat([a, a.new_zeros(extra, a.shape[1])], dim=0),
+                torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1))
+
+
+def pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
+    """The first key of a PEFT `rank_pattern` / `alpha_pattern` that matches `module` the way
+    PEFT matches it (`(.*[.])?KEY$` as a regular expression on the module's name), else None."""
+    import re
+
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
 
 
 def load_saved_adapter(path: str | Path) -> SavedAdapter:
@@ -58,8 +96,9 @@ def load_saved_adapter(path: str | Path) -> SavedAdapter:
         if not f.exists():
             raise FusionError(f"{f}: not found (is {path} a PEFT LoRA adapter directory?)")
     config = json.loads(cfg_file.read_text())
-    if config.get("use_dora"):
-        raise FusionError(f"{path}: DoRA adapters are not a linear update and cannot be fused")
+    refused = unfusable_feature(config)
+    if refused:
+        raise FusionError(f"{path}: {refused}")
     tensors = load_file(weights_file)
     lora_a, lora_b = {}, {}
     for key, t in tensors.items():
@@ -75,6 +114,22 @@ def load_saved_adapter(path: str | Path) -> SavedAdapter:
     return SavedAdapter(path, config, lora_a, lora_b)
 
 
+def unfusable_feature(config: dict) -> str | None:
+    """Why an adapter of this PEFT config cannot be part of an exact weighted sum of low-rank
+    updates, in a few words; None when it can."""
+    if config.get("use_dora"):
+        return ("DoRA (use_dora) rescales each weight column by a learned magnitude: not a "
+                "linear update, cannot be fused exactly")
+    if config.get("lora_bias"):
+        return "LoRA bias (lora_bias) adds a trained bias beside B A: cannot be fused exactly"
+    if config.get("bias", "none") != "none":
+        return f"trained biases (bias: {config['bias']}) cannot be fused exactly"
+    if config.get("modules_to_save"):
+        return (f"modules_to_save {config['modules_to_save']} are whole trained modules, not "
+                "low-rank updates: cannot be fused exactly")
+    return None
+
+
 def check_fusable(adapters: list[SavedAdapter]) -> None:
     """Refuse sets of adapters whose weighted sum cannot be represented exactly."""
     if not adapters:
@@ -84,12 +139,9 @@ def check_fusable(adapters: list[SavedAdapter]) -> None:
         c = a.config
         if c.get("peft_type", "LORA") != "LORA":
             raise FusionError(f"{a.path}: peft_type {c.get('peft_type')} is not LORA")
-        if c.get("rank_pattern") or c.get("alpha_pattern"):
-            raise FusionError(f"{a.path}: per-module rank_pattern/alpha_pattern are not supported")
-        if c.get("bias", "none") != "none" or c.get("modules_to_save"):
-            raise FusionError(f"{a.path}: trained biases or modules_to_save cannot be fused")
-        if bool(c.get("use_rslora")) != bool(first.config.get("use_rslora")):
-            raise FusionError(f"{a.path}: mixes rsLoRA and plain LoRA scaling with {first.path}")
+        refused = unfusable_feature(c)
+        if refused:
+            raise FusionError(f"{a.path}: {refused}")
         if not same_base(c.get("base_model_name_or_path"),
                          first.config.get("base_model_name_or_path")):
             raise FusionError(f"{a.path}: trained on base {c.get('base_model_name_or_path')!r}, "
@@ -107,21 +159,25 @@ def fuse_adapters(adapters: list[SavedAdapter], weights: list[float] | list[Mapp
                   ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Concatenate adapters into one LoRA whose update is exactly sum_i w_i scale_i B_i A_i.
     A weight is one number per adapter, or a module -> weight map (layer-wise fusion: each
-    module's block of B gets its own weight)."""
+    module's block of B gets its own weight). Each module's own scale is folded into its B
+    (rsLoRA, `alpha_pattern`), and each adapter takes its largest rank in every module (zero
+    rows and columns where its `rank_pattern` gives a module less), so the fused adapter has
+    one rank and scale 1 everywhere."""
     check_fusable(adapters)
     if len(weights) != len(adapters):
         raise FusionError(f"{len(weights)} weights for {len(adapters)} adapters")
-    total_r = sum(a.config["r"] for a in adapters)
+    ranks = [a.max_rank for a in adapters]
     tensors: dict[str, torch.Tensor] = {}
     for m in sorted(adapters[0].modules):
-        a_cat = torch.cat([a.lora_a[m].float() for a in adapters], dim=0)
-        b_cat = torch.cat([a.lora_b[m].float() * (_weight(w, m) * a.scale)
-                           for a, w in zip(adapters, weights)], dim=1)
+        parts = [a.padded(m, r) for a, r in zip(adapters, ranks)]
+        a_cat = torch.cat([pa.float() for pa, _ in parts], dim=0)
+        b_cat = torch.cat([pb.float() * (_weight(w, m) * a.module_scale(m))
+                           for (_, pb), a, w in zip(parts, adapters, weights)], dim=1)
         tensors[f"{m}.lora_A.weight"] = a_cat.contiguous()
         tensors[f"{m}.lora_B.weight"] = b_cat.contiguous()
     config = dict(adapters[0].config)
-    config.update(r=total_r, lora_alpha=total_r, use_rslora=False, lora_dropout=0.0,
-                  inference_mode=True)
+    config.update(r=sum(ranks), lora_alpha=sum(ranks), use_rslora=False, lora_dropout=0.0,
+                  inference_mode=True, rank_pattern={}, alpha_pattern={})
     return config, tensors
 
 
@@ -137,8 +193,9 @@ def save_peft_adapter(path: Path, config: dict, tensors: dict[str, torch.Tensor]
 
 
 def task_delta(adapter: SavedAdapter, module: str, dtype=torch.float64) -> torch.Tensor:
-    """One adapter's dense update of one module, scale * B @ A."""
-    return adapter.scale * (adapter.lora_b[module].to(dtype) @ adapter.lora_a[module].to(dtype))
+    """One adapter's dense update of one module, its own scale * B @ A."""
+    return adapter.module_scale(module) * (adapter.lora_b[module].to(dtype)
+                                           @ adapter.lora_a[module].to(dtype))
 
 
 def weighted_delta(adapters: list[SavedAdapter], weights: list[float] | list[Mapping[str, float]]

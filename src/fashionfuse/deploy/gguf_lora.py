@@ -74,10 +74,7 @@ def gguf_lora_tensors(adapter: SavedAdapter, model_config: dict,
     gguf = gguf_package()
 
     arch, permuted = gguf_architecture(model_config["model_type"])
-    ranks = {a.shape[0] for a in adapter.lora_a.values()}
-    if len(ranks) != 1:
-        raise ExportError(f"{adapter.path}: modules of different ranks {sorted(ranks)}; "
-                          "GGUF export needs one rank")
+    rank = adapter.max_rank  # modules of a smaller rank (rank_pattern) padded with zeros
     n_layers = model_config["num_hidden_layers"]
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_layers)
     heads = model_config["num_attention_heads"]
@@ -89,14 +86,15 @@ def gguf_lora_tensors(adapter: SavedAdapter, model_config: dict,
         if target is None:
             raise ExportError(f"{adapter.path}: module {hf_name} has no GGUF tensor name for "
                               f"architecture {arch}")
-        b = adapter.lora_b[module].float() * (adapter.scale * weight)
+        a, b = adapter.padded(module, rank)
+        b = b.float() * (adapter.module_scale(module) * weight)  # the module's own scale
         if permuted and hf_name.endswith("q_proj"):
             b = permute_rows(b, heads)
         elif permuted and hf_name.endswith("k_proj"):
             b = permute_rows(b, kv_heads)
-        out[f"{target}.weight.lora_a"] = adapter.lora_a[module].float().contiguous()
+        out[f"{target}.weight.lora_a"] = a.float().contiguous()
         out[f"{target}.weight.lora_b"] = b.contiguous()
-    return arch, ranks.pop(), out
+    return arch, rank, out
 
 
 def write_gguf_lora(adapter_dir: Path, model_config: dict, out_file: Path,

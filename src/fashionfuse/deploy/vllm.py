@@ -87,12 +87,22 @@ def export_vllm(adapter_dir: Path, out_dir: Path, max_rank: int | None) -> dict:
     started = time.perf_counter()
     adapter = load_saved_adapter(adapter_dir)
     config = {k: v for k, v in adapter.config.items() if k != "modules_to_save"}
-    rank = config["r"]
+    rank = adapter.max_rank
     if max_rank is None or rank <= max_rank:
         tensors = {}
+        # vLLM scales every module by lora_alpha / r: an adapter with per-module ranks or
+        # alphas is written with each module's own scale folded into B, padded to one rank
+        # with zeros, and alpha = r (scale 1): the same update, in vLLM and in PEFT
+        uniform = not (config.get("rank_pattern") or config.get("alpha_pattern"))
         for m in sorted(adapter.modules):
-            tensors[f"{m}.lora_A.weight"] = adapter.lora_a[m].contiguous()
-            tensors[f"{m}.lora_B.weight"] = adapter.lora_b[m].contiguous()
+            a, b = (adapter.lora_a[m], adapter.lora_b[m]) if uniform else adapter.padded(m, rank)
+            if not uniform:
+                a, b = a.float(), b.float() * adapter.module_scale(m)
+            tensors[f"{m}.lora_A.weight"] = a.contiguous()
+            tensors[f"{m}.lora_B.weight"] = b.contiguous()
+        if not uniform:
+            config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={},
+                          alpha_pattern={})
         svd = {"rank": rank, "relative_error": 0.0, "exact": True}
     else:
         tensors, svd = svd_lora({m: task_delta(adapter, m) for m in adapter.modules}, max_rank)
