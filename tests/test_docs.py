@@ -115,3 +115,48 @@ def test_build_llama_cpp_help_builds_nothing(tmp_path):
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0 and "usage:" in done.stdout
     assert not (tmp_path / "cache").exists()
+
+
+def test_configuration_page_is_what_the_models_generate():
+    """docs/configuration.md holds the generated tables (readable on GitHub, not only on the
+    built site); after a field changes, `python docs/hooks/config_reference.py` rewrites them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "config_reference", ROOT / "docs" / "hooks" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert module.END in page
+    assert page == module.with_reference(page), \
+        "docs/configuration.md is stale: run python docs/hooks/config_reference.py"
+
+
+def test_each_field_has_a_description_of_its_own():
+    """No description copied over several fields of one section."""
+    from collections import defaultdict
+
+    rows, _ = _reference_rows()
+    seen = defaultdict(list)
+    for path, _type, _default, meaning in rows:
+        seen[(path.rsplit(".", 1)[0] if "." in path else "", meaning)].append(path)
+    shared = [paths for paths in seen.values() if len(paths) > 1]
+    assert not shared, shared
+
+
+FIGURE = re.compile(r"\b(\d[\d,]*(?:\.\d+)?)\s?(?:GB|MiB|GiB|tokens/s|rows/s)\b|\b(\d+\.\d+)x\b")
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/index.md", "docs/getting-started.md",
+                                  "docs/architecture.md", "docs/your-data.md"])
+def test_quoted_figures_are_the_benchmarks_own(page):
+    """A memory, throughput or ratio figure quoted on a reader's page is one that
+    docs/benchmarks.md (or docs/results.md) holds, where its command and machine are: a figure
+    re-measured there and forgotten here fails."""
+    source = (ROOT / "docs" / "benchmarks.md").read_text() + \
+        (ROOT / "docs" / "results.md").read_text()
+    numbers = set(re.findall(r"\d[\d,]*(?:\.\d+)?", source))
+    text = (ROOT / page).read_text()
+    quoted = [(m.group(0), m.group(1) or m.group(2)) for m in FIGURE.finditer(text)]
+    missing = [figure for figure, number in quoted if number not in numbers]
+    assert not missing, f"{page} quotes figures docs/benchmarks.md does not hold: {missing}"

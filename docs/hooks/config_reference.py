@@ -1,6 +1,12 @@
-"""MkDocs hook: the configuration page's field tables, generated at build time from
-fashionfuse's pydantic models (each field's path, type, default and description), so the page
-cannot drift from the code. `tests/test_docs.py` checks every field has a description."""
+"""The configuration page's field tables, generated from fashionfuse's pydantic models (each
+field's path, type, default and description) and committed in docs/configuration.md between
+the two markers, so the page reads the same on GitHub and on the site:
+
+    python docs/hooks/config_reference.py     # rewrite the tables after changing a field
+
+`tests/test_docs.py` fails when the committed tables are not what the models generate, and
+checks every field has a description of its own. As an MkDocs hook it puts the generated
+tables in the page at build time (the same text when the page is current)."""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 MARKER = "<!-- config-reference -->"
+END = "<!-- /config-reference -->"
+PAGE = __import__("pathlib").Path(__file__).resolve().parents[1] / "configuration.md"
 
 
 def _sections(annotation) -> list[type[BaseModel]]:
@@ -89,5 +97,20 @@ def reference_markdown() -> str:
     return "\n".join(parts)
 
 
+def with_reference(markdown: str) -> str:
+    """The page with the generated tables between its markers."""
+    head, rest = markdown.split(MARKER, 1)
+    tail = rest.split(END, 1)[1] if END in rest else "\n"
+    return f"{head}{MARKER}\n\n{reference_markdown()}\n{END}{tail}"
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
-    return markdown.replace(MARKER, reference_markdown()) if MARKER in markdown else markdown
+    return with_reference(markdown) if MARKER in markdown else markdown
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(PAGE.parents[1] / "src"))
+    PAGE.write_text(with_reference(PAGE.read_text()))
+    print(f"wrote {PAGE}")

@@ -19,7 +19,6 @@ from .config import (
     RunConfig,
     base_kind,
     filesystem_problems,
-    hub_cache_problem,
     load_config,
 )
 from .experiments.pipeline import run_stage
@@ -71,25 +70,26 @@ def _load(config: Path, overrides: Optional[list[str]], reads_sources: bool = Tr
     """The validated config, with everything it points to checked to exist (nothing written).
     `reads_sources`: the local sources must exist and their first rows read in their format.
     `tasks`: also resolve its lm-eval task names ("names"), and require an eval task ("eval").
-    A hub-id base that cannot be loaded offline stops a stage, and is a note for `validate`."""
+    Hub ids: offline they must be in the local cache; `validate` online asks the hub."""
     try:
         cfg = load_config(config, overrides or [])
     except ConfigError as exc:
         _fail(exc.problems)
     problems = filesystem_problems(cfg, reads_sources)
     if reads_sources:
-        from .curate.sources import first_rows_problem
+        from .curate.sources import first_rows_problems
 
         for i, d in enumerate(cfg.datasets):
-            if d.source.path:
-                line = first_rows_problem(f"datasets.{i}.source", d.source.format,
-                                          d.source.path, d.source.fields)
-                problems += [line] if line else []
-    hub = hub_cache_problem(cfg.model)
-    if hub and validating:
-        typer.echo(f"note: {config}: {hub}", err=True)
-    elif hub:
-        problems.append(hub)
+            if d.source.path and Path(d.source.path).is_file():
+                problems += first_rows_problems(f"datasets.{i}.source", d.source.format,
+                                                d.source.path, d.source.fields,
+                                                strict=cfg.curate.strict)
+    from .hub_ids import hub_id_problems
+
+    hub, notes = hub_id_problems(cfg, ask_hub=validating)
+    problems += hub
+    for note in notes:
+        typer.echo(f"note: {config}: {note}", err=True)
     if tasks is not None:
         from .evaluate.lm_eval_run import task_name_problems
 

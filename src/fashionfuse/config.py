@@ -120,11 +120,11 @@ class SourceConfig(_Strict):
     path: str | None = Field(default=None, description="Local .jsonl/.json/.csv/.parquet file")
     hub: str | None = Field(default=None, description="Hub dataset name, read with `datasets`")
     hub_config: str | None = None
-    """passed to `load_dataset`"""
+    """the hub dataset's configuration (subset) name, `load_dataset`'s second argument"""
     split: str = "train"
-    """passed to `load_dataset`"""
+    """which split of the hub dataset to read (`load_dataset(split=...)`)"""
     revision: str | None = None
-    """passed to `load_dataset`"""
+    """a branch, tag or commit of the hub dataset (default: its main branch)"""
     fields: dict[str, str] = Field(
         default={}, description="Field mapping {standard name: name in this source}; a source "
         "name may reach into nested objects (data.conversation); role/content (messages) and "
@@ -164,11 +164,9 @@ class ToxicityConfig(_Strict):
     classifier: str | None = Field(
         default=None, description="Optional text-classification model (path or hub id)")
     classifier_labels: list[str] = ["toxic"]
-    """optional text-classification model (path or hub id, via transformers' pipeline): drop a
-    record when any turn scores above the threshold for one of the labels"""
+    """the classifier's labels that count as unsafe"""
     classifier_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
-    """optional text-classification model (path or hub id, via transformers' pipeline): drop a
-    record when any turn scores above the threshold for one of the labels"""
+    """a record is dropped when any turn scores above this for one of `classifier_labels`"""
 
 
 class TopicConfig(_Strict):
@@ -220,9 +218,9 @@ class FilterConfig(_Strict):
     identity: IdentityFilterConfig = IdentityFilterConfig()
     """Identity mentions (ChatGPT, OpenAI, ...) in prose"""
     min_response_chars: Annotated[int, Field(ge=0)] = 1
-    """length-abnormal bounds per response"""
+    """a record with a response shorter than this (characters) is dropped as length-abnormal"""
     max_response_chars: Annotated[int, Field(gt=0)] = 20000
-    """length-abnormal bounds per response"""
+    """a record with a response longer than this (characters) is dropped as length-abnormal"""
     dedup: bool = True
     """drop exact duplicates (case and whitespace normalised)"""
     languages: list[str] | None = Field(
@@ -289,11 +287,10 @@ class DecontaminationConfig(_Strict):
     ngram: Annotated[int, Field(gt=0)] = 5
     """shingle size in characters (text lowercased, punctuation removed)"""
     num_perm: Annotated[int, Field(ge=16)] = 128
-    """MinHash permutations and the LSH threshold for candidates (each candidate is then
-    verified exactly)"""
+    """MinHash permutations per text (more: a finer similarity estimate, slower)"""
     candidate_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    """MinHash permutations and the LSH threshold for candidates (each candidate is then
-    verified exactly)"""
+    """the similarity the LSH banding aims its candidates at, below `threshold` so few
+    contaminated queries are missed (each candidate is then verified exactly)"""
 
 
 class CurateConfig(_Strict):
@@ -310,11 +307,11 @@ class CurateConfig(_Strict):
 # --------------------------------------------------------------------------- training
 class LoraConfig(_Strict):
     r: Annotated[int, Field(gt=0)] = 64
-    """Table 4"""
+    """LoRA rank (the paper's Table 4: 64)"""
     alpha: Annotated[float, Field(gt=0)] = 16
-    """Table 4"""
+    """LoRA alpha: the update is scaled by alpha / r (Table 4: 16)"""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    """Table 4"""
+    """dropout on each LoRA layer's input (Table 4: 0.05)"""
     target_modules: Literal["all-linear"] | list[str] = Field(
         default="all-linear", description="all-linear: every linear layer of the transformer "
         "blocks, resolved per architecture (Table 4's list on Llama); or explicit module names")
@@ -467,11 +464,11 @@ class ObjectiveConfig(_Strict):
         default="val_loss", description="val_loss, lm_eval, mix, or a registered plugin")
     tasks: list[str] = Field(default=[], description="lm-eval tasks scored per candidate (lm_eval, mix)")
     include_paths: list[str] = []
-    """lm-eval tasks for `lm_eval` and `mix`"""
+    """folders of task YAMLs for those tasks beyond lm-eval's built-in ones"""
     num_fewshot: Annotated[int, Field(ge=0)] | None = None
-    """lm-eval tasks for `lm_eval` and `mix`"""
+    """few-shot examples per task prompt (default: each task's own)"""
     limit: Annotated[float, Field(gt=0)] | None = None
-    """lm-eval tasks for `lm_eval` and `mix`"""
+    """examples per task scored for each candidate (a count, or a share below 1)"""
     mix_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
     """weight of the task accuracy in `mix`"""
     allow_test_split: bool = Field(
@@ -511,28 +508,26 @@ class SearchConfig(_Strict):
         default=5, description="gp: candidates drawn at random (after the uniform start point) "
         "before the Gaussian process proposes")
     low: float = 0.0
-    """weight range and lattice for `random` (rounded draws), `tpe`, `gp` and `cmaes` (optuna
-    draws on the step lattice); `step` must divide `high - low`"""
+    """the smallest fusion weight `random`, `tpe`, `gp`, `cmaes` and `gradient` try"""
     high: float = 1.0
-    """weight range and lattice for `random` (rounded draws), `tpe`, `gp` and `cmaes` (optuna
-    draws on the step lattice); `step` must divide `high - low`"""
+    """the largest fusion weight they try"""
     step: Annotated[float, Field(gt=0)] | None = 0.05
-    """weight range and lattice for `random` (rounded draws), `tpe`, `gp` and `cmaes` (optuna
-    draws on the step lattice); `step` must divide `high - low`"""
+    """the weights' lattice for `random` (rounded draws), `tpe`, `gp` and `cmaes`; must divide
+    `high - low`; null: continuous"""
     objective: ObjectiveConfig = ObjectiveConfig()
     """What a candidate fusion is scored on (lower is better)"""
     batch_size: Annotated[int, Field(gt=0)] = 8
     """sequences per forward pass while scoring"""
     gradient_steps: Annotated[int, Field(gt=0)] = 30
-    """`gradient` method: Adam steps (one pass over the validation batches each), learning rate,
-    start weight; weights are clamped to [low, high]"""
+    """`gradient` method: Adam steps, each one pass over the validation batches (weights
+    clamped to [low, high])"""
     gradient_lr: Annotated[float, Field(gt=0)] = 0.05
-    """`gradient` method: Adam steps (one pass over the validation batches each), learning rate,
-    start weight; weights are clamped to [low, high]"""
+    """`gradient` method: Adam's learning rate on the fusion weights"""
     gradient_init: float | None = Field(default=None, description="Start weight (default: midpoint)")
     storage: str | None = Field(
         default=None, description="Optuna storage URL shared by every worker (e.g. "
-        "postgresql+psycopg2://user@host/db); default: SQLite in the run dir")
+        "postgresql+psycopg2://user@host/db); default: a journal file in the run dir "
+        "(search.work/study.journal)")
     stale_after_s: Annotated[float, Field(gt=0)] = Field(
         default=60, description="A running trial without a heartbeat for this long is "
         "treated as dead (its worker was killed) and its candidate is run again")
@@ -777,11 +772,21 @@ def dataset_name_problems(names: list) -> list[str]:
 def _raw_problems(data: dict) -> list[str]:
     """The checks that need the whole config, on the raw data, for when a field error stops
     validation before them (so one pass reports both)."""
+    problems = []
+    run_dir = data.get("run_dir")
+    if isinstance(run_dir, str) and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        problems.append(f"run_dir: {run_dir}: exists and is not a folder")
+    try:
+        model = ModelConfig.model_validate(data.get("model"))
+    except ValidationError:
+        model = None
+    if model is not None and gguf_path(model) is None:
+        problems += base_problems(model)
     datasets = data.get("datasets")
     if not isinstance(datasets, list):
-        return []
+        return problems
     names = [d.get("name") for d in datasets if isinstance(d, dict) and d.get("name")]
-    return [p for p in dataset_name_problems(names) if names]
+    return problems + [p for p in dataset_name_problems(names) if names]
 
 
 # what `recipe: fashiongpt` sets, where the config leaves the field out: (section path, value)
@@ -1019,6 +1024,8 @@ def filesystem_problems(cfg: RunConfig, reads_sources: bool = True) -> list[str]
     for field, path in files:
         if not Path(path).exists():
             problems.append(f"{field}: {path}: not found")
+        elif Path(path).is_dir() and not field.startswith("curate.decontaminate"):
+            problems.append(f"{field}: {path}: is a folder; name a file")
     folders = [(f"eval.include_paths.{i}", p) for i, p in enumerate(cfg.eval.include_paths)]
     folders += [(f"search.objective.include_paths.{i}", p)
                 for i, p in enumerate(cfg.search.objective.include_paths)]
@@ -1063,19 +1070,6 @@ def base_problems(model: ModelConfig) -> list[str]:
         return [f"model.base: {model.base}: no such folder or file (and not a hub id such as "
                 "meta-llama/Llama-2-7b-hf)"]
     return []
-
-
-def hub_cache_problem(model: ModelConfig) -> str | None:
-    """Offline (HF_HUB_OFFLINE), a hub id base must already be in the local hub cache."""
-    if base_kind(model) != "hub id" or base_problems(model) or \
-            os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(model.base, "config.json", revision=model.revision), str):
-        return None
-    return (f"model.base: {model.base}: no such local folder, and as a hub id it is not in the "
-            "local hub cache (HF_HUB_OFFLINE is set)")
 
 
 # --------------------------------------------------------------------------- loading
@@ -1143,9 +1137,15 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 
 def unknown_key_hint(loc: tuple) -> str:
-    """" (did you mean X?)" for an unknown key close to a known one at the same place."""
+    """" (did you mean X?)" for an unknown key close to a known one at the same place, or where
+    a key of another tool (axolotl, LLaMA-Factory) or a common other name goes."""
     import difflib
 
+    from .config_hints import alias_hint
+
+    alias = alias_hint(str(loc[-1]))
+    if alias:
+        return f" {alias}" if alias.startswith("(") else f" (in fashionfuse: {alias})"
     section = _model_at(loc[:-1])
     if section is None:
         return ""
@@ -1154,20 +1154,30 @@ def unknown_key_hint(loc: tuple) -> str:
         f" (known here: {', '.join(section.model_fields)})"
 
 
-def _format_errors(source: str, err: ValidationError) -> list[str]:
+PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def _format_errors(source: str, err: ValidationError, overrides: dict | None = None
+                   ) -> list[str]:
+    """One plain line per problem, `SOURCE: field: what`: pydantic's own prefixes dropped, the
+    value shown where the message does not already hold it, and a field set by `--set` blamed
+    on the `--set` (`overrides`: dotted key -> the raw option), not on the file."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in e["loc"])
+        where = overrides.get(loc, source) if overrides else source
+        if where != source:
+            where = f"--set {where}"
         msg = e["msg"]
+        for prefix in PYDANTIC_PREFIXES:
+            msg = msg.removeprefix(prefix)
         if e["type"] == "extra_forbidden":
             msg = "unknown key" + unknown_key_hint(tuple(e["loc"]))
-        elif e["type"] == "value_error" and "\n" in msg:
-            lines += [f"{source}: {loc}: {line}" if loc != "<root>" else f"{source}: {line}"
-                      for line in msg.removeprefix("Value error, ").splitlines()]
-            continue
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+        elif "input" in e and e["type"] not in ("missing", "value_error", "assertion_error") \
+                and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"{source}: {loc}: {msg}")
+        lines += [f"{where}: {loc}: {line}" if loc else f"{where}: {line}"
+                  for line in msg.splitlines()]
     return lines
 
 
@@ -1188,13 +1198,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        lines = _format_errors(str(path), exc)
+        from .config_hints import foreign_hint
+
+        set_by = {raw.split("=", 1)[0].strip(): raw for raw in overrides or []}
+        lines = [f"{path}: {line}" for line in foreign_hint(data)]  # the hint first
+        found = _format_errors(str(path), exc, set_by)
+        lines += found
         lines += [f"{path}: {p}" for p in _raw_problems(data)
-                  if not any(p in line for line in lines)]
-        if "base_model" in data and "model" not in data:
-            lines.append(f"{path}: this looks like an axolotl config; fashionfuse's own layout "
-                         "is in configs/demo.yaml and examples/ (model.base, datasets[].source, "
-                         "training, search, eval)")
+                  if not any(p in line for line in found)]
         raise ConfigError(lines) from None
 
 

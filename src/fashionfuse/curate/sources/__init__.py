@@ -186,6 +186,25 @@ def read_source(fmt: str, path: Path | None, source_name: str, *, fields: dict[s
         yield where, rec
 
 
+def first_rows_problems(field: str, fmt: str, path: str, fields: dict[str, str] | None = None,
+                        rows: int = 50, strict: bool = False) -> list[str]:
+    """`first_rows_problem`, and with `strict` (curate.strict: curation stops at the first
+    malformed row) one line for every malformed row among the first `rows`."""
+    if not strict or fmt in ROW_GROUPERS or not Path(path).is_file():
+        line = first_rows_problem(field, fmt, path, fields, rows)
+        return [line] if line else []
+    lines = []
+    try:
+        for k, (where, item) in enumerate(read_source(fmt, Path(path), "check", fields=fields)):
+            if not isinstance(item, Record):
+                lines.append(f"{field}: {where}: {item} (curate.strict stops at it)")
+            if k + 1 >= rows:
+                break
+    except UserError as exc:
+        return [f"{field}: {exc}"]
+    return lines or ([] if Path(path).stat().st_size else [f"{field}: {path}: no rows"])
+
+
 def first_rows_problem(field: str, fmt: str, path: str, fields: dict[str, str] | None = None,
                        rows: int = 50) -> str | None:
     """One line when none of the first `rows` rows of a local source reads as `fmt` (naming
