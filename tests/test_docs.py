@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
@@ -160,3 +161,28 @@ def test_quoted_figures_are_the_benchmarks_own(page):
     quoted = [(m.group(0), m.group(1) or m.group(2)) for m in FIGURE.finditer(text)]
     missing = [figure for figure, number in quoted if number not in numbers]
     assert not missing, f"{page} quotes figures docs/benchmarks.md does not hold: {missing}"
+
+
+def _documented_configs() -> dict[str, dict]:
+    """The configs a newcomer copies: the README's, docs/your-data.md's and examples/."""
+    out = {}
+    for page in ("README.md", "docs/your-data.md"):
+        blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / page).read_text(), flags=re.S)
+        out[page] = yaml.safe_load(next(b for b in blocks if "datasets:" in b))
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        out[str(path.relative_to(ROOT))] = yaml.safe_load(path.read_text())
+    return out
+
+
+def test_the_documented_configs_score_the_users_own_skills():
+    """Each documented config holds out a test split of every dataset and scores it
+    (eval.skill_tasks): the table's average is "learned my data" and "kept the rest", not the
+    leaderboard alone; and each is a valid config."""
+    from fashionfuse.config import RunConfig
+
+    configs = _documented_configs()
+    assert len(configs) >= 5
+    for name, data in configs.items():
+        cfg = RunConfig.model_validate(data)
+        assert cfg.eval.skill_tasks, name
+        assert all(d.test_fraction > 0 for d in cfg.datasets), name
