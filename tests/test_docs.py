@@ -186,3 +186,21 @@ def test_the_documented_configs_score_the_users_own_skills():
         cfg = RunConfig.model_validate(data)
         assert cfg.eval.skill_tasks, name
         assert all(d.test_fraction > 0 for d in cfg.datasets), name
+
+
+def test_every_command_help_has_examples_and_a_whole_summary():
+    """`fashionfuse --help` lists each command with a summary that is not cut mid-phrase, and
+    each command's `--help` ends with examples whose config fields exist."""
+    from fashionfuse.config import RunConfig, apply_overrides
+
+    runner = CliRunner()
+    listing = runner.invoke(app, ["--help"], terminal_width=200).output
+    assert "..." not in listing.split("Commands:")[1]
+    for command in ("validate", "curate", "train-adapter", "search-weights", "eval", "ablate",
+                    "export", "run", "report"):
+        text = runner.invoke(app, [command, "--help"], terminal_width=200).output
+        assert "Examples:" in text, command
+        examples = text.split("Examples:")[1]
+        for option in re.findall(r"--set '?([\w.]+=[^' ]+)'?", examples):
+            data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+            RunConfig.model_validate(apply_overrides(data, [option]))

@@ -53,10 +53,18 @@ def test_report_renders_every_section_with_valid_images(report_run):
 
 def test_report_says_what_is_missing(tmp_path):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.resolved.yaml").write_text("run_dir: empty\n")  # a fresh run
     result = runner.invoke(app, ["report", str(tmp_path / "empty")])
     assert result.exit_code == 0
     page = (tmp_path / "empty" / "report.html").read_text()
     assert "not curated yet" in page and "no search yet" in page and "not evaluated yet" in page
+
+
+def test_report_refuses_a_folder_that_is_no_run_dir(tmp_path):
+    """`fashionfuse report ANY_FOLDER` writes nothing there: one line, exit 2."""
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "not a fashionfuse run dir" in result.output
+    assert not (tmp_path / "report.html").exists()
 
 
 def _browser() -> str | None:

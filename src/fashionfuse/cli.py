@@ -150,7 +150,14 @@ def _leave_world() -> None:
         leave_world()
 
 
-@app.command()
+def _example(*lines: str) -> str:
+    """A command's help epilog: examples, kept as written (click's \\b: no rewrapping)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+@app.command(short_help="Check a config and everything it points to, every problem at once.",
+             epilog=_example("fashionfuse validate configs/demo.yaml",
+                             "HF_HUB_OFFLINE=1 fashionfuse validate my.yaml   # hub ids in the cache"))
 def validate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
     """Check a config and print every problem at once (lm-eval task names included)."""
     cfg = _load(config, set_, tasks="eval", validating=True)
@@ -158,16 +165,24 @@ def validate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> No
                f"{base_kind(cfg.model)}, run_dir {cfg.run_dir})")
 
 
-RoundOpt = typer.Option(None, "--round", metavar="N", help="With `rounds`: this round only")
+RoundOpt = typer.Option(
+    None, "--round", metavar="N",
+    help="With `rounds` in the config (iterative fusion, the paper's Table 6): this round only. "
+    "Round N trains its adapters on the base with rounds 1..N-1's fused adapters merged in, "
+    "then searches their weights; `run` does every round in order")
 
 
-@app.command()
+@app.command(short_help="Raw sources -> filtered, deduplicated splits; Table 1.",
+             epilog=_example("fashionfuse curate configs/demo.yaml",
+                             "fashionfuse curate my.yaml --set datasets.chat.max_records=1000"))
 def curate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
     """Raw sources -> filtered, split datasets with Table 1 statistics."""
     _run_stage("curate", config, set_, lambda cfg: run_stage(cfg, "curate", force=force))
 
 
-@app.command("train-adapter")
+@app.command("train-adapter", short_help="One QLoRA adapter per dataset (resumable).",
+             epilog=_example("fashionfuse train-adapter configs/demo.yaml --adapter chat",
+                             "torchrun --nproc_per_node 4 -m fashionfuse train-adapter my.yaml"))
 def train_adapter(
     config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
     adapter: Optional[list[str]] = typer.Option(
@@ -182,7 +197,9 @@ def train_adapter(
                reads_sources=False)
 
 
-@app.command("search-weights")
+@app.command("search-weights", short_help="Search the fusion weights; write the fused adapter.",
+             epilog=_example("fashionfuse search-weights configs/demo.yaml",
+                             "fashionfuse search-weights my.yaml --set search.method=gp"))
 def search_weights(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
                    force: bool = ForceOpt, round_: Optional[int] = RoundOpt) -> None:
     """Search fusion weights on the held-out objective; export the fused adapter."""
@@ -192,7 +209,9 @@ def search_weights(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
                tasks="names")
 
 
-@app.command("eval")
+@app.command("eval", short_help="lm-eval scores of base, adapters and fused model.",
+             epilog=_example("fashionfuse eval configs/demo.yaml",
+                             "fashionfuse eval my.yaml --limit 50   # 50 examples per task"))
 def eval_(
     config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
     limit: Optional[float] = typer.Option(
@@ -206,7 +225,10 @@ def eval_(
                reads_sources=False, tasks="eval")
 
 
-@app.command(help=(
+@app.command(short_help="The paper's comparison on your data, with its verdict.",
+             epilog=_example("fashionfuse ablate configs/demo.yaml",
+                             "fashionfuse ablate configs/demo.yaml --set 'ablate.seeds=[1234,1,2]'"),
+             help=(
     "The paper's comparison (Tables 7-8): per-dataset adapters, one adapter on all datasets, "
     "data mixes, sequential fine-tuning, fusions with fixed, searched and learned weights and "
     "the dense merge operators, scored with the same eval; writes "
@@ -221,7 +243,10 @@ def ablate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt,
                lambda cfg: _with_report(cfg, run_ablation(cfg, force=force)), tasks="eval")
 
 
-@app.command()
+@app.command(short_help="The fused adapter for llama.cpp, Ollama or vLLM.",
+             epilog=_example("fashionfuse export configs/demo.yaml",
+                             "fashionfuse export my.yaml --set 'export.formats=[vllm]' "
+                             "--set export.max_rank=64"))
 def export(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None:
     """The fused adapter (export.adapter) as a GGUF LoRA for llama.cpp/Ollama, a vLLM-ready
     adapter, or a merged GGUF file (export.formats); export.check runs it in llama.cpp."""
@@ -230,7 +255,9 @@ def export(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt) -> None
     _run_stage("export", config, set_, run_export, reads_sources=False)
 
 
-@app.command()
+@app.command(short_help="All four stages in order (skipping what is done); the report.",
+             epilog=_example("fashionfuse run configs/demo.yaml",
+                             "fashionfuse run my.yaml --force   # redo every stage"))
 def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
     """All stages in order, skipping those whose artifacts are up to date; then the report."""
     from .experiments.pipeline import run_all
@@ -239,15 +266,21 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, force: boo
                tasks="eval")
 
 
-@app.command()
+@app.command(short_help="report.html and report.md of a run dir.",
+             epilog=_example("fashionfuse report runs/demo"))
 def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run dir",
                                           show_default=False)) -> None:
     """Write RUN_DIR/report.html (self-contained) and report.md from the run's artifacts; print
     the ablation's verdict when the run has one."""
     from .experiments.report import verdict_lines, write_report
 
-    if not run_dir.is_dir():
-        _fail([f"{run_dir}: not a run dir"])
+    from .rundir import RunLayout
+
+    layout = RunLayout(run_dir)
+    if not run_dir.is_dir() or not (layout.resolved_config.is_file() or any(
+            (run_dir / stage).is_dir() for stage in ("curate", "adapters", "search", "eval"))):
+        _fail([f"{run_dir}: not a fashionfuse run dir (no {layout.resolved_config.name} and no "
+               "stage folders): give the run_dir of a config a stage has run on"])
     written = write_report(run_dir)
     for line in verdict_lines(run_dir):
         typer.echo(f"verdict: {line}")
