@@ -65,16 +65,24 @@ def test_mix_is_seeded_and_a_zero_share_drops_a_dataset():
     assert rec["b"]["examples"] == 0 and all(e["tag"] == "a" for e in none)
 
 
-def test_mix_must_name_the_adapters_datasets():
-    from pydantic import ValidationError
+def test_mix_must_name_the_adapters_datasets(make_config):
+    """A mix that does not match its datasets is reported with every other cross-field problem
+    of the config, in one pass (it used to stop validation and hide them)."""
+    from fashionfuse.config import AdapterSpec, ConfigError, load_config
 
-    from fashionfuse.config import AdapterSpec
-
-    assert AdapterSpec(name="m", datasets=["a", "b"], mix={"a": 1, "b": 3}).mix == {"a": 1, "b": 3}
-    with pytest.raises(ValidationError, match="give a share for each of datasets"):
-        AdapterSpec(name="m", datasets=["a", "b"], mix={"a": 1})
-    with pytest.raises(ValidationError, match="must not all be 0"):
-        AdapterSpec(name="m", datasets=["a", "b"], mix={"a": 0, "b": 0})
+    assert AdapterSpec(name="m", datasets=["a", "b"], mix={"a": 1, "b": 3}).mix_problems() == []
+    assert "give a share for each of datasets" in \
+        AdapterSpec(name="m", datasets=["a", "b"], mix={"a": 1}).mix_problems()[0]
+    assert "must not all be 0" in \
+        AdapterSpec(name="m", datasets=["a", "b"], mix={"a": 0, "b": 0}).mix_problems()[0]
+    path = make_config(adapters=[{"name": "m", "datasets": ["chat", "orca"], "mix": {"chat": 1}}],
+                       search={"adapters": ["nope"]}, ablate={"sequential_order": ["chat"]})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = "\n".join(err.value.problems)
+    assert "adapters.0.mix: give a share for each of datasets" in text
+    assert "search.adapters: unknown names ['nope']" in text
+    assert "ablate.sequential_order: must list every dataset once" in text
 
 
 def test_mixed_ratio_reads_layer_wise_weights_as_their_block_mean():

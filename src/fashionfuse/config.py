@@ -388,15 +388,17 @@ class AdapterSpec(_Strict):
         "together, each dataset's examples drawn in a seeded order (repeated when its share "
         "asks for more than it has), shuffled together; recorded in the manifest")
 
-    @model_validator(mode="after")
-    def _mix_names(self) -> "AdapterSpec":
-        if self.mix is not None:
-            if sorted(self.mix) != sorted(self.datasets):
-                raise ValueError(f"mix: give a share for each of datasets {self.datasets}, "
-                                 f"got {sorted(self.mix)}")
-            if not sum(self.mix.values()) > 0:
-                raise ValueError("mix: the shares must not all be 0")
-        return self
+    def mix_problems(self) -> list[str]:
+        """What is wrong with `mix` (checked with the whole config's other cross-field rules,
+        so one mistake here does not hide the others)."""
+        if self.mix is None:
+            return []
+        if sorted(self.mix) != sorted(self.datasets):
+            return [f"mix: give a share for each of datasets {self.datasets}, "
+                    f"got {sorted(self.mix)}"]
+        if not sum(self.mix.values()) > 0:
+            return ["mix: the shares must not all be 0"]
+        return []
 
 
 class RoundConfig(_Strict):
@@ -909,6 +911,7 @@ class RunConfig(_Strict):
             if unknown or not spec.datasets:
                 problems.append(f"adapters.{i}.datasets: unknown or empty {unknown} "
                                 f"(known: {names})")
+            problems += [f"adapters.{i}.{p}" for p in spec.mix_problems()]
             below = sorted(set(spec.on_top_of) - set(adapter_names))
             if below:
                 problems.append(f"adapters.{i}.on_top_of: unknown or later adapters {below}")
