@@ -136,3 +136,22 @@ def test_refuses_other_base_and_other_targets(tiny_model, mixed_rank_adapters, t
 def test_missing_adapter_dir_is_clear(tmp_path):
     with pytest.raises(FusionError, match="adapter_config.json: not found"):
         load_saved_adapter(tmp_path)
+
+
+def test_a_zero_weight_adapter_adds_nothing_to_the_fused_adapter(mixed_rank_adapters, tmp_path):
+    """Weights (0.7, 0, 0.5): the fused adapter holds the two weighted adapters only (rank
+    and size), the same update, and says which it left out."""
+    from fashionfuse.adapters.saved import weighted_delta
+    from fashionfuse.fusion.export import write_fused
+
+    saved = [load_saved_adapter(p) for p in mixed_rank_adapters[:3]]
+    names = ["a", "b", "c"][:len(saved)]
+    weights = dict(zip(names, [0.7, 0.0, 0.5]))
+    report, _ = write_fused(tmp_path / "fused", saved, names, weights)
+    fused = load_saved_adapter(tmp_path / "fused")
+    assert report["left_out_zero_weight"] == ["b"]
+    assert fused.config["r"] == saved[0].max_rank + saved[2].max_rank
+    got = weighted_delta([fused], [1.0])
+    want = weighted_delta(saved, [0.7, 0.0, 0.5])
+    for m in want:
+        torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-7)

@@ -502,3 +502,25 @@ def test_cmaes_search_starts_from_the_uniform_point(pipeline_run, tmp_path):
     trials = json.loads((run / "search" / "trials.json").read_text())
     assert result["n_trials"] == 4 and result["method"] == "cmaes"
     assert trials[0]["weights"] == {"chat": 0.5, "orca": 0.5}
+
+
+def test_a_grid_too_large_is_refused_by_validation_naming_the_samplers(make_config):
+    """3 values over 16 adapters are 43 million candidates: refused in one line before any
+    work (it used to build them all in memory and die with a MemoryError)."""
+    import yaml
+
+    from fashionfuse.config import ConfigError, load_config
+
+    path = make_config()
+    data = yaml.safe_load(path.read_text())
+    base = data["datasets"][0]
+    data["datasets"] = [{**base, "name": f"d{k}"} for k in range(16)]
+    data["search"] = {"method": "grid", "grid_values": [0.0, 0.5, 1.0]}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    (line,) = [p for p in err.value.problems if "search.method" in p]
+    assert "43,046,721 candidates" in line and "gp, tpe, cmaes or random" in line
+    data["datasets"] = data["datasets"][:8]  # 6,561: allowed
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).search.method == "grid"

@@ -852,6 +852,9 @@ class ExportConfig(_Strict):
         default=128, description="check: tokens of the run's first validation chats scored")
 
 
+GRID_MAX_CANDIDATES = 10_000  # a grid beyond this is refused by validation
+
+
 class RunConfig(_Strict):
     run_dir: str
     """where every artifact goes"""
@@ -931,12 +934,30 @@ class RunConfig(_Strict):
             problems.append(f"ablate.sequential_order: must list every dataset once ({names})")
         if self.rounds and self.search.adapters:
             problems.append("search.adapters: not used with rounds (each round lists its adapters)")
+        problems += self._grid_size_problems()
         if self.eval.skill_tasks and not any(d.test_fraction for d in self.datasets):
             problems.append("eval.skill_tasks: no dataset has a test split (set datasets[]."
                             "test_fraction)")
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _grid_size_problems(self) -> list[str]:
+        """`grid` scores every combination: refused above GRID_MAX_CANDIDATES (each candidate
+        is a full evaluation; 3 values over 16 adapters are 43 million), naming the samplers
+        that take a budget instead."""
+        if self.search.method != "grid":
+            return []
+        searched = 1
+        for values in self.search.searched_params().values():
+            searched *= len(values)
+        counts = [len(r.adapters) for r in self.rounds] or [len(self.search_adapters)]
+        size = len(self.search.grid_values) ** max(counts) * searched
+        if size <= GRID_MAX_CANDIDATES:
+            return []
+        return [f"search.method: grid over {max(counts)} adapters is {size:,} candidates (more "
+                f"than {GRID_MAX_CANDIDATES:,}): use gp, tpe, cmaes or random with "
+                "search.n_trials, or gradient with a val_loss objective"]
 
     def adapter_spec(self, name: str) -> AdapterSpec:
         """The adapter called `name`: a default per-dataset one or an extra from `adapters`."""

@@ -49,10 +49,16 @@ def write_fused(out: Path, adapters: list[SavedAdapter], names: list[str],
     exact merged deltas (what a merged-model export should add to the base)."""
     check_fusable(adapters)
     if not is_dense(operator_name):
-        config, tensors = fuse_adapters(
-            adapters, module_weights(weights, names, sorted(adapters[0].modules), granularity))
+        per_module = module_weights(weights, names, sorted(adapters[0].modules), granularity)
+        # an adapter whose weight is 0 on every module adds nothing: left out (rank, size)
+        kept = [k for k, w in enumerate(per_module) if any(v != 0.0 for v in _values(w))]
+        kept = kept or [0]  # every weight 0: one adapter's zero update keeps a valid file
+        config, tensors = fuse_adapters([adapters[k] for k in kept],
+                                        [per_module[k] for k in kept])
         save_peft_adapter(out, config, tensors)
-        return {"operator": "sum", "exact": True, "rank": config["r"]}, None
+        left_out = [names[k] for k in range(len(adapters)) if k not in kept]
+        return {"operator": "sum", "exact": True, "rank": config["r"],
+                "left_out_zero_weight": left_out}, None
     deltas = merged_deltas(adapters, names, weights, granularity=granularity,
                            operator_name=operator_name, density=density, seed=seed,
                            params=params)
@@ -65,6 +71,10 @@ def write_fused(out: Path, adapters: list[SavedAdapter], names: list[str],
               "exact": False, **report}
     (out / "svd_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report, deltas
+
+
+def _values(weight) -> list[float]:
+    return [float(v) for v in weight.values()] if isinstance(weight, Mapping) else [float(weight)]
 
 
 # --------------------------------------------------------------------------- merged model
