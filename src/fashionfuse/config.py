@@ -315,6 +315,12 @@ class LoraConfig(_Strict):
     target_modules: Literal["all-linear"] | list[str] = Field(
         default="all-linear", description="all-linear: every linear layer of the transformer "
         "blocks, resolved per architecture (Table 4's list on Llama); or explicit module names")
+    shared_a: bool = Field(
+        default=False, description="Merge-ready adapters: every adapter of the run starts from "
+        "the same seeded down-projection A (drawn from `seed` and each module's name, recorded "
+        "by hash in each manifest) and trains B only, so their weighted sum is exact at rank r "
+        "(sum_i w_i B_i A = (sum_i w_i B_i) A) and the fused adapter serves at the rank each "
+        "was trained at")
 
 
 class TrainingConfig(_Strict):

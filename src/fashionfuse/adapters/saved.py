@@ -166,6 +166,10 @@ def fuse_adapters(adapters: list[SavedAdapter], weights: list[float] | list[Mapp
     check_fusable(adapters)
     if len(weights) != len(adapters):
         raise FusionError(f"{len(weights)} weights for {len(adapters)} adapters")
+    from .shared_a import shares_a
+
+    if shares_a(adapters):
+        return _fuse_shared_a(adapters, weights)
     ranks = [a.max_rank for a in adapters]
     tensors: dict[str, torch.Tensor] = {}
     for m in sorted(adapters[0].modules):
@@ -177,6 +181,22 @@ def fuse_adapters(adapters: list[SavedAdapter], weights: list[float] | list[Mapp
         tensors[f"{m}.lora_B.weight"] = b_cat.contiguous()
     config = dict(adapters[0].config)
     config.update(r=sum(ranks), lora_alpha=sum(ranks), use_rslora=False, lora_dropout=0.0,
+                  inference_mode=True, rank_pattern={}, alpha_pattern={})
+    return config, tensors
+
+
+def _fuse_shared_a(adapters: list[SavedAdapter], weights) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Adapters with one A on every module (merge-ready, `training.lora.shared_a`): the fused
+    update sum_i w_i scale_i B_i A is (sum_i w_i scale_i B_i) A, exactly, at their rank."""
+    tensors: dict[str, torch.Tensor] = {}
+    for m in sorted(adapters[0].modules):
+        tensors[f"{m}.lora_A.weight"] = adapters[0].lora_a[m].float().contiguous()
+        tensors[f"{m}.lora_B.weight"] = sum(
+            a.lora_b[m].double() * (_weight(w, m) * a.module_scale(m))
+            for a, w in zip(adapters, weights)).float().contiguous()
+    config = dict(adapters[0].config)
+    rank = adapters[0].max_rank
+    config.update(r=rank, lora_alpha=rank, use_rslora=False, lora_dropout=0.0,
                   inference_mode=True, rank_pattern={}, alpha_pattern={})
     return config, tensors
 

@@ -26,11 +26,12 @@ class TrainableModel:
     model: object
     targets: list[str]
     attention: str | None
+    shared_a: str | None = None  # the hash of the shared frozen A (training.lora.shared_a)
 
 
 def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=None,
                           device: str | None = None, frozen_adapters: list[str] = (),
-                          log=print) -> TrainableModel:
+                          log=print, seed: int = 0) -> TrainableModel:
     """Quantised base (or the given one) prepared for k-bit training, with a new LoRA adapter
     ("default"); with packing, attention runs per example of each packed row (see
     varlen_attention).
@@ -39,6 +40,9 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     active beside the new one, so the trained model is exactly `base + earlier + new`, the
     concatenated adapter that is saved and evaluated (merging them into a 4-bit base instead
     would round most of their update away).
+
+    `train.lora.shared_a`: A is the run's shared seeded draw for `seed` and frozen
+    (`adapters/shared_a.py`); only B trains.
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -64,13 +68,18 @@ def build_trainable_model(model_cfg: ModelConfig, train: TrainingConfig, base=No
     elif train.gradient_checkpointing:
         base.gradient_checkpointing_enable()
     model = get_peft_model(base, lora_config(train, targets))
+    shared = None
+    if train.lora.shared_a:
+        from ..adapters.shared_a import use_shared_a
+
+        shared = use_shared_a(model, seed)
     if gap_dropout_suits(cap):  # same dropout, cheaper draws on a CPU (adapters/dropout.py)
         use_gap_dropout(model)
     use_lean_lora_forward(model)  # same function, fewer full-width passes (adapters/peft_layers)
     use_lean_gated_mlps(model, train.gradient_checkpointing)  # two MLP activations kept, not four
     if frozen_adapters:
         _attach_frozen(model, frozen_adapters)
-    return TrainableModel(model, targets, attention)
+    return TrainableModel(model, targets, attention, shared)
 
 
 def _attach_frozen(model, adapter_dirs: list[str]) -> None:

@@ -158,6 +158,7 @@ class Session:
     attention: str | None
     compute_dtype: str  # resolved for this process's device
     precision: Precision = Precision(None, False)  # autocast and loss scaling of the forward
+    shared_a: str | None = None  # hash of the shared frozen A (training.lora.shared_a)
     scaler: object = None  # torch.amp.GradScaler with float16 autocast
     start: int = 0
     history: list[dict] = field(default_factory=list)
@@ -179,7 +180,8 @@ def setup(job: TrainJob, tokenizer, world: World) -> Session:
     _seed_everything(cfg.training_seed + world.rank)
     built = build_trainable_model(cfg.model, t, device=world.device,
                                   frozen_adapters=[layout.adapter(n) for n in job.spec.on_top_of],
-                                  log=print if world.is_main else (lambda *_: None))
+                                  log=print if world.is_main else (lambda *_: None),
+                                  seed=cfg.training_seed)
     check_tokenizer_fits(built.model, tokenizer)
     params = [p for p in built.model.parameters() if p.requires_grad]
     optimizer, optimizer_name = build_optimizer(params, t)
@@ -191,7 +193,8 @@ def setup(job: TrainJob, tokenizer, world: World) -> Session:
     precision = training_precision(compute_dtype, detect(world.device), t.autocast)
     session = Session(world, built.model, built.model, params, optimizer, optimizer_name,
                       scheduler, pack_length, built.targets, built.attention, compute_dtype,
-                      precision, torch.amp.GradScaler(torch.device(world.device).type)
+                      precision, built.shared_a,
+                      torch.amp.GradScaler(torch.device(world.device).type)
                       if precision.loss_scaling else None)
     job.work.mkdir(parents=True, exist_ok=True)
     session.start = _load_checkpoint(job, session)
@@ -432,6 +435,7 @@ def _save_adapter(job: TrainJob, s: Session, tokenizer, metrics: dict) -> None:
                        seed=cfg.training_seed, metrics=metrics,
                        extra={"adapter": job.name, "datasets": spec.datasets,
                               "on_top_of": spec.on_top_of, "mix": job.mix,
+                              "shared_a": s.shared_a,
                               "quantization": quantization_record(s.model)},
                        content=["adapter_model.safetensors", "adapter_config.json"])
 
