@@ -94,6 +94,8 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
                            "V1 fusion, searched (grid)", "fusion, learned (gradient)",
                            "fusion, layer-wise learned (gradient)",
                            "fusion, layer-wise x grid multiplier"]
+    assert labels[12] == "fusion, merge-ready (shared A), searched (grid)"
+    del labels[12]
     dense = {"TIES": "density 0.5", "DARE": "density 0.5", "magnitude": "density 0.5",
              "DELLA": "density 0.5, epsilon 0.1", "Breadcrumbs": "density 0.5, gamma 0.01",
              "KnOTS-TIES": "density 0.5", "KnOTS-DARE": "density 0.5"}
@@ -103,6 +105,13 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
         assert svd.startswith(f"fusion, {op} (grid, {params}; SVD rank ")
     assert labels[-1] == "routing, Arrow (top 2 of 2 adapters per token)"
     assert len(labels) == 12 + 2 * len(dense) + 1
+    # merge-ready: both per-dataset adapters trained again on one frozen A, fused at rank r
+    ready = [load_file(adapters / f"ablate-merge-ready-{d}" / "adapter_model.safetensors")
+             for d in ("chat", "orca")]
+    assert all(torch.equal(ready[0][k], ready[1][k]) for k in ready[0] if "lora_A" in k)
+    fused_ready = json.loads((run / "ablate" / "merge-ready" / "search" / "fused" /
+                              "adapter_config.json").read_text())
+    assert fused_ready["r"] == 4
     layer = json.loads((run / "ablate" / "layerwise" / "search" / "best.json").read_text())
     assert layer["granularity"] == "layer" and set(layer["best_weights"]) == {
         f"{n}@{b}" for n in ("chat", "orca") for b in (0, 1)}
@@ -123,7 +132,9 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
     # the verdict: the paper's comparisons, each a paired bootstrap over the same items
     verdict = {v["label"]: v for v in table["verdict"]}
     assert {"fused - best single", "fused - all-data", "fused - balanced mix",
-            "fused - routing"} <= set(verdict)
+            "fused - routing", "merge-ready fused - standard fused",
+            "merge-ready fused - all-data", "merge-ready fused - balanced mix",
+            "merge-ready fused - best single"} <= set(verdict)
     router = json.loads((run / "ablate" / "arrow" / "router.json").read_text())
     assert [p.rsplit("/", 1)[1] for p in router["adapters"]] == ["chat", "orca"]
     rows = {r["model"]: r for r in table["rows"]}
@@ -137,7 +148,7 @@ def test_ablate_builds_and_scores_every_variant(pipeline_run, tmp_path):
             assert v["line"] in md  # the paper's comparisons, and every retention change
     assert md.startswith("**Verdict**")
     results = sorted((run / "ablate" / "eval").glob("*/results.json"))
-    assert len(results) == len(labels) + 1  # every variant was really scored by lm-eval
+    assert len(results) == len(labels) + 2  # every variant was really scored by lm-eval
     assert all(json.loads(p.read_text())["results"] for p in results)
 
     page = (run / "report.html").read_text()  # ablate ends with the run's report

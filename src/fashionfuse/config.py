@@ -388,6 +388,9 @@ class AdapterSpec(_Strict):
     on_top_of: list[str] = Field(
         default=[], description="Adapters merged into the base before training (sequential "
         "fine-tuning); the saved adapter contains them, so it loads on the plain base")
+    shared_a: bool | None = Field(
+        default=None, description="Train this adapter with the run's shared frozen A (see "
+        "training.lora.shared_a; default: that setting)")
     mix: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
         default=None, description="Share of the training tokens each dataset contributes "
         "(normalised; e.g. {chat: 1, orca: 2}): the same token budget as the datasets "
@@ -727,7 +730,7 @@ class EvalConfig(_Strict):
 ABLATION_VARIANTS = ("per_dataset", "fused_dataset", "mixed_balanced", "mixed_ratio",
                      "mixed_searched", "sequential", "weights_one", "uniform", "searched", "gradient", "layerwise",
                      "layerwise_refined", "ties", "dare", "magnitude", "della", "breadcrumbs",
-                     "knots_ties", "knots_dare", "arrow")
+                     "knots_ties", "knots_dare", "arrow", "merge_ready")
 # mixed_searched trains an adapter per candidate mix: asked for by name only
 DEFAULT_ABLATION_VARIANTS = tuple(v for v in ABLATION_VARIANTS if v != "mixed_searched")
 
@@ -744,7 +747,9 @@ class AblateConfig(_Strict):
         "candidate, so not in the default list), sequential (V0.4), "
         "weights_one (V0.5), uniform (1/n), searched (V1, search.method), gradient (learned), "
         "layerwise (learned per block), layerwise_refined (those times a grid multiplier per "
-        "adapter), ties / dare / magnitude / della / breadcrumbs / knots_ties / knots_dare "
+        "adapter), merge_ready (the per-dataset adapters trained again with a shared frozen A, "
+        "training.lora.shared_a, and fused by the same search), "
+        "ties / dare / magnitude / della / breadcrumbs / knots_ties / knots_dare "
         "(search.method's search with that operator; search.operator_params that the operator "
         "declares carry over), arrow (PEFT's Arrow routing over the per-dataset adapters: "
         "training-free, each token to its top-k adapters)")

@@ -22,6 +22,10 @@ From one config it builds, reusing every artifact already built, and scores with
           merges, searched                         ablate/<operator>/search/fused (SVD export)
           routing: PEFT's Arrow over the           ablate/arrow/router.json
           per-dataset adapters (per token)
+          merge-ready fusion: the per-dataset      adapters/ablate-merge-ready-<dataset>,
+          adapters trained with one shared frozen  ablate/merge-ready/search/fused (rank r)
+          A (training.lora.shared_a), fused by the
+          same search
 
 The fixed-weight fusions are one-candidate grid searches, so they are fingerprinted, cached and
 scored on the validation data like the search. Each variant's run dir under `ablate/` links the
@@ -47,6 +51,7 @@ from .mix_search import (candidate_specs, normalised, search_mix, shares_label,
 from ..rundir import RunLayout, link_shared, write_json, write_text
 
 ALL_DATA = "ablate-all-datasets"
+MERGE_READY = "ablate-merge-ready-"  # + the dataset's name
 MIX_BALANCED, MIX_RATIO = "ablate-mix-balanced", "ablate-mix-ratio"
 # per-adapter multipliers tried on learned layer weights: the learned point itself (all 1) is a
 # candidate, so the refinement can only improve on it
@@ -83,7 +88,15 @@ def ablation_config(cfg: RunConfig) -> RunConfig:
         chain = sequential_chain(cfg)
         extra += [{"name": link, "datasets": [dataset], "on_top_of": [previous]}
                   for previous, link, dataset in zip(chain, chain[1:], order[1:])]
+    if "merge_ready" in cfg.ablate.variants:
+        extra += [{"name": merge_ready_name(cfg, a), "datasets": cfg.adapter_spec(a).datasets,
+                   "shared_a": True} for a in cfg.search_adapters]
     return cfg.with_adapters(extra)
+
+
+def merge_ready_name(cfg: RunConfig, adapter: str) -> str:
+    """The merge-ready twin of a searched adapter (the same datasets, a shared frozen A)."""
+    return MERGE_READY + "-".join(cfg.adapter_spec(adapter).datasets)
 
 
 def searched_mix(cfg: RunConfig) -> dict[str, float] | None:
@@ -147,6 +160,7 @@ class FusionVariant:
     label: str
     search: dict = field(default_factory=dict)
     in_table: bool = True
+    extra_adapters: bool = False  # searches the ablation's own adapters (merge_ready)
 
 
 def fusion_variants(cfg: RunConfig) -> list[FusionVariant]:
@@ -185,6 +199,11 @@ def fusion_variants(cfg: RunConfig) -> list[FusionVariant]:
                                  dict(plain, method="grid", granularity="layer", operator="sum",
                                       layer_weights_from=str(best),
                                       grid_values=REFINE_MULTIPLIERS)))
+    if "merge_ready" in variants:
+        out.append(FusionVariant(
+            "merge-ready", f"fusion, merge-ready (shared A), searched ({cfg.search.method})",
+            dict(plain, adapters=[merge_ready_name(cfg, a) for a in cfg.search_adapters]),
+            extra_adapters=True))
     method = "grid" if cfg.search.method == "gradient" else cfg.search.method
     out += [FusionVariant(op, label,
                           dict(plain, method=method, operator=op, granularity="adapter",
@@ -206,7 +225,8 @@ def check_fusion_variants(cfg: RunConfig, planned: list[FusionVariant]) -> None:
     bad = []
     for v in planned:
         try:
-            vcfg = _with_search(cfg, cfg.run_dir, v.search) if v.search else cfg
+            base = ablation_config(cfg) if v.extra_adapters else cfg
+            vcfg = _with_search(base, cfg.run_dir, v.search) if v.search else cfg
         except ValidationError as e:
             bad.append(f"{v.folder or 'searched'} ({e.errors()[0]['msg']})")
             continue
@@ -231,7 +251,8 @@ def _fusions(cfg: RunConfig, planned: list[FusionVariant], force: bool) -> dict[
 
     out = {}
     for v in planned:
-        vcfg = variant_config(cfg, v.folder, **v.search) if v.folder else cfg
+        base = ablation_config(cfg) if v.extra_adapters else cfg
+        vcfg = variant_config(base, v.folder, **v.search) if v.folder else cfg
         best = search_weights(vcfg, force=force)
         fused = RunLayout(vcfg.run_dir).fused
         if not v.in_table:
@@ -271,6 +292,8 @@ def build_variants(cfg: RunConfig, force: bool = False) -> dict[str, Path | None
             needed.append(name)
     if "sequential" in variants:
         needed += sequential_chain(cfg)[1:]
+    if "merge_ready" in variants:
+        needed += [merge_ready_name(cfg, a) for a in cfg.search_adapters]
     train_adapters(acfg, needed, force=force)
     models: dict[str, Path | None] = {"base": None}
     if "per_dataset" in variants:

@@ -5,6 +5,8 @@ bootstrap over the same items (`evaluate.paired`), as lines a reader can quote.
     fused - all-data:    vs one adapter trained on every dataset (V0.2)
     fused - balanced mix: vs one adapter on equal token shares of each dataset
     fused - routing:     vs PEFT's Arrow routing over the same per-dataset adapters
+    merge-ready fused - ...: adapters trained with one shared frozen A, fused by the same
+                         search, against the standard fusion, all-data, balanced mix, best single
     <row> - base, retention: what each model kept of the base's general ability
 
 A line says "cannot be told apart" when its 95 % interval holds 0; nothing else in the table
@@ -20,6 +22,7 @@ from ..evaluate.paired import paired_difference, verdict_line
 
 FUSED, ALL_DATA, BALANCED, SINGLE, ROUTING = ("V1 fusion, searched", "V0.2 ",
                                               "one adapter, balanced mix", "V0.1 ", "routing, ")
+MERGE_READY = "fusion, merge-ready"
 
 
 def _row(table: dict, prefix: str) -> str | None:
@@ -53,6 +56,17 @@ def verdicts(table: dict, items: dict[str, dict], specs: list, seed: int) -> lis
             other = _row(table, prefix)
             if other:
                 pairs.append((name, fused, other, "average"))
+    ready = _row(table, MERGE_READY)
+    if ready:  # adapters trained to be fused, against each way of using the same data
+        singles = [r for r in table["rows"] if r["model"].startswith(SINGLE)]
+        for name, other in (("merge-ready fused - standard fused", fused),
+                            ("merge-ready fused - all-data", _row(table, ALL_DATA)),
+                            ("merge-ready fused - balanced mix", _row(table, BALANCED)),
+                            ("merge-ready fused - best single",
+                             max(singles, key=lambda r: r["average"] or 0.0)["model"]
+                             if singles else None)):
+            if other:
+                pairs.append((name, ready, other, "average"))
     if "retention" in table.get("summary", []) and any(r["model"] == "base" for r in table["rows"]):
         pairs += [(f"{r['model']} - base, retention", r["model"], "base", "retention")
                   for r in table["rows"] if r["model"] != "base"]

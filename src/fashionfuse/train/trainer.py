@@ -72,7 +72,7 @@ def train_fingerprint(cfg: RunConfig, name: str) -> str:
     layout = RunLayout(cfg.run_dir)
     spec = cfg.adapter_spec(name)
     return fingerprint({
-        "stage": "train", "adapter": without_unset(spec.model_dump(mode="json"), ("mix",)),
+        "stage": "train", "adapter": _spec_settings(spec),
         "model": cfg.model.model_dump(mode="json"), "base": base_fingerprint_parts(cfg.model),
         "training": _training_settings(cfg), "seed": cfg.seed,
         # what `auto` resolves to here: an adapter trained in float32 on a CPU is not current
@@ -81,6 +81,15 @@ def train_fingerprint(cfg: RunConfig, name: str) -> str:
         "curated": {d: artifact_id(layout.curated(d)) for d in spec.datasets},
         "on_top_of": {n: artifact_id(layout.adapter(n)) for n in spec.on_top_of},
     })
+
+
+def _spec_settings(spec: AdapterSpec) -> dict:
+    """The adapter's spec as fingerprinted: an unset `mix` and `shared_a` (added later) left
+    out, so adapters built before them keep their fingerprints."""
+    settings = without_unset(spec.model_dump(mode="json"), ("mix",))
+    if settings.get("shared_a") is None:
+        settings.pop("shared_a", None)
+    return settings
 
 
 def _training_settings(cfg: RunConfig) -> dict:
@@ -178,6 +187,9 @@ def setup(job: TrainJob, tokenizer, world: World) -> Session:
     cfg, t = job.cfg, job.cfg.training
     layout = RunLayout(cfg.run_dir)
     _seed_everything(cfg.training_seed + world.rank)
+    if job.spec.shared_a is not None:  # this adapter's own choice (ablate's merge_ready)
+        t = t.model_copy(update={"lora": t.lora.model_copy(
+            update={"shared_a": job.spec.shared_a})})
     built = build_trainable_model(cfg.model, t, device=world.device,
                                   frozen_adapters=[layout.adapter(n) for n in job.spec.on_top_of],
                                   log=print if world.is_main else (lambda *_: None),
