@@ -524,3 +524,25 @@ def test_a_grid_too_large_is_refused_by_validation_naming_the_samplers(make_conf
     data["datasets"] = data["datasets"][:8]  # 6,561: allowed
     path.write_text(yaml.safe_dump(data))
     assert load_config(path).search.method == "grid"
+
+
+def test_stored_weights_are_the_lattice_points_not_float_noise():
+    """optuna's draws on a 0.05 lattice come as 0.35000000000000003: trials.json and best.json
+    hold 0.35."""
+    import types
+
+    import optuna
+
+    from fashionfuse.search.pipeline import _trials
+
+    study = optuna.create_study()
+    dist = optuna.distributions.FloatDistribution(0.0, 1.0, step=0.05)
+    study.add_trial(optuna.trial.create_trial(params={"a": 0.35000000000000003, "b": 0.7},
+                                              distributions={"a": dist, "b": dist}, value=1.0))
+    ctx = types.SimpleNamespace(
+        study=study, param_names=["a", "b"],
+        fusion=types.SimpleNamespace(weights=lambda p: dict(p)),
+        cfg=types.SimpleNamespace(search=types.SimpleNamespace(operator="sum")))
+    (row,) = _trials(ctx)
+    assert row["weights"] == {"a": 0.35, "b": 0.7}
+    assert repr(row["weights"]["a"]) == "0.35"

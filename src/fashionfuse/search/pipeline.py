@@ -171,7 +171,10 @@ def _trials(ctx: SearchContext) -> list[dict]:
     out = []
     for t in finished(ctx.study):
         params = {n: t.params[n] for n in ctx.param_names}
-        row = {"number": t.number, "weights": ctx.fusion.weights(params), "score": t.value,
+        # stored as the lattice point they are (optuna's draws carry float noise: a step of
+        # 0.05 gives 0.35000000000000003); 10 decimals change no float32 scale
+        weights = {k: round(float(v), 10) for k, v in ctx.fusion.weights(params).items()}
+        row = {"number": t.number, "weights": weights, "score": t.value,
                "per_dataset": t.user_attrs.get("per_dataset"), "seconds": t.user_attrs.get("seconds")}
         if is_dense(ctx.cfg.search.operator):
             row["density"] = float(params.get("density", ctx.fusion.density))
