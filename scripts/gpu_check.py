@@ -130,7 +130,7 @@ def run_config(run_dir: Path, base: Path, s: dict, steps: int, **training):
     if not split.exists():
         examples = chats(s["micro"] * steps, s["example_tokens"])
         split.write_text("".join(json.dumps(e) + "\n" for e in examples))
-    data = {"run_dir": str(run_dir), "seed": 0,
+    data = {"run_dir": str(run_dir), "seed": 0, "report_to": [],  # no tensorboard there
             "model": {"base": str(base), "max_input_len": s["example_tokens"] + 24},
             "datasets": [{"name": "chat", "kind": "chat",
                           "source": {"format": "messages", "path": str(split)}}],
@@ -393,7 +393,8 @@ def check_resume(s: dict, work: Path, small: Path) -> None:
 
 def check_eval(s: dict, work: Path, small: Path) -> None:
     if importlib.util.find_spec("lm_eval") is None:
-        say("eval", "skipped: lm-eval not installed (bash scripts/gpu_wheels.sh --eval)")
+        say("eval", "skipped: lm-eval not installed here (pip install lm-eval, where a "
+            "registry is reachable)")
         return
     from lm_eval.models.huggingface import HFLM
 
@@ -415,6 +416,7 @@ def check_eval(s: dict, work: Path, small: Path) -> None:
         "run_dir": str(work / "eval-run"), "model": {"base": str(small), "max_input_len": 256},
         "datasets": [{"name": "chat", "kind": "chat",
                       "source": {"format": "messages", "path": str(work / "x.jsonl")}}],
+        "report_to": [],
         "eval": {"tasks": ["demo_colours", "demo_opposites"], "include_paths": [str(tasks)],
                  "batch_size": "auto", "num_fewshot": 0, "models": ["base"]}})
     start = time.perf_counter()

@@ -8,9 +8,9 @@
 #   pip install --no-index --find-links .whl bitsandbytes pydantic
 #   PYTHONPATH=src python scripts/gpu_check.py
 #
-# `--eval` adds lm-eval and what it imports (datasets, pyarrow, ...; about 60 MiB more) into
-# .whl-eval/, for the check's eval step (skipped without lm-eval), carried in a second call:
-#   pip install --no-index --find-links .whl-eval lm-eval && PYTHONPATH=src python scripts/gpu_check.py --only eval
+# Not fetched: lm-eval, for the check's eval step, which is skipped where lm-eval is not
+# installed. With what it imports (datasets, pyarrow, pandas, scikit-learn and scipy, ...) it
+# is well over 100 MiB, past what one call to such a machine carries beside the checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,21 +20,6 @@ TARGET=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp31
 # the versions pyproject.toml allows; pydantic's own pins choose pydantic-core
 BNB=$(grep -o '"bitsandbytes[^"]*"' pyproject.toml | tr -d '"')
 PYDANTIC=$(grep -o '"pydantic[^"]*"' pyproject.toml | tr -d '"')
-
-if [ "${1:-}" = "--eval" ]; then
-  mkdir -p .whl-eval
-  LM_EVAL=$(grep -o '"lm-eval[^"]*"' pyproject.toml | tr -d '"')
-  DATASETS=$(grep -o '"datasets[^"]*"' pyproject.toml | tr -d '"')
-  # with their dependencies, less what the GPU machine has (torch and its CUDA libraries)
-  "$PY" -m pip download -q "${TARGET[@]}" -d .whl-eval "$LM_EVAL" "$DATASETS" \
-    --no-deps
-  "$PY" -m pip download -q "${TARGET[@]}" -d .whl-eval evaluate sacrebleu rouge-score \
-    pytablewriter sqlitedict jsonlines word2number more-itertools zstandard dill \
-    pyarrow multiprocess xxhash "fsspec[http]" numexpr tqdm-multiprocess scikit-learn \
-    --no-deps
-  du -sh .whl-eval
-  exit 0
-fi
 
 mkdir -p .whl
 "$PY" -m pip download -q "${TARGET[@]}" -d .whl --no-deps "$BNB"
