@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .seeded_uniform import uniform
 from .ties import disjoint_mean
 
 
@@ -41,9 +42,7 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, seed: int) -> 
     kept ones rescaled by 1 / their keep probability."""
     check_params(density, epsilon)
     keep = keep_probabilities(delta, density, epsilon)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    kept = torch.rand(delta.shape, generator=gen, dtype=torch.float64) < keep.cpu()
-    kept = kept.to(delta.device)
+    kept = uniform(delta.shape, seed, delta.device) < keep  # on the delta's device
     return torch.where(kept, delta / keep.to(delta.dtype), torch.zeros_like(delta))
 
 

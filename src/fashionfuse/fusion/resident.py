@@ -6,7 +6,8 @@ targeted linear layer gets a forward hook adding x @ dW^T, where dW is the opera
 that layer's task deltas, recomputed from the resident A and B matrices for each candidate
 (one dense buffer per targeted layer is kept, the size of those weights: float32 on a CPU, the
 layer's 16-bit compute dtype on a GPU, half the memory). What does not depend on the weights
-(KnOTS' SVD of the concatenated deltas) is computed once per layer and kept.
+(KnOTS' SVD of the concatenated deltas) is computed once per layer and kept; DARE's and
+DELLA's masks are drawn on the layer's device (`seeded_uniform`), nothing from the host.
 """
 
 from __future__ import annotations
