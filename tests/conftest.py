@@ -126,3 +126,22 @@ def stop_after(n: int):
             raise KeyboardInterrupt(f"stopped after {done} (test)")
 
     return progress
+
+
+def logits_with(base, adapter_dir=None, deltas=None, ids=None):
+    """Float32 logits of `base` on a fixed row of token ids, with dense `deltas` (module key ->
+    update) added to its weights and/or the PEFT adapter in `adapter_dir` loaded on top."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = ids if ids is not None else torch.tensor([[1, 5, 9, 33, 70, 2, 11, 40]])
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if deltas:
+        with torch.no_grad():
+            for key, d in deltas.items():
+                model.get_submodule(key.removeprefix("base_model.model.")).weight += d.float()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    with torch.no_grad():
+        return model(ids).logits

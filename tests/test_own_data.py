@@ -127,17 +127,23 @@ def test_a_misspelt_base_path_is_refused_before_anything_is_written(make_config,
     assert code == 2 and any("local folder without config.json or a tokenizer" in e for e in errors)
 
 
+def _misspelt_hub_ids(make_config) -> Path:
+    """A config whose base and second dataset name hub ids that do not exist."""
+    cfg = yaml.safe_load(make_config().read_text())
+    cfg["model"]["base"] = "meta-llama/Llama-3-8B-Instruct-typo"
+    cfg["datasets"][1]["source"] = {"format": "messages", "hub": "HuggingFaceH4/no_robot"}
+    path = Path(cfg["run_dir"]).parent / "hub.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def test_a_misspelt_hub_id_is_refused_offline_naming_the_fetch_command(make_config,
                                                                        monkeypatch):
     """Offline (HF_HUB_OFFLINE), a hub id not in the local cache is an error for `validate`
     as for every stage, one line each for the model and a hub dataset, with the command that
     fetches it."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = yaml.safe_load(make_config().read_text())
-    cfg["model"]["base"] = "meta-llama/Llama-3-8B-Instruct-typo"
-    cfg["datasets"][1]["source"] = {"format": "messages", "hub": "HuggingFaceH4/no_robot"}
-    path = Path(cfg["run_dir"]).parent / "hub.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = _misspelt_hub_ids(make_config)
     code, errors = _validate(path)
     assert code == 2 and len(errors) == 2, errors
     assert "model.base: meta-llama/Llama-3-8B-Instruct-typo: not in the local hub cache" in \
@@ -162,11 +168,7 @@ def test_a_misspelt_hub_id_is_refused_online(make_config, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(HfApi, "model_info", not_found)
     monkeypatch.setattr(HfApi, "dataset_info", not_found)
-    cfg = yaml.safe_load(make_config().read_text())
-    cfg["model"]["base"] = "meta-llama/Llama-3-8B-Instruct-typo"
-    cfg["datasets"][1]["source"] = {"format": "messages", "hub": "HuggingFaceH4/no_robot"}
-    path = Path(cfg["run_dir"]).parent / "hub.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = _misspelt_hub_ids(make_config)
     code, errors = _validate(path)
     assert code == 2 and len(errors) == 2, errors
     assert "model.base: meta-llama/Llama-3-8B-Instruct-typo: no such model on the Hugging " \

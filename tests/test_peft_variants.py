@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from fashionfuse.adapters.saved import (
@@ -18,6 +18,8 @@ from fashionfuse.adapters.saved import (
     save_peft_adapter,
     task_delta,
 )
+
+from .conftest import logits_with
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
@@ -45,21 +47,6 @@ def peft_adapters(tiny_model, tmp_path_factory):
             for k, (name, lora) in enumerate(VARIANTS.items())}
 
 
-IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 11, 40]])
-
-
-def _logits(tiny_model, adapter_dir=None, deltas=None):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    if deltas:
-        with torch.no_grad():
-            for key, d in deltas.items():
-                model.get_submodule(key.removeprefix("base_model.model.")).weight += d.float()
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    with torch.no_grad():
-        return model(IDS).logits
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_one_adapter_fused_at_weight_1_is_the_adapter(tiny_model, peft_adapters, tmp_path,
                                                       variant):
@@ -69,8 +56,8 @@ def test_one_adapter_fused_at_weight_1_is_the_adapter(tiny_model, peft_adapters,
     config, tensors = fuse_adapters([saved], [1.0])
     save_peft_adapter(tmp_path / "fused", config, tensors)
     assert {t.shape[0] for k, t in tensors.items() if "lora_A" in k} == {saved.max_rank}
-    torch.testing.assert_close(_logits(tiny_model, tmp_path / "fused"),
-                               _logits(tiny_model, peft_adapters[variant]),
+    torch.testing.assert_close(logits_with(tiny_model, tmp_path / "fused"),
+                               logits_with(tiny_model, peft_adapters[variant]),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -92,8 +79,8 @@ def test_a_weighted_mixture_is_the_sum_of_deltas(tiny_model, peft_adapters, tmp_
     save_peft_adapter(tmp_path / "fused", config, tensors)
     deltas = {m: sum(w * task_delta(a, m) for a, w in zip(saved, weights))
               for m in saved[0].modules}
-    torch.testing.assert_close(_logits(tiny_model, tmp_path / "fused"),
-                               _logits(tiny_model, deltas=deltas), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_with(tiny_model, tmp_path / "fused"),
+                               logits_with(tiny_model, deltas=deltas), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -108,8 +95,9 @@ def test_exports_carry_each_module_scale(tiny_model, peft_adapters, tmp_path, va
 
     record = export_vllm(peft_adapters[variant], tmp_path / "vllm", max_rank=None)
     assert record["exact"]
-    torch.testing.assert_close(_logits(tiny_model, tmp_path / "vllm"),
-                               _logits(tiny_model, peft_adapters[variant]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_with(tiny_model, tmp_path / "vllm"),
+                               logits_with(tiny_model, peft_adapters[variant]),
+                               rtol=1e-5, atol=1e-5)
     saved = load_saved_adapter(peft_adapters[variant])
     model_config = json.loads((tiny_model / "config.json").read_text())
     _, rank, tensors = gguf_lora_tensors(saved, model_config)

@@ -19,20 +19,10 @@ from fashionfuse.adapters.saved import (
 )
 from fashionfuse.cli import app
 
+from .conftest import logits_with
+
 runner = CliRunner()
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 11, 40]])
-
-
-def _logits(base, adapter_dir=None, deltas=None):
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    if deltas:
-        with torch.no_grad():
-            for key, d in deltas.items():
-                model.get_submodule(key.removeprefix("base_model.model.")).weight += d.float()
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 def test_two_merge_ready_adapters_fuse_exactly_at_rank_r(make_config, tmp_path, tiny_model):
@@ -58,8 +48,8 @@ def test_two_merge_ready_adapters_fuse_exactly_at_rank_r(make_config, tmp_path, 
     deltas = {m: 0.3 * task_delta(chat, m) + 0.9 * task_delta(orca, m) for m in chat.modules}
     base = load_file(tmp_path / "fused" / "adapter_model.safetensors")
     assert all(t.shape[0] == 4 for k, t in base.items() if "lora_A" in k)
-    torch.testing.assert_close(_logits(tiny_model, tmp_path / "fused"),
-                               _logits(tiny_model, deltas=deltas), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_with(tiny_model, tmp_path / "fused"),
+                               logits_with(tiny_model, deltas=deltas), rtol=1e-5, atol=1e-5)
 
 
 def test_peft_linear_merge_is_not_the_weighted_sum_even_with_a_shared_a(make_config, tmp_path,
@@ -75,8 +65,8 @@ def test_peft_linear_merge_is_not_the_weighted_sum_even_with_a_shared_a(make_con
     assert runner.invoke(app, ["train-adapter", str(path)]).exit_code == 0
     run = tmp_path / "run" / "adapters"
     chat, orca = (load_saved_adapter(run / n) for n in ("chat", "orca"))
-    exact = _logits(tiny_model, deltas={m: 0.3 * task_delta(chat, m) + 0.9 * task_delta(orca, m)
-                                        for m in chat.modules})
+    exact = logits_with(tiny_model, deltas={m: 0.3 * task_delta(chat, m)
+                                            + 0.9 * task_delta(orca, m) for m in chat.modules})
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), str(run / "chat"),
         adapter_name="chat")

@@ -785,10 +785,8 @@ def dataset_name_problems(names: list) -> list[str]:
 def _raw_problems(data: dict) -> list[str]:
     """The checks that need the whole config, on the raw data, for when a field error stops
     validation before them (so one pass reports both)."""
-    problems = []
     run_dir = data.get("run_dir")
-    if isinstance(run_dir, str) and Path(run_dir).exists() and not Path(run_dir).is_dir():
-        problems.append(f"run_dir: {run_dir}: exists and is not a folder")
+    problems = run_dir_problems(run_dir) if isinstance(run_dir, str) else []
     try:
         model = ModelConfig.model_validate(data.get("model"))
     except ValidationError:
@@ -1036,14 +1034,18 @@ class RunConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- the filesystem
+def run_dir_problems(run_dir: str) -> list[str]:
+    """`run_dir` must be a folder, or not exist yet."""
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        return [f"run_dir: {run_dir}: exists and is not a folder"]
+    return []
+
+
 def filesystem_problems(cfg: RunConfig, reads_sources: bool = True) -> list[str]:
     """What the config points to that is not there (one line per problem, `field: path: why`);
     checked before a stage writes anything. `reads_sources`: the raw source files are needed
     (curation), not only the run dir's own artifacts."""
-    problems = []
-    run_dir = Path(cfg.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        problems.append(f"run_dir: {run_dir}: exists and is not a folder")
+    problems = run_dir_problems(cfg.run_dir)
     files = [(f"curate.decontaminate.benchmarks.{i}", p)
              for i, p in enumerate(cfg.curate.decontaminate.benchmarks)]
     gguf = gguf_path(cfg.model)

@@ -4,44 +4,40 @@ like one of theirs, and the "did you mean" of a misplaced key."""
 
 from __future__ import annotations
 
-# key -> where it goes in fashionfuse (a dotted field, or what stands for it)
-AXOLOTL = {
+# key -> where it goes in fashionfuse (a dotted field, or what stands for it): first the keys
+# both tools (and HF TrainingArguments) name alike, then each tool's own
+SHARED = {
+    "lora_alpha": "training.lora.alpha", "lora_dropout": "training.lora.dropout",
+    "gradient_accumulation_steps": "training.batch_size (= micro batch x accumulation steps)",
+    "learning_rate": "training.learning_rate", "warmup_ratio": "training.warmup_ratio",
+    "logging_steps": "training.logging_steps", "save_steps": "training.checkpoint_steps",
+    "bf16": "model.quantization.compute_dtype", "output_dir": "run_dir", "seed": "seed",
+}
+DATASETS = "datasets (each: name, kind, source: {format, path or hub})"
+AXOLOTL = SHARED | {
     "base_model": "model.base", "base_model_config": "model.base",
     "sequence_len": "model.max_input_len", "load_in_4bit": "model.quantization.bits: 4",
     "adapter": "(QLoRA is what train-adapter trains)", "lora_r": "training.lora.r",
-    "lora_alpha": "training.lora.alpha", "lora_dropout": "training.lora.dropout",
     "lora_target_modules": "training.lora.target_modules",
     "lora_target_linear": "training.lora.target_modules: all-linear",
-    "micro_batch_size": "training.micro_batch_size",
-    "gradient_accumulation_steps": "training.batch_size (= micro batch x accumulation steps)",
-    "num_epochs": "training.epochs", "learning_rate": "training.learning_rate",
-    "lr_scheduler": "training.lr_scheduler", "warmup_ratio": "training.warmup_ratio",
-    "optimizer": "training.optimizer", "weight_decay": "training.weight_decay",
-    "max_grad_norm": "training.max_grad_norm",
+    "micro_batch_size": "training.micro_batch_size", "num_epochs": "training.epochs",
+    "lr_scheduler": "training.lr_scheduler", "optimizer": "training.optimizer",
+    "weight_decay": "training.weight_decay", "max_grad_norm": "training.max_grad_norm",
     "gradient_checkpointing": "training.gradient_checkpointing",
     "sample_packing": "training.packing", "max_steps": "training.max_steps",
-    "save_steps": "training.checkpoint_steps", "logging_steps": "training.logging_steps",
     "eval_steps": "training.eval_steps", "val_set_size": "datasets[].validation_fraction",
-    "chat_template": "model.chat_template", "bf16": "model.quantization.compute_dtype",
-    "output_dir": "run_dir", "seed": "seed",
-    "datasets": "datasets (each: name, kind, source: {format, path or hub})",
+    "chat_template": "model.chat_template", "datasets": DATASETS,
 }
-LLAMA_FACTORY = {
+LLAMA_FACTORY = SHARED | {
     "model_name_or_path": "model.base", "stage": "(supervised fine-tuning is what fashionfuse does)",
     "do_train": "(the train-adapter command)", "finetuning_type": "(LoRA on a 4-bit base)",
     "quantization_bit": "model.quantization.bits", "lora_rank": "training.lora.r",
-    "lora_alpha": "training.lora.alpha", "lora_dropout": "training.lora.dropout",
-    "lora_target": "training.lora.target_modules",
-    "dataset": "datasets (each: name, kind, source: {format, path or hub})",
+    "lora_target": "training.lora.target_modules", "dataset": DATASETS,
     "dataset_dir": "datasets[].source.path", "template": "model.chat_template",
     "cutoff_len": "model.max_input_len", "max_samples": "datasets[].max_records",
     "per_device_train_batch_size": "training.micro_batch_size",
-    "gradient_accumulation_steps": "training.batch_size (= micro batch x accumulation steps)",
-    "num_train_epochs": "training.epochs", "learning_rate": "training.learning_rate",
-    "lr_scheduler_type": "training.lr_scheduler", "warmup_ratio": "training.warmup_ratio",
-    "val_size": "datasets[].validation_fraction", "logging_steps": "training.logging_steps",
-    "save_steps": "training.checkpoint_steps", "output_dir": "run_dir",
-    "bf16": "model.quantization.compute_dtype", "seed": "seed",
+    "num_train_epochs": "training.epochs", "lr_scheduler_type": "training.lr_scheduler",
+    "val_size": "datasets[].validation_fraction",
     "preprocessing_num_workers": "curate.num_proc",
 }
 # common names for fashionfuse fields, misplaced at the top level or misspelt in a section

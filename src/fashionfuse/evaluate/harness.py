@@ -226,8 +226,9 @@ class EvalSetup:
         return self.task_sets[key]
 
 
-def _setup(cfg: RunConfig, models: dict[str, Path | None]) -> EvalSetup:
-    """Write the task folders, build the task manager, load the base once, attach adapters."""
+def _setup(cfg: RunConfig, models: dict[str, Path | None], dtype: str) -> EvalSetup:
+    """Write the task folders, build the task manager, load the base once (in `dtype`, see
+    scoring_dtype), attach adapters."""
     layout = RunLayout(cfg.run_dir)
     specs = task_specs(cfg)
     rank, world, accelerator = _data_parallel()
@@ -243,7 +244,6 @@ def _setup(cfg: RunConfig, models: dict[str, Path | None]) -> EvalSetup:
     for spec in specs:
         by_shots.setdefault((spec.num_fewshot, spec.limit), []).append(spec.task)
     device = str(accelerator.device) if accelerator is not None else default_device()
-    dtype = scoring_dtype(cfg.model, [p for p in models.values() if p], device)
     base = load_base_model(cfg.model, quantized=_quantized(cfg), device=device, weight_dtype=dtype)
     check_tokenizer_fits(base, tokenizer)
     keys = adapter_keys(models)
@@ -375,7 +375,7 @@ def evaluate(cfg: RunConfig, force: bool = False, models: dict[str, Path | None]
     for label in cached:
         print(f"eval {label}: scored before with the same settings (eval.cache/{keys[label]}.json)")
     t0 = time.perf_counter()
-    ev = _setup(cfg, todo) if todo else None
+    ev = _setup(cfg, todo, inputs["compute_dtype"]) if todo else None
     rank, world, _ = (ev.rank, ev.world, None) if ev else _data_parallel()
     timings = {"setup_s": round(time.perf_counter() - t0, 3), "models_s": {},
                "tokens_through_model": {}}

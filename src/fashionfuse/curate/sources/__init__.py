@@ -8,6 +8,7 @@ each row into a `Record` or raises `MalformedRow`. To add a format, write a modu
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 from typing import Callable, Iterator
@@ -188,42 +189,24 @@ def read_source(fmt: str, path: Path | None, source_name: str, *, fields: dict[s
 
 def first_rows_problems(field: str, fmt: str, path: str, fields: dict[str, str] | None = None,
                         rows: int = 50, strict: bool = False) -> list[str]:
-    """`first_rows_problem`, and with `strict` (curate.strict: curation stops at the first
-    malformed row) one line for every malformed row among the first `rows`."""
-    if not strict or fmt in ROW_GROUPERS or not Path(path).is_file():
-        line = first_rows_problem(field, fmt, path, fields, rows)
-        return [line] if line else []
-    lines = []
+    """Lines for the first `rows` rows of a local source: one when none of them reads as `fmt`
+    (naming the first bad row's place and problem), and with `strict` (curate.strict:
+    curation stops at the first malformed row) one for every malformed row among them. None for
+    a grouped format (oasst1_messages, rebuilt from the whole file)."""
+    if fmt in ROW_GROUPERS or not Path(path).is_file():
+        return []
     try:
-        for k, (where, item) in enumerate(read_source(fmt, Path(path), "check", fields=fields)):
-            if not isinstance(item, Record):
-                lines.append(f"{field}: {where}: {item} (curate.strict stops at it)")
-            if k + 1 >= rows:
-                break
+        read = list(itertools.islice(read_source(fmt, Path(path), "check", fields=fields), rows))
     except UserError as exc:
         return [f"{field}: {exc}"]
-    return lines or ([] if Path(path).stat().st_size else [f"{field}: {path}: no rows"])
+    if not read:
+        return [f"{field}: {path}: no rows"]
+    bad = [(where, item) for where, item in read if not isinstance(item, Record)]
+    if strict:
+        return [f"{field}: {where}: {item} (curate.strict stops at it)" for where, item in bad]
+    if len(bad) < len(read):
+        return []
+    where, item = bad[0]
+    return [f"{field}: {where}: {item} (none of the first rows reads as format {fmt}; "
+            "check source.format and source.fields)"]
 
-
-def first_rows_problem(field: str, fmt: str, path: str, fields: dict[str, str] | None = None,
-                       rows: int = 50) -> str | None:
-    """One line when none of the first `rows` rows of a local source reads as `fmt` (naming
-    the first bad row's place and problem); None when one does, or for a grouped format
-    (oasst1_messages, rebuilt from the whole file)."""
-    if fmt in ROW_GROUPERS or not Path(path).is_file():
-        return None
-    first_bad = None
-    try:
-        for k, (where, item) in enumerate(read_source(fmt, Path(path), "check", fields=fields)):
-            if isinstance(item, Record):
-                return None
-            first_bad = first_bad or (where, item)
-            if k + 1 >= rows:
-                break
-    except UserError as exc:
-        return f"{field}: {exc}"
-    if first_bad is None:
-        return f"{field}: {path}: no rows"
-    where, item = first_bad
-    return (f"{field}: {where}: {item} (none of the first rows reads as format {fmt}; "
-            "check source.format and source.fields)")
