@@ -2,7 +2,7 @@
 
     bash scripts/gpu_wheels.sh                       # once, on a machine with registry access
     pip install --no-index --find-links .whl bitsandbytes pydantic   # on the GPU machine
-    PYTHONPATH=src python scripts/gpu_check.py       # about 5-8 min on one H100
+    PYTHONPATH=src python scripts/gpu_check.py       # sized for 8 min on one H100 (not yet run on one)
     python scripts/gpu_check.py --dry-run            # every step on a tiny model on the CPU
 
 It prints one report, a `name: value` line per figure (read by the docs and the CPU test):
