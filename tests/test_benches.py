@@ -23,7 +23,8 @@ pytestmark = pytest.mark.bench
 
 # (script and its smallest arguments, a line it must print, needs ../shared)
 MODES = [
-    ("bench_curate.py --records 500 --queries 20 --planted 5", "records_per_s", False),
+    # decontaminates against ../shared/benchmarks: skips cleanly without it
+    ("bench_curate.py --records 500 --queries 20 --planted 5", "records_per_s", True),
     ("bench_curate.py --rows 2000", "rss_ratio_2k_vs_200", False),
     ("bench_attention.py --row 256 --repeats 1", "speedup_llama", False),
     ("bench_eval.py --limit 2 --batch-size 4", "speedup_vs_separate", False),
